@@ -1,0 +1,66 @@
+"""Checkpoint files. Each rank writes its own files into the one reported checkpoint:
+replica 0 of each peer writes `peer{p}.pt` (model, optimizer, schedule, teacher), every rank
+writes `rng_rank{r}.pt`, and rank 0 writes `history.json` (the metrics table so far).
+Loaded only with torch.load(weights_only=True): a checkpoint is data, never code.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from torch import nn
+
+from .topology import Topology
+
+
+def _atomic_save(obj, path: str) -> None:
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def save(directory: str, topo: Topology, epoch: int, model: nn.Module, opt, sched, teacher, history: list[dict]) -> None:
+    if topo.replica == 0:
+        _atomic_save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                      "scheduler": sched.state_dict(), "teacher": teacher.state_dict()},
+                     os.path.join(directory, f"peer{topo.peer}.pt"))
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    _atomic_save(rng, os.path.join(directory, f"rng_rank{topo.rank}.pt"))
+    if topo.rank == 0:
+        with open(os.path.join(directory, "history.json"), "w") as f:
+            json.dump({"epoch": epoch, "history": history}, f)
+
+
+def restore(checkpoint, topo: Topology, model: nn.Module, opt, sched, teacher) -> tuple[int, list[dict]]:
+    """Load this rank's state from a ray.train.Checkpoint; returns (next epoch, history)."""
+    with checkpoint.as_directory() as d:
+        state = load_peer(d, topo.peer)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        teacher.load_state_dict(state["teacher"])
+        rng_path = os.path.join(d, f"rng_rank{topo.rank}.pt")
+        if os.path.exists(rng_path):
+            rng = torch.load(rng_path, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        history = read_history(d)
+    return int(state["epoch"]) + 1, history
+
+
+def load_peer(directory: str, peer: int) -> dict:
+    path = os.path.join(directory, f"peer{peer}.pt")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such peer in this checkpoint")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_history(directory: str) -> list[dict]:
+    path = os.path.join(directory, "history.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)["history"]

@@ -1,0 +1,103 @@
+"""`online-distill` command line: train | bench | report | tune | export.
+
+Config errors exit with status 2 and one line that names the field and what is allowed.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import ConfigError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML file")
+    p.add_argument("--set", dest="sets", action="append", metavar="SECTION.KEY=VALUE", default=[],
+                   help="override a config field, e.g. --set loss.temperature=4 (repeatable; values are YAML)")
+
+
+def cmd_train(args) -> int:
+    from . import config
+    from .launch import train
+
+    cfg = config.load(args.config, config.parse_sets(args.sets))
+    train(cfg)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import report
+
+    report(args.path)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench
+
+    bench(peers=args.peers, model=args.model, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats)
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from . import config
+    from .tune import load_sweep, run_sweep
+
+    spec = load_sweep(args.config, config.parse_sets(args.sets))
+    run_sweep(spec, retry_errored=args.retry_errored)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export
+
+    export(args.run_dir, peer=args.peer, fmt=args.format, quantize=args.quantize, out=args.out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="online-distill", description="Online and self-distillation on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train one cohort from a run config")
+    _add_config_args(p)
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("tune", help="run a Ray Tune sweep from tune_configs/NAME.yaml")
+    _add_config_args(p)
+    p.add_argument("--retry-errored", action="store_true", help="when resuming, rerun trials that errored")
+    p.set_defaults(fn=cmd_tune)
+
+    p = sub.add_parser("report", help="rebuild tables and plots of a finished run or sweep directory")
+    p.add_argument("path")
+    p.set_defaults(fn=cmd_report)
+
+    p = sub.add_parser("bench", help="step time of DML vs independent peers vs plain PyTorch, side by side")
+    p.add_argument("--peers", type=int, default=2)
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
+    p.add_argument("--repeats", type=int, default=3, help="alternating repeats of each measurement")
+    p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("export", help="export a trained peer (TorchScript or ONNX), checked against the original")
+    p.add_argument("run_dir")
+    p.add_argument("--peer", type=int, default=0)
+    p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript")
+    p.add_argument("--quantize", action="store_true", help="also apply dynamic int8 quantization and report it")
+    p.add_argument("--out", default=None, help="output file (default: inside the run directory)")
+    p.set_defaults(fn=cmd_export)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"online-distill: config error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: checkpoints are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

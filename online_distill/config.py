@@ -1,0 +1,413 @@
+"""Run configuration: typed, frozen dataclasses loaded from YAML.
+
+A config is unpacked here, at the edge, and everything downstream receives dataclasses.
+Every check that can be made without a worker is made here, so bad input is refused on the
+driver with a message that names the field and what it may be, before Ray starts anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config field is unknown or holds a value it may not hold."""
+
+
+def _fail(field_name: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{field_name}: got {value!r}; allowed: {allowed}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion_mnist"
+    """Name in online_distill.data.DATASETS (or a builder passed to the Python API)."""
+    root: str = "~/.cache/online_distill/data"
+    """Where datasets are looked for and downloaded to."""
+    download: bool = True
+    """Allow torchvision to download a dataset that is not found locally."""
+    val_size: int = 5000
+    """Examples held out of the training set for validation (model selection)."""
+    train_subset: int | None = None
+    """Use only this many training examples (after the validation split); None: all."""
+    test_subset: int | None = None
+    """Evaluate on only this many test examples; None: all."""
+    split_seed: int = 0
+    """Seed of the train/validation split; fixed apart from the run seed so seeds share one split."""
+    augment: bool = False
+    """Random crop and horizontal flip (for CIFAR-like images), done on the batch tensor."""
+    num_workers: int = 0
+    """DataLoader workers, only for user datasets that are not in-memory tensors."""
+
+    def check(self) -> None:
+        if self.val_size < 0:
+            _fail("data.val_size", self.val_size, "an integer >= 0")
+        for name in ("train_subset", "test_subset"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                _fail(f"data.{name}", v, "null or an integer >= 1")
+        if self.num_workers < 0:
+            _fail("data.num_workers", self.num_workers, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    temperature: float = 4.0
+    """Softmax temperature T of the soft targets (T > 0). Evaluation always uses T = 1."""
+    kd_weight: float = 0.5
+    """Weight of the distillation term: (1 - kd_weight) * CE + kd_weight * T^2 * KL."""
+    multi_teacher: str = "mean_kl"
+    """With several teachers: 'mean_kl' averages the KLs (DML); 'mean_probs' distils from
+    the teachers' mean distribution (an ensemble teacher)."""
+    kd_warmup_epochs: float = 0.0
+    """Ramp kd_weight linearly from 0 over this many epochs (0: full weight from the start)."""
+
+    def check(self) -> None:
+        if not self.temperature > 0:
+            _fail("loss.temperature", self.temperature, "a number > 0")
+        if not 0.0 <= self.kd_weight <= 1.0:
+            _fail("loss.kd_weight", self.kd_weight, "a number in [0, 1]")
+        if self.multi_teacher not in ("mean_kl", "mean_probs"):
+            _fail("loss.multi_teacher", self.multi_teacher, "'mean_kl' or 'mean_probs'")
+        if self.kd_warmup_epochs < 0:
+            _fail("loss.kd_warmup_epochs", self.kd_warmup_epochs, "a number >= 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "sgd"
+    """'sgd' (with Nesterov momentum) or 'adamw'."""
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    """'constant', 'cosine' (to 0 at the last epoch), 'step' (x0.1 at 50% and 75%),
+    or 'cyclic' (cosine restarted every epochs/cycles epochs; used by snapshot distillation)."""
+    warmup_epochs: float = 0.0
+    """Linear LR warm-up from 0 over this many epochs."""
+    cycles: int = 1
+    """Number of cosine cycles for schedule 'cyclic'."""
+
+    def check(self) -> None:
+        if self.name not in ("sgd", "adamw"):
+            _fail("optim.name", self.name, "'sgd' or 'adamw'")
+        if not self.lr > 0:
+            _fail("optim.lr", self.lr, "a number > 0")
+        if not 0 <= self.momentum < 1:
+            _fail("optim.momentum", self.momentum, "a number in [0, 1)")
+        if self.weight_decay < 0:
+            _fail("optim.weight_decay", self.weight_decay, "a number >= 0")
+        if self.schedule not in ("constant", "cosine", "step", "cyclic"):
+            _fail("optim.schedule", self.schedule, "'constant', 'cosine', 'step' or 'cyclic'")
+        if self.warmup_epochs < 0:
+            _fail("optim.warmup_epochs", self.warmup_epochs, "a number >= 0")
+        if self.cycles < 1:
+            _fail("optim.cycles", self.cycles, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 128
+    """Per-peer batch size of each replica."""
+    seed: int = 0
+    """Seed of initialisation and batch order; peers get distinct inits from it."""
+    log_every_s: float = 15.0
+    """Print a progress line within an epoch at most this often (seconds)."""
+    max_steps_per_epoch: int | None = None
+    """Stop each epoch after this many steps (quick runs and benchmarks); None: full epoch."""
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            _fail("train.epochs", self.epochs, "an integer >= 1")
+        if self.batch_size < 1:
+            _fail("train.batch_size", self.batch_size, "an integer >= 1")
+        if self.log_every_s <= 0:
+            _fail("train.log_every_s", self.log_every_s, "a number > 0")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            _fail("train.max_steps_per_epoch", self.max_steps_per_epoch, "null or an integer >= 1")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    mode: str = "dml"
+    """Where the teacher logits come from:
+    'dml'         peers exchange logits every step (deep mutual learning);
+    'independent' the same peers on the same batches with no exchange (DML's baseline);
+    'codistill'   peers swap weights every sync_every steps and distil from stale copies;
+    'ema', 'snapshot', 'dlb', 'born_again' self-distillation from the model's own past;
+    'offline'     a frozen teacher (teacher_checkpoint) teaches each peer."""
+    sync_every: int = 10
+    """codistill: steps between weight exchanges."""
+    burn_in_steps: int = 0
+    """codistill: steps of plain CE training before the first exchange."""
+    ema_decay: float = 0.999
+    """ema: teacher = decay * teacher + (1 - decay) * student after every step."""
+    ema_warmup_steps: int = 0
+    """ema: before this many steps the decay is min(ema_decay, (1 + step) / (10 + step))."""
+    generations: int = 2
+    """born_again: number of generations trained one after another (>= 2)."""
+    teacher_checkpoint: str | None = None
+    """offline: a checkpoint directory of an earlier run (or a .pt state dict) of the teacher."""
+    teacher_model: str | None = None
+    """offline: the teacher's model name; None: read from the checkpoint's run config."""
+    teacher_peer: int = 0
+    """offline: which peer of the teacher run's checkpoint teaches."""
+
+    def check(self) -> None:
+        from .teachers import TEACHERS  # the modes are the teacher sources that exist
+
+        if self.mode not in TEACHERS:
+            _fail("distill.mode", self.mode, ", ".join(repr(k) for k in sorted(TEACHERS)))
+        if self.sync_every < 1:
+            _fail("distill.sync_every", self.sync_every, "an integer >= 1")
+        if self.burn_in_steps < 0:
+            _fail("distill.burn_in_steps", self.burn_in_steps, "an integer >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            _fail("distill.ema_decay", self.ema_decay, "a number in [0, 1)")
+        if self.ema_warmup_steps < 0:
+            _fail("distill.ema_warmup_steps", self.ema_warmup_steps, "an integer >= 0")
+        if self.generations < 1:
+            _fail("distill.generations", self.generations, "an integer >= 1")
+        if self.teacher_peer < 0:
+            _fail("distill.teacher_peer", self.teacher_peer, "an integer >= 0")
+        if self.mode == "offline" and not self.teacher_checkpoint:
+            _fail("distill.teacher_checkpoint", self.teacher_checkpoint,
+                  "a checkpoint path when distill.mode='offline'")
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    replicas: int = 1
+    """Data-parallel replicas per peer. World size = len(models) * replicas."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL between them. Off: CPU workers, gloo."""
+    cpus_per_worker: float = 1.0
+    precision: str = "fp32"
+    """'fp32' or 'bf16' (autocast; the optimizer state stays fp32)."""
+
+    def check(self) -> None:
+        if self.replicas < 1:
+            _fail("scale.replicas", self.replicas, "an integer >= 1")
+        if not self.cpus_per_worker > 0:
+            _fail("scale.cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        if self.precision not in ("fp32", "bf16"):
+            _fail("scale.precision", self.precision, "'fp32' or 'bf16'")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "run"
+    """Run directory name under storage_path; the same name resumes that run."""
+    storage_path: str = "./runs"
+    """Local directory, or any pyarrow filesystem URI (s3://, gs://) every node can reach."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint before the run is given up."""
+    checkpoints_to_keep: int = 2
+    fail_once_at_epoch: int | None = None
+    """Chaos testing: the last rank raises once at this epoch of an attempt that started from
+    scratch, to exercise recovery from the last checkpoint. None in real runs."""
+
+    def check(self) -> None:
+        if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
+            _fail("run.name", self.name, "a non-empty name without '/' or a leading '.'")
+        if self.max_failures < -1:
+            _fail("run.max_failures", self.max_failures, "-1 (retry forever) or an integer >= 0")
+        if self.checkpoints_to_keep < 1:
+            _fail("run.checkpoints_to_keep", self.checkpoints_to_keep, "an integer >= 1")
+        if self.fail_once_at_epoch is not None and self.fail_once_at_epoch < 1:
+            _fail("run.fail_once_at_epoch", self.fail_once_at_epoch, "null or an epoch index >= 1 (after a checkpoint exists)")
+
+    @property
+    def storage(self) -> str:
+        if "://" in self.storage_path:
+            return self.storage_path
+        return os.path.abspath(os.path.expanduser(self.storage_path))
+
+
+@dataclass(frozen=True)
+class Config:
+    models: tuple[str, ...] = ("small_cnn", "small_cnn")
+    """One model name per peer (names in online_distill.models.MODELS); peers may differ."""
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def num_peers(self) -> int:
+        return len(self.models)
+
+    @property
+    def world_size(self) -> int:
+        return self.num_peers * self.scale.replicas
+
+    def check(self, models: Mapping[str, Any] | None = None, datasets: Mapping[str, Any] | None = None) -> "Config":
+        """Validate every field; `models`/`datasets` are the builders available by name."""
+        from .data import DATASETS
+        from .models import MODELS
+
+        models = {**MODELS, **(models or {})}
+        datasets = {**DATASETS, **(datasets or {})}
+        for section in (self.data, self.loss, self.optim, self.train, self.distill, self.scale, self.run):
+            section.check()
+        if not self.models:
+            _fail("models", list(self.models), "a list of one model name per peer")
+        for i, name in enumerate(self.models):
+            if name not in models:
+                _fail(f"models[{i}]", name, ", ".join(sorted(models)))
+        if self.data.dataset not in datasets:
+            _fail("data.dataset", self.data.dataset, ", ".join(sorted(datasets)))
+        if self.distill.mode in ("dml", "codistill") and self.num_peers < 2:
+            _fail("models", list(self.models), f"at least 2 peers for distill.mode={self.distill.mode!r}")
+        return self
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _section_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(path: str, value: Any, annotation: Any) -> Any:
+    """Convert a YAML (or --set) value to the annotated type, or fail naming the field."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, value, inner[0])
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            _fail(path, value, "a list")
+        return tuple(_coerce(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        _fail(path, value, "true or false")
+    if annotation is int:
+        if isinstance(value, bool):
+            _fail(path, value, "an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        _fail(path, value, "an integer")
+    if annotation is float:
+        if isinstance(value, bool):
+            _fail(path, value, "a number")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            _fail(path, value, "a number")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        _fail(path, value, "a string")
+    return value
+
+
+def from_dict(raw: Mapping[str, Any]) -> Config:
+    """Build a Config from a nested mapping, refusing unknown keys with the list of valid ones."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config: expected a mapping of sections, got {type(raw).__name__}")
+    top_types = _section_types(Config)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in SECTIONS:
+            raise ConfigError(f"{key}: unknown section; valid: {', '.join(SECTIONS)}")
+        annotation = top_types[key]
+        if dataclasses.is_dataclass(annotation):
+            if value is None:
+                value = {}
+            if not isinstance(value, Mapping):
+                _fail(key, value, f"a mapping with keys {', '.join(f.name for f in dataclasses.fields(annotation))}")
+            fields = _section_types(annotation)
+            valid = [f.name for f in dataclasses.fields(annotation)]
+            sub = {}
+            for k, v in value.items():
+                if k not in fields:
+                    raise ConfigError(f"{key}.{k}: unknown field; valid: {', '.join(valid)}")
+                sub[k] = _coerce(f"{key}.{k}", v, fields[k])
+            kwargs[key] = annotation(**sub)
+        else:
+            kwargs[key] = _coerce(key, value, annotation)
+    return Config(**kwargs)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["models"] = list(cfg.models)
+    return d
+
+
+def parse_value(text: str) -> Any:
+    """A --set value is read as YAML, so 4.0, true, null and [a, b] mean what they look like."""
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """Return cfg with dotted fields replaced, e.g. {"loss.temperature": 4.0}."""
+    raw = to_dict(cfg)
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        if parts[0] not in SECTIONS:
+            raise ConfigError(f"{dotted}: unknown section {parts[0]!r}; valid: {', '.join(SECTIONS)}")
+        if dataclasses.is_dataclass(_section_types(Config)[parts[0]]):
+            if len(parts) != 2:
+                raise ConfigError(f"{dotted}: expected section.field, e.g. loss.temperature")
+            section = raw[parts[0]]
+            if parts[1] not in section:
+                raise ConfigError(f"{dotted}: unknown field; valid: {', '.join(section)}")
+            section[parts[1]] = value
+        else:
+            if len(parts) != 1:
+                raise ConfigError(f"{dotted}: {parts[0]} has no sub-fields")
+            raw[parts[0]] = value
+    return from_dict(raw)
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. loss.temperature=4")
+        key, _, text = item.partition("=")
+        out[key.strip()] = parse_value(text)
+    return out
+
+
+def load(path: str, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read a YAML run config (yaml.safe_load only) and apply dotted overrides."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    cfg = from_dict(raw)
+    return with_overrides(cfg, overrides) if overrides else cfg
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

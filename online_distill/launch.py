@@ -1,0 +1,166 @@
+"""Driver side: check the config, find or start Ray, run the cohort with a TorchTrainer, and
+write the tables. Everything that can be refused is refused here, before a worker starts."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from . import config as config_mod
+from . import storage
+from .config import Config, ConfigError
+from .results import final_table, format_table, history_frame, write_run_tables
+
+# Fields that may change when a run is resumed; any other change would make the resumed
+# run a different experiment than the one its checkpoints came from.
+RESUMABLE_CHANGES = {"train.epochs", "train.log_every_s", "run.max_failures", "run.checkpoints_to_keep",
+                     "run.storage_path", "run.fail_once_at_epoch"}
+
+
+@dataclass
+class RunResult:
+    run_dir: str
+    history: pd.DataFrame
+    metrics: dict[str, Any]
+    checkpoint: Any
+
+    @property
+    def final(self) -> pd.DataFrame:
+        return final_table(self.history)
+
+
+def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+    """Join the cluster in RAY_ADDRESS (no local resources may be passed then), or start an
+    embedded local Ray with this machine's CPUs and GPUs."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    quiet = dict(logging_level=logging.WARNING)
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+        return
+    if num_gpus is None:
+        import torch
+
+        num_gpus = torch.cuda.device_count()
+    ray.init(num_cpus=num_cpus or os.cpu_count(), num_gpus=num_gpus, **quiet)
+
+
+def check_resources(cfg: Config) -> None:
+    """Refuse a cohort that the cluster can never place (all workers must run at once)."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = cfg.world_size * cfg.scale.cpus_per_worker
+    where = f"{len(cfg.models)} models x scale.replicas={cfg.scale.replicas} = {cfg.world_size} workers"
+    if need_cpu > total.get("CPU", 0) + 1e-9:
+        raise ConfigError(f"scale: {where} at scale.cpus_per_worker={cfg.scale.cpus_per_worker} need "
+                          f"{need_cpu:g} CPUs; the cluster has {total.get('CPU', 0):g}. Allowed: fewer peers or "
+                          "replicas, or a smaller scale.cpus_per_worker")
+    if cfg.scale.use_gpu and cfg.world_size > total.get("GPU", 0):
+        raise ConfigError(f"scale.use_gpu: {where} need {cfg.world_size} GPUs; the cluster has "
+                          f"{total.get('GPU', 0):g}. Allowed: use_gpu=false, or fewer peers or replicas")
+
+
+def prepare_run_dir(cfg: Config, run_dir: str) -> bool:
+    """Refuse to touch a finished run, or to resume a run under a different config.
+    Writes the resolved config beside the results. Returns True when resuming."""
+    if storage.exists(storage.join(run_dir, "result.json")):
+        raise ConfigError(f"run.name: run {cfg.run.name!r} already finished in {run_dir}; its results are kept. "
+                          f"Allowed: a new name, e.g. --set run.name={cfg.run.name}-2")
+    old = storage.read_text(storage.join(run_dir, "config.yaml"))
+    if old is not None:
+        import yaml
+
+        before = _flatten(yaml.safe_load(old))
+        now = _flatten(config_mod.to_dict(cfg))
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+        if changed:
+            diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            raise ConfigError(f"run.name: {cfg.run.name!r} exists in {run_dir} with another config ({diffs}). "
+                              f"Allowed: the same config to resume it, or a new run.name")
+    storage.write_text(storage.join(run_dir, "config.yaml"), config_mod.dump(cfg))
+    return old is not None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def preflight_data(cfg: Config, datasets=None) -> None:
+    """Load the data once on the driver of a local run: a missing dataset or a split that does
+    not fit is an error now, not a worker retry later (and downloads happen once)."""
+    from .data import load_data
+
+    data = load_data(cfg.data, datasets)
+    shard = len(data.train) // cfg.scale.replicas
+    if cfg.train.batch_size > shard:
+        raise ConfigError(f"train.batch_size: got {cfg.train.batch_size}; allowed: at most {shard}, "
+                          f"the training examples per replica")
+
+
+def make_trainer(cfg: Config, *, models=None, datasets=None, callbacks=None):
+    """The TorchTrainer of one cohort (also built by each Tune trial's driver)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from .loop import train_loop_per_worker
+
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg, "models": models, "datasets": datasets},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.world_size, use_gpu=cfg.scale.use_gpu,
+                                               resources_per_worker={"CPU": cfg.scale.cpus_per_worker,
+                                                                     **({"GPU": 1} if cfg.scale.use_gpu else {})}),
+        torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name, storage_path=cfg.run.storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep),
+            callbacks=callbacks, logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+            # progress lines are printed by rank 0 as they are, not re-logged through Train's logger
+            worker_runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+    )
+
+
+def history_from_checkpoint(checkpoint) -> list[dict]:
+    from .checkpoint import read_history
+
+    with checkpoint.as_directory() as d:
+        return read_history(d)
+
+
+def train(cfg: Config, *, models: dict | None = None, datasets: dict | None = None, verbose: bool = True) -> RunResult:
+    """Train one cohort. `models` / `datasets` add user builders by name (Python API)."""
+    cfg.check(models, datasets)
+    run_dir = storage.join(cfg.run.storage, cfg.run.name)
+    init_ray()
+    check_resources(cfg)
+    if not os.environ.get("RAY_ADDRESS"):
+        preflight_data(cfg, datasets)
+    resuming = prepare_run_dir(cfg, run_dir)
+    if verbose:
+        print(f"{'resuming' if resuming else 'starting'} run {cfg.run.name!r}: {cfg.distill.mode} cohort of "
+              f"{cfg.num_peers} peers ({', '.join(cfg.models)}) x {cfg.scale.replicas} replica(s) on "
+              f"{cfg.data.dataset}, {cfg.train.epochs} epochs -> {run_dir}", flush=True)
+    result = make_trainer(cfg, models=models, datasets=datasets).fit()
+    history = history_frame(history_from_checkpoint(result.checkpoint))
+    write_run_tables(run_dir, history)
+    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
+    storage.write_text(storage.join(run_dir, "result.json"), json.dumps({"complete": True, "metrics": final}, indent=1))
+    if verbose:
+        print(f"\nfinished {cfg.run.name!r} ({run_dir}):\n{format_table(final_table(history))}", flush=True)
+    return RunResult(run_dir, history, result.metrics, result.checkpoint)
