@@ -1,0 +1,109 @@
+"""`online-distill bench`: what the framework costs, measured side by side in one run.
+
+Three measurements of the same work (K peers, same model, same batches, one thread per peer):
+  (a) dml          our Ray Train loop, peers all-gathering logits every step
+  (b) independent  our Ray Train loop, the same peers with no exchange
+  (c) plain        K plain PyTorch processes without Ray: forward, CE, backward, step
+They are repeated in alternation (a b c a b c ...) so drift of the machine hits all alike, and
+the median steady-state step time of each is compared.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from . import config as config_mod
+from .data import Batches, load_data
+from .metrics import steady
+from .models import build_model
+from .optim import make_optimizer
+
+
+def bench_config(mode: str, peers: int, model: str, batch_size: int, steps: int, storage: str, name: str) -> config_mod.Config:
+    return config_mod.from_dict({
+        "models": [model] * peers,
+        "data": {"dataset": "synthetic", "val_size": 256, "test_subset": 256},
+        "distill": {"mode": mode},
+        "optim": {"schedule": "constant"},
+        "train": {"epochs": 1, "batch_size": batch_size, "max_steps_per_epoch": steps, "log_every_s": 3600},
+        "scale": {"cpus_per_worker": 1},
+        "run": {"name": name, "storage_path": storage, "max_failures": 0},
+    })
+
+
+def _plain_worker(cfg: config_mod.Config, peer: int, out: mp.Queue) -> None:
+    """The same work as one peer of the cohort, in plain PyTorch: no Ray, no exchange."""
+    torch.set_num_threads(1)
+    data = load_data(cfg.data)
+    torch.manual_seed(cfg.train.seed * 1000 + peer)
+    model = build_model(cfg.models[peer], data.in_channels, data.num_classes, data.image_size)
+    opt = make_optimizer(cfg.optim, model)
+    batches = Batches(data.train, cfg.train.batch_size, torch.device("cpu"), seed=cfg.train.seed,
+                      max_batches=cfg.train.max_steps_per_epoch)
+    times = []
+    for x, y in batches:
+        t0 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    out.put(statistics.median(steady(times)))
+
+
+def plain_step_time(cfg: config_mod.Config) -> float:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_plain_worker, args=(cfg, p, q)) for p in range(cfg.num_peers)]
+    for p in procs:
+        p.start()
+    times = [q.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return max(times)  # a cohort moves at the pace of its slowest peer, as in metrics.py
+
+
+def ray_step_time(cfg: config_mod.Config) -> tuple[float, float]:
+    from .launch import make_trainer
+
+    result = make_trainer(cfg).fit()
+    return result.metrics["step_time_s"], result.metrics["exchange_bytes_per_step"]
+
+
+def bench(peers: int = 2, model: str = "small_cnn", batch_size: int = 128, steps: int = 60, repeats: int = 3) -> dict:
+    from .launch import init_ray
+
+    init_ray()
+    storage = tempfile.mkdtemp(prefix="online_distill_bench_")
+    times: dict[str, list[float]] = {"dml": [], "independent": [], "plain": []}
+    comm = 0.0
+    for r in range(repeats):
+        for mode in ("dml", "independent", "plain"):
+            cfg = bench_config("independent" if mode == "plain" else mode, peers, model, batch_size, steps, storage, f"{mode}{r}")
+            if mode == "plain":
+                t = plain_step_time(cfg)
+            else:
+                t, b = ray_step_time(cfg)
+                comm = b if mode == "dml" else comm
+            times[mode].append(t)
+            print(f"  repeat {r + 1}/{repeats}  {mode:<12} {t * 1e3:8.2f} ms/step", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    num_classes = 10
+    expected = (peers - 1) * batch_size * num_classes * 4
+    out = {"dml_ms": med["dml"] * 1e3, "independent_ms": med["independent"] * 1e3, "plain_ms": med["plain"] * 1e3,
+           "dml_over_independent": med["dml"] / med["independent"], "ray_over_plain": med["independent"] / med["plain"],
+           "bytes_per_step": comm, "expected_bytes_per_step": expected}
+    print(f"\nbench: {peers} x {model}, batch {batch_size}, {steps} steps, {repeats} repeats, "
+          f"torch threads 1 per peer, {os.cpu_count()} CPUs")
+    print(f"  step time (median)   dml {out['dml_ms']:.2f} ms   independent {out['independent_ms']:.2f} ms   "
+          f"plain PyTorch {out['plain_ms']:.2f} ms")
+    print(f"  DML / independent    {out['dml_over_independent']:.3f}   (bar <= 1.05)")
+    print(f"  Ray path / plain     {out['ray_over_plain']:.3f}   (bar <= 1.10)")
+    print(f"  bytes received per step per worker  {comm:.0f}   (K-1)*B*C*4 = {expected}")
+    return out

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up everything on a fresh machine (Python 3.10+), then run the main job or the tests.
+#   bash quickstart.sh train   # a 2-peer DML cohort on Fashion-MNIST on an embedded Ray
+#   bash quickstart.sh test    # the test suite
+# Extra arguments go to the command, e.g. `bash quickstart.sh train --set train.epochs=2`.
+set -euo pipefail
+cd "$(dirname "$0")"
+what="${1:-train}"; shift || true
+
+PY="${PYTHON:-python3}"
+VENV=.venv
+stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+    echo "== setting up $VENV (torch, torchvision, ray[train,tune], pandas; a few minutes the first time)"
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/pip" install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+    "$VENV/bin/python" -c "import online_distill, torch, ray" || { echo "install failed" >&2; exit 1; }
+    touch "$stamp"
+fi
+
+# Fashion-MNIST without internet: Debian ships it. Elsewhere torchvision downloads it on first use.
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing Debian's dataset-fashion-mnist"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+        || echo "   (not available; torchvision will download Fashion-MNIST instead)"
+fi
+
+case "$what" in
+    train) exec "$VENV/bin/online-distill" train configs/fmnist_dml.yaml "$@" ;;
+    test)  exec "$VENV/bin/python" -m pytest -q "$@" ;;
+    *) echo "usage: bash quickstart.sh train|test [args...]" >&2; exit 2 ;;
+esac
