@@ -22,6 +22,11 @@ class Teacher:
     comm_bytes_per_step: float = 0.0
     """Bytes this rank receives from other ranks per step (averaged over steps)."""
 
+    def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch the student trains on this step. Most teachers leave it as it is; one that
+        distils from earlier samples (DLB) appends them here, so the loop never asks which."""
+        return x, y
+
     def logits(self, x: Tensor, student_logits: Tensor) -> Tensor | None:
         """Teacher logits for this batch, (n_teachers, B, C), detached; None for no teacher."""
         return None
@@ -44,6 +49,8 @@ class TeacherContext:
     build_peer: Callable[[int], nn.Module]
     """Builds a fresh (untrained) model of peer p, on the CPU."""
     steps_per_epoch: int
+    build_model: Callable[[str], nn.Module] | None = None
+    """Builds a fresh model by name for this dataset, on the CPU (a frozen teacher's architecture)."""
 
 
 def _independent(ctx: TeacherContext) -> Teacher:
@@ -51,13 +58,22 @@ def _independent(ctx: TeacherContext) -> Teacher:
 
 
 def _registry() -> dict[str, Callable[[TeacherContext], Teacher]]:
+    from .dlb import LastBatchTeacher
+    from .ema import EmaTeacher
+    from .frozen import BornAgain, FrozenTeacher
     from .peers import PeerTeacher
+    from .snapshot import SnapshotTeacher
     from .stale_peers import StalePeerTeacher
 
     return {
         "independent": _independent,
         "dml": PeerTeacher,
         "codistill": StalePeerTeacher,
+        "ema": EmaTeacher,
+        "snapshot": SnapshotTeacher,
+        "dlb": LastBatchTeacher,
+        "born_again": BornAgain,
+        "offline": FrozenTeacher,
     }
 
 
@@ -66,3 +82,11 @@ TEACHERS = _registry()
 
 def build_teacher(ctx: TeacherContext) -> Teacher:
     return TEACHERS[ctx.cfg.distill.mode](ctx)
+
+
+def check_teacher(cfg: Config, models: dict, datasets: dict) -> None:
+    """Driver-side checks of the chosen source (a teacher checkpoint that exists, a cyclic
+    schedule for snapshots, ...): a builder may carry a `check(cfg, models, datasets)`."""
+    check = getattr(TEACHERS[cfg.distill.mode], "check", None)
+    if check is not None:
+        check(cfg, models, datasets)

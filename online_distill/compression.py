@@ -1,0 +1,137 @@
+"""What distillation bought: size, speed and accuracy of each student and of its teacher.
+
+Written at the end of every run as `compression.csv`, next to `final.csv`. A teacher appears
+when the run's teacher source holds a model (EMA, snapshot, born-again and offline teachers
+keep `model` and `model_name` in their checkpoint state); peers of a cohort are students.
+
+- params: number of parameters.
+- size_kb: bytes of the fp32 state dict as torch.save writes it (what a checkpoint costs).
+- latency_ms: median wall time of one forward pass on one sample, on 1 CPU thread.
+- us_per_sample_b256: median time of a batch of 256 divided by 256, on 1 CPU thread.
+- test_acc: accuracy on the run's test split, evaluated here on the driver.
+"""
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from typing import Callable
+
+import pandas as pd
+import torch
+from torch import nn
+
+from . import storage
+from .config import Config
+
+
+def size_bytes(model: nn.Module) -> int:
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return len(buf.getvalue())
+
+
+@torch.no_grad()
+def seconds_per_call(fn: Callable[[], object], *, min_calls: int = 10, max_calls: int = 200,
+                     budget_s: float = 0.3) -> float:
+    """Median wall time of fn() after two warm-up calls, over at least min_calls calls."""
+    fn(), fn()
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < max_calls and (len(times) < min_calls or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class _OneThread:
+    """Measure on one CPU thread: comparable across machines that differ in cores."""
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+@torch.no_grad()
+def cpu_latency(models: list[nn.Module], sample_shape: tuple[int, ...], rounds: int = 3) -> list[dict[str, float]]:
+    """Per-sample CPU time of each model at batch 1 and batch 256, on one thread. The models
+    are measured side by side in alternating rounds and each keeps its fastest round: on a
+    shared machine, other processes only ever add time."""
+    one, many = torch.randn(1, *sample_shape), torch.randn(256, *sample_shape)
+    models = [m.cpu().eval() for m in models]
+    best = [{"latency_ms": float("inf"), "us_per_sample_b256": float("inf")} for _ in models]
+    with _OneThread():
+        for _ in range(rounds):
+            for m, b in zip(models, best):
+                b["latency_ms"] = min(b["latency_ms"], seconds_per_call(lambda: m(one)) * 1e3)
+                b256 = seconds_per_call(lambda: m(many), min_calls=3, max_calls=10, budget_s=0.3)
+                b["us_per_sample_b256"] = min(b["us_per_sample_b256"], b256 / 256 * 1e6)
+    return best
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches) -> float:
+    model = model.cpu().eval()
+    correct = n = 0
+    for x, y in batches:
+        correct += (model(x).argmax(1) == y).sum().item()
+        n += len(y)
+    return correct / n if n else float("nan")
+
+
+def compression_table(cfg: Config, checkpoint_dir: str, *, models=None, datasets=None) -> pd.DataFrame:
+    """One row per student (each peer) and per teacher that holds a model, from a checkpoint."""
+    from .checkpoint import load_peer
+    from .data import Batches, load_data
+    from .models import build_model
+
+    data = load_data(cfg.data, datasets)
+
+    def build(name: str, state: dict) -> nn.Module:
+        m = build_model(name, data.in_channels, data.num_classes, data.image_size, models)
+        m.load_state_dict(state)
+        return m.eval()
+
+    rows, nets = [], []
+    for p, name in enumerate(cfg.models):
+        state = load_peer(checkpoint_dir, p)
+        rows.append({"member": f"peer{p}", "role": "student", "model": name})
+        nets.append(build(name, state["model"]))
+        t = state.get("teacher") or {}
+        if isinstance(t.get("model"), dict) and isinstance(t.get("model_name"), str):
+            role = f"teacher ({cfg.distill.mode})"
+            rows.append({"member": f"peer{p}/teacher", "role": role, "model": t["model_name"]})
+            nets.append(build(t["model_name"], t["model"]))
+    speed = cpu_latency(nets, (data.in_channels, data.image_size, data.image_size))
+    for row, net, sp in zip(rows, nets, speed):
+        row.update(params=sum(p.numel() for p in net.parameters()), size_kb=size_bytes(net) / 1024, **sp,
+                   test_acc=accuracy(net, Batches(data.test, 512, torch.device("cpu"), shuffle=False, drop_last=False)))
+    return pd.DataFrame(rows)
+
+
+def write_report(cfg: Config, run_dir: str, checkpoint, *, models=None, datasets=None) -> pd.DataFrame:
+    """compression.csv for a finished run, from its final ray.train.Checkpoint."""
+    with checkpoint.as_directory() as d:
+        table = compression_table(cfg, d, models=models, datasets=datasets)
+    storage.write_text(storage.join(run_dir, "compression.csv"), table.to_csv(index=False))
+    return table
+
+
+def format_report(table: pd.DataFrame) -> str:
+    """The table, then one line per student that has a teacher: what the smaller model costs."""
+    lines = [table.to_string(index=False, float_format=lambda v: f"{v:.4g}")]
+    by_member = table.set_index("member")
+    for member in table.loc[table["role"] == "student", "member"]:
+        if f"{member}/teacher" not in by_member.index:
+            continue
+        s, t = by_member.loc[member], by_member.loc[f"{member}/teacher"]
+        lines.append(f"{member}: teacher/student params {t['params'] / s['params']:.3g}x, "
+                     f"size {t['size_kb'] / s['size_kb']:.3g}x, "
+                     f"latency {t['latency_ms'] / s['latency_ms']:.3g}x, time per sample at b256 "
+                     f"{t['us_per_sample_b256'] / s['us_per_sample_b256']:.3g}x; "
+                     f"test acc student {s['test_acc']:.4f} vs teacher {t['test_acc']:.4f}")
+    return "\n".join(lines)
