@@ -1,0 +1,308 @@
+"""Ray Tune sweeps: many cohorts, each one a Ray Train run, searched over the distillation knobs.
+
+The Ray 2.60 (Train V2) way: Tune runs a light *driver* function per trial (it holds no CPU;
+its TorchTrainer's workers hold the real resources), and the driver builds and fits the
+trial's TorchTrainer. What Train V2's own TuneReportCallback does not do is hand the
+checkpoints to Tune: it forwards metrics and a checkpoint *path*, so Tune holds no checkpoint
+of the trial, PBT has nothing to copy ("no checkpoint for trial ... skip exploit") and a resumed
+sweep would restart its unfinished trials from scratch. So the driver relays each report itself:
+a callback in the Train controller puts (metrics, checkpoint) on a queue, the driver takes it
+off and calls `ray.tune.report(metrics, checkpoint=...)`, which copies the checkpoint into the
+trial's directory. Every start of a driver (first start, PBT exploit, resumed sweep, retried
+trial) starts a *new* Train run from `ray.tune.get_checkpoint()`, so a trial never picks up its
+own stale Train run after PBT gave it another trial's weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import pandas as pd
+import ray
+from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2.api.callback import UserCallback
+
+from . import storage
+from . import sweep_config
+from .config import Config, ConfigError
+from .sweep_config import SweepSpec
+
+
+def load_sweep(path: str, overrides: Mapping[str, Any] | None = None, *, models=None, datasets=None) -> SweepSpec:
+    """Read and fully check a sweep file (see tune_configs/)."""
+    return sweep_config.load(path, overrides, models=models, datasets=datasets)
+
+
+@dataclass
+class SweepResult:
+    sweep_dir: str
+    trials: pd.DataFrame
+    """One row per trial: config values, status, final and best objective, epochs, time."""
+    summary: pd.DataFrame
+    """One row per setting: objective mean, std and count over seeds; delta to the baseline."""
+    best_config: str | None
+    """A ready-to-run run config of the best setting (None when no trial finished)."""
+    complete: bool
+    """False when the sweep was interrupted: rerun the same command to resume it."""
+    wall_s: float
+
+
+# ---- the trial driver -----------------------------------------------------------------------
+
+class RelayReports(UserCallback):
+    """Runs in the trial's Train controller: hands each report of rank 0 (metrics and the
+    persisted checkpoint) to the trial's driver. A queue of one makes training wait while the
+    driver is still handing the previous report to Tune, as TuneReportCallback does."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put(("report", (dict(metrics[0]), checkpoint)))
+
+
+class AnnounceController(ControllerCallback):
+    """Runs in the trial's Train controller as it starts: gives the driver the controller's
+    handle, so a trial that Tune stops can abort its Train run (see StopsItsCohort)."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_controller_start(self, train_run_context):
+        self.queue.put(("controller", ray.get_runtime_context().current_actor))
+
+
+_COHORT: dict = {}
+"""The Train run of the trial running in this (trial actor) process: its controller and queue."""
+
+
+class StopsItsCohort:
+    """Mixin of the trial's Trainable (Tune's `__mixins__` hook for function trainables).
+
+    When Tune stops a trial (ASHA, PBT pausing it to exploit, an interrupted sweep), it ends
+    the trial's actor, and with it the Train controller the actor owns. Train V2 then relies on
+    a detached cleaner that asks the state API whether the controller died; where that fails
+    (several Ray instances on one machine, as on a shared dev box), the trial's workers'
+    placement group outlives it and later trials wait for CPUs that never come back. So the
+    trial aborts its Train run itself, before its actor goes."""
+
+    def cleanup(self):
+        _abort_cohort()
+        super().cleanup()
+
+
+def _abort_cohort(timeout_s: float = 30.0) -> None:
+    from ray.util.queue import Empty
+
+    controller, queue = _COHORT.pop("controller", None), _COHORT.pop("queue", None)
+    if controller is None:
+        return
+    try:
+        queue.get_nowait()  # a controller blocked handing over a report would never see the abort
+    except Empty:
+        pass
+    try:
+        ray.get(controller.abort.remote(), timeout=timeout_s)
+    except Exception:  # abort ends with the controller exiting; its caller sees an actor error
+        pass
+
+
+def _trial_driver(params: dict, *, spec: SweepSpec, models=None, datasets=None) -> None:
+    """One Tune trial: build the cohort's config from the trial's params, fit its TorchTrainer
+    (resuming from the checkpoint Tune gives this start, if any) and relay its reports."""
+    import ray.tune
+    from ray.util.queue import Empty, Queue
+
+    from .launch import make_trainer
+
+    trial_id = ray.tune.get_context().get_trial_id()
+    start = ray.tune.get_checkpoint()  # None, this trial's last one, or a PBT donor's
+    cfg = spec.trial_config(params, run_name=f"{trial_id}-{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:4]}",
+                            storage_path=storage.join(spec.sweep_dir, "cohorts"))
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    _COHORT["queue"] = queue
+    trainer = make_trainer(cfg, models=models, datasets=datasets,
+                           callbacks=[RelayReports(queue), AnnounceController(queue)], resume_from_checkpoint=start)
+    outcome: dict = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as e:  # re-raised below, in the driver, so Tune records the trial's error
+            outcome["error"] = e
+
+    worker = threading.Thread(target=fit, name=f"fit-{trial_id}", daemon=True)
+    worker.start()
+    while True:
+        try:
+            kind, item = queue.get(timeout=0.5)
+        except Empty:
+            if worker.is_alive() or not queue.empty():  # every put happens before fit() returns
+                continue
+            break
+        if kind == "controller":
+            _COHORT["controller"] = item
+            continue
+        metrics, ckpt = item
+        tune_ckpt = ray.tune.Checkpoint(ckpt.path, ckpt.filesystem) if ckpt is not None else None
+        ray.tune.report(metrics, checkpoint=tune_ckpt)
+    _COHORT.clear()
+    queue.shutdown()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+_trial_driver.__mixins__ = (StopsItsCohort,)
+
+
+# ---- schedulers, concurrency ----------------------------------------------------------------
+
+def _scheduler(spec: SweepSpec, epochs: int, n_trials: int, n_at_once: int):
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining, TrialScheduler
+
+    s = spec.scheduler
+    if s.name == "asha":
+        class ASHAKeepingBaselines(ASHAScheduler):
+            """ASHA, except that the independent baseline always runs to the end: every setting
+            is compared with a baseline that had all its epochs."""
+
+            def on_trial_result(self, tune_controller, trial, result):
+                action = super().on_trial_result(tune_controller, trial, result)
+                return TrialScheduler.CONTINUE if trial.config.get("baseline") else action
+
+        return ASHAKeepingBaselines(time_attr="epoch", max_t=epochs, grace_period=s.grace_period,
+                                    reduction_factor=s.reduction_factor)
+    if s.name == "pbt":
+        mutations = spec.mutations
+
+        def explore(config: dict) -> dict:
+            # PBT scales by 0.8/1.2 without bounds; keep knobs where the file (and the config) allow
+            return {**config, **{k: d.clip(config[k]) for k, d in mutations.items()}}
+
+        class PBTPausingOnlyToShare(PopulationBasedTraining):
+            """Asynchronous PBT pauses a trial at each perturbation point while any other trial
+            is pending or paused, to share resources. A paused cohort costs a Train restart
+            (new workers, new process groups); when the whole population runs at once there is
+            nothing to share, and an exploited trial, paused for a moment, would make every
+            trial that reaches a perturbation point meanwhile pause and restart too."""
+
+            def on_trial_result(self, tune_controller, trial, result):
+                decision = super().on_trial_result(tune_controller, trial, result)
+                if decision == TrialScheduler.PAUSE and n_trials <= n_at_once and trial.status != Trial.PAUSED:
+                    return TrialScheduler.CONTINUE
+                return decision
+
+        return PBTPausingOnlyToShare(time_attr="epoch", perturbation_interval=s.perturbation_interval,
+                                       hyperparam_mutations={k: d.to_tune() for k, d in mutations.items()},
+                                       quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
+                                       custom_explore_fn=explore, log_config=True, synch=False)
+    return FIFOScheduler()
+
+
+def concurrency(configs: list[Config], resources: Mapping[str, float]) -> int:
+    """How many trials fit at once when each needs all its workers at the same time: the
+    cluster's CPUs (and GPUs) over the biggest trial's demand, at least 1."""
+    cpu = max(c.world_size * c.scale.cpus_per_worker for c in configs)
+    n = math.floor(resources.get("CPU", 0) / cpu + 1e-9)
+    gpu = max((c.world_size for c in configs if c.scale.use_gpu), default=0)
+    if gpu:
+        n = min(n, math.floor(resources.get("GPU", 0) / gpu + 1e-9))
+    return max(1, n)
+
+
+def _check_same_sweep(spec: SweepSpec, sweep_dir: str) -> None:
+    """Resume only the same sweep: a changed file under the same name would mix two experiments."""
+    import yaml
+
+    old = storage.read_text(storage.join(sweep_dir, "sweep.yaml"))
+    if old is None:
+        return
+    before, now = sweep_config.flatten(yaml.safe_load(old)), sweep_config.flatten(spec.to_dict())
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k != "max_concurrent")
+    if changed:
+        diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])
+        raise ConfigError(f"name: sweep {spec.name!r} exists in {sweep_dir} with another spec ({diffs}). "
+                          f"Allowed: the same file to resume it, or a new name (--set name={spec.name}-2)")
+
+
+# ---- the sweep ------------------------------------------------------------------------------
+
+def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, datasets=None, callbacks=None,
+              verbose: int = 1) -> SweepResult:
+    """Run (or resume) a sweep and write its tables and plots. `models` / `datasets` add user
+    builders by name; `callbacks` are Ray Tune callbacks."""
+    import ray
+    from ray import tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    from . import sweep_results
+    from .launch import check_resources, init_ray, preflight_data
+
+    from .teachers.frozen import with_absolute_checkpoint
+
+    # trials run in their own working directories: paths are made absolute here, where they were written
+    spec = dataclasses.replace(spec, storage_path=spec.storage_root, base=with_absolute_checkpoint(spec.base))
+    configs = spec.check(models, datasets)
+    init_ray()
+    for cfg in configs:
+        check_resources(cfg)
+    if not os.environ.get("RAY_ADDRESS"):
+        for cfg in {(c.data, c.train.batch_size, c.scale.replicas): c for c in configs}.values():
+            preflight_data(cfg, datasets)
+    n_at_once = spec.max_concurrent or concurrency(configs, ray.cluster_resources())
+    trials = spec.trials()
+    sweep_dir = spec.sweep_dir
+    # The driver only waits on its TorchTrainer, whose workers hold the trial's real resources.
+    # Ray 2.60 refuses an all-zero request ({"cpu": 0}), and any CPU slice would make the last
+    # trial's workers miss their CPUs by that slice; one byte of memory reserves nothing real.
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial_driver, spec=spec, models=models, datasets=datasets), {"cpu": 0, "memory": 1})
+    # every key in the space Tune sees; each trial's values come as a preset point
+    param_space = {k: tune.choice(list(dict.fromkeys(t[k] for t in trials))) for k in trials[0]}
+
+    resuming = tune.Tuner.can_restore(sweep_dir)
+    if resuming:
+        _check_same_sweep(spec, sweep_dir)
+        tuner = tune.Tuner.restore(sweep_dir, trainable, resume_unfinished=True, resume_errored=retry_errored,
+                                   param_space=param_space)
+    else:
+        storage.write_text(storage.join(sweep_dir, "sweep.yaml"), sweep_config.dump(spec))
+        epochs = max(c.train.epochs for c in configs)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            tune_config=tune.TuneConfig(
+                metric=spec.metric, mode="max", scheduler=_scheduler(spec, epochs, len(trials), n_at_once), num_samples=len(trials),
+                # the generator itself limits concurrency: Tune ignores max_concurrent_trials for it
+                search_alg=BasicVariantGenerator(points_to_evaluate=trials, max_concurrent=n_at_once),
+                trial_dirname_creator=lambda t: t.trial_id),
+            run_config=tune.RunConfig(
+                name=spec.name, storage_path=spec.storage_root,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep),
+                # a trial's workers already retry under run.max_failures; a trial that still fails is
+                # reported as an error, and the sweep goes on with the others
+                failure_config=tune.FailureConfig(max_failures=0),
+                callbacks=callbacks, verbose=verbose),
+        )
+    if verbose:
+        print(f"{'resuming' if resuming else 'starting'} sweep {spec.name!r}: {len(trials)} trials "
+              f"({spec.scheduler.name}, objective {spec.metric}), {n_at_once} at once -> {sweep_dir}", flush=True)
+    t0 = time.perf_counter()
+    grid = tuner.fit()
+    wall = time.perf_counter() - t0
+    tables = sweep_results.write(sweep_dir, spec)
+    # from the saved experiment state: an interrupted sweep saves its unfinished trials as pending
+    complete = len(grid) > 0 and bool(tables.trials["status"].isin(["TERMINATED", "ERROR"]).all())
+    if verbose:
+        print(sweep_results.describe(tables, spec), flush=True)
+        if not complete:
+            print(f"\nsweep interrupted: finished trials are kept; rerun the same command to resume "
+                  f"(--retry-errored to rerun errored trials too)", flush=True)
+    return SweepResult(sweep_dir, tables.trials, tables.summary, tables.best_config, complete, wall)
