@@ -1,0 +1,157 @@
+"""Peers x replicas: rank layout, process groups, and the data-parallel step of one peer.
+
+The distributed test spawns a real 2 peers x 2 replicas gloo world (no Ray needed) and uses
+online_distill.topology and the loop's own DDP wrapping."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from online_distill import config as config_mod
+from online_distill.losses import distill_loss
+from online_distill.optim import make_optimizer
+from online_distill.topology import (Topology, build_topology, exchange_group_ranks, peer_and_replica,
+                                     peer_group_ranks, train_shard)
+
+PEERS, REPLICAS, B, STEPS = 2, 2, 16, 2
+
+
+def test_rank_layout_is_peer_major_and_groups_partition_the_world():
+    ranks = range(PEERS * 3)
+    assert [peer_and_replica(r, 3) for r in ranks] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    peer_groups = [peer_group_ranks(p, 3) for p in range(PEERS)]
+    exchange_groups = [exchange_group_ranks(r, PEERS, 3) for r in range(3)]
+    for groups in (peer_groups, exchange_groups):
+        assert sorted(r for g in groups for r in g) == list(ranks)  # each rank in exactly one group
+    # an exchange group holds one rank of every peer, all with the same replica index
+    for g in exchange_groups:
+        assert sorted(peer_and_replica(r, 3)[0] for r in g) == [0, 1]
+        assert len({peer_and_replica(r, 3)[1] for r in g}) == 1
+
+
+def test_train_shards_shared_by_peers_unless_disjoint():
+    world = PEERS * REPLICAS
+    same = [train_shard(r, PEERS, REPLICAS, disjoint_peers=False) for r in range(world)]
+    assert same == [(0, 2), (1, 2), (0, 2), (1, 2)]  # peer 1 replica j reads what peer 0 replica j reads
+    disjoint = [train_shard(r, PEERS, REPLICAS, disjoint_peers=True) for r in range(world)]
+    assert disjoint == [(r, world) for r in range(world)]
+
+
+def test_topology_refuses_impossible_ranks():
+    assert Topology(3, 2, 2).peer == 1 and Topology(3, 2, 2).replica == 1 and Topology(3, 2, 2).peer_root == 2
+    with pytest.raises(ValueError, match="outside"):
+        Topology(4, 2, 2)
+    with pytest.raises(ValueError, match="at least one"):
+        Topology(0, 2, 0)
+
+
+def test_disjoint_peer_data_only_for_codistill(make_cfg):
+    make_cfg(distill__mode="codistill", distill__peer_data="disjoint").check()
+    with pytest.raises(config_mod.ConfigError, match="distill.peer_data"):
+        make_cfg(distill__mode="dml", distill__peer_data="disjoint").check()
+    with pytest.raises(config_mod.ConfigError, match="distill.peer_data"):
+        make_cfg(distill__peer_data="mine").check()
+
+
+# --- a real gloo world -------------------------------------------------------------------------
+
+def _tiny_net() -> nn.Module:
+    # no BatchNorm: with BN each replica normalises over its own half batch, so DDP is equal to
+    # one worker on the union only for the parameters' gradients of BN-free models
+    torch.manual_seed(0)  # every peer starts from the same weights: only their data differs
+    return nn.Sequential(nn.Flatten(), nn.Linear(2 * 6 * 6, 24), nn.Tanh(), nn.Linear(24, 5))
+
+
+def _batch(peer: int, step: int, half: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Peer `peer`'s batch at `step`: 2B examples; replica `half` takes its half of it."""
+    g = torch.Generator().manual_seed(1000 * peer + step)
+    x, y = torch.randn(2 * B, 2, 6, 6, generator=g), torch.randint(0, 5, (2 * B,), generator=g)
+    if half is None:
+        return x, y
+    return x[half * B:(half + 1) * B], y[half * B:(half + 1) * B]
+
+
+def _optim_cfg():
+    return config_mod.OptimConfig(lr=0.1, momentum=0.9, weight_decay=1e-3)
+
+
+def _worker(rank: int, world: int, tmp: str) -> None:
+    from online_distill.loop import _data_parallel
+    from online_distill.teachers.peers import PeerTeacher
+    from online_distill.teachers import TeacherContext
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    topo = build_topology(rank, PEERS, REPLICAS)
+    model = _tiny_net()
+    train_model = _data_parallel(model, topo, torch.device("cpu"))
+    opt = make_optimizer(_optim_cfg(), model)
+    dml = PeerTeacher(TeacherContext(config_mod.Config(), topo, torch.device("cpu"), None, STEPS))
+    exchanged = []
+    for step in range(STEPS):
+        x, y = _batch(topo.peer, step, topo.replica)
+        logits = train_model(x)
+        exchanged.append((logits.detach().clone(), dml.logits(x, logits)))
+        loss, _ = distill_loss(logits, None, y, temperature=1.0, kd_weight=0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    torch.save({"peer": topo.peer, "replica": topo.replica, "state": model.state_dict(), "exchanged": exchanged,
+                "is_ddp": train_model is not model, "dml_bytes": dml.comm_bytes_per_step}, os.path.join(tmp, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def gloo_world(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("gloo_world"))
+    world = PEERS * REPLICAS
+    # forkserver: torch and the package are imported once, not once per rank (2 cores here)
+    mp.get_context("forkserver").set_forkserver_preload(["torch", "online_distill.loop"])
+    mp.start_processes(_worker, args=(world, tmp), nprocs=world, start_method="forkserver")
+    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(world)]
+
+
+def _reference_state(peer: int) -> dict:
+    """One worker, no DDP, stepping on the union of the two replicas' shards."""
+    model = _tiny_net()
+    opt = make_optimizer(_optim_cfg(), model)
+    for step in range(STEPS):
+        x, y = _batch(peer, step, None)
+        loss, _ = distill_loss(model(x), None, y, temperature=1.0, kd_weight=0.0)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.state_dict()
+
+
+def test_two_replicas_step_like_one_worker_on_the_union(gloo_world):
+    assert all(r["is_ddp"] for r in gloo_world)
+    for r in gloo_world:
+        ref = _reference_state(r["peer"])
+        for k, v in r["state"].items():
+            torch.testing.assert_close(v, ref[k], rtol=0, atol=2e-6, msg=f"rank {r} {k}")
+
+
+def test_peers_never_average_each_others_gradients(gloo_world):
+    # same init, different data: averaging across peers would have made them equal
+    p0, p1 = gloo_world[0]["state"], gloo_world[2]["state"]
+    assert max((p0[k] - p1[k]).abs().max().item() for k in p0) > 1e-3
+    # and each peer matches its own single-worker reference, not the other's
+    ref1 = _reference_state(1)
+    assert max((p0[k] - ref1[k]).abs().max().item() for k in p0) > 1e-3
+
+
+def test_dml_exchanges_logits_within_the_exchange_group(gloo_world):
+    by_rank = {(r["peer"], r["replica"]): r for r in gloo_world}
+    for (peer, replica), r in by_rank.items():
+        other = by_rank[(1 - peer, replica)]  # the other peer on the same shard
+        for step in range(STEPS):
+            received = r["exchanged"][step][1]
+            assert received.shape == (1, B, 5)
+            torch.testing.assert_close(received[0], other["exchanged"][step][0], rtol=0, atol=0)
+        assert r["dml_bytes"] == (PEERS - 1) * B * 5 * 4  # (K-1) x B x C fp32 received per step
