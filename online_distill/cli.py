@@ -48,6 +48,15 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_bench_scale(args) -> int:
+    from .bench_scale import bench_scale
+
+    bench_scale(model=args.model, dataset=args.dataset, batch_size=args.batch_size, steps=args.steps,
+                repeats=args.repeats, device=args.device, precisions=tuple(args.precision.split(",")),
+                suites=tuple(args.suites.split(",")), out=args.out)
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export
 
@@ -79,6 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats of each measurement")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("bench-scale", help="DML vs codistillation (sync_every 1, 10, 50) and 1 vs 2 replicas, side by side")
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--batch-size", type=int, default=128, help="per replica")
+    p.add_argument("--steps", type=int, default=103, help="steps per measurement (3 warm-up + 100 timed)")
+    p.add_argument("--repeats", type=int, default=2, help="alternating rounds of every measurement")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32,bf16")
+    p.add_argument("--suites", default="exchange,replicas", help="comma-separated: exchange,replicas")
+    p.add_argument("--out", default=None, help="also write the numbers as JSON")
+    p.set_defaults(fn=cmd_bench_scale)
 
     p = sub.add_parser("export", help="export a trained peer (TorchScript or ONNX), checked against the original")
     p.add_argument("run_dir")

@@ -146,6 +146,10 @@ class DistillConfig:
     """codistill: steps between weight exchanges."""
     burn_in_steps: int = 0
     """codistill: steps of plain CE training before the first exchange."""
+    peer_data: str = "same"
+    """Which examples the peers train on: 'same' (every peer sees the same batch at each step,
+    as DML needs) or 'disjoint' (codistill only: each peer trains on its own shard of the
+    training set, since codistillation exchanges no per-batch data)."""
     ema_decay: float = 0.999
     """ema: teacher = decay * teacher + (1 - decay) * student after every step."""
     ema_warmup_steps: int = 0
@@ -168,6 +172,11 @@ class DistillConfig:
             _fail("distill.sync_every", self.sync_every, "an integer >= 1")
         if self.burn_in_steps < 0:
             _fail("distill.burn_in_steps", self.burn_in_steps, "an integer >= 0")
+        if self.peer_data not in ("same", "disjoint"):
+            _fail("distill.peer_data", self.peer_data, "'same' or 'disjoint'")
+        if self.peer_data == "disjoint" and self.mode != "codistill":
+            _fail("distill.peer_data", self.peer_data, f"'same' with distill.mode={self.mode!r} "
+                  "('disjoint' only with 'codistill': the other modes compare peers on one batch)")
         if not 0.0 <= self.ema_decay < 1.0:
             _fail("distill.ema_decay", self.ema_decay, "a number in [0, 1)")
         if self.ema_warmup_steps < 0:
@@ -268,6 +277,9 @@ class Config:
             _fail("data.dataset", self.data.dataset, ", ".join(sorted(datasets)))
         if self.distill.mode in ("dml", "codistill") and self.num_peers < 2:
             _fail("models", list(self.models), f"at least 2 peers for distill.mode={self.distill.mode!r}")
+        from .teachers import check_teacher  # what only the chosen source needs (a teacher checkpoint, ...)
+
+        check_teacher(self, models, datasets)
         return self
 
 

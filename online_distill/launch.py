@@ -11,10 +11,12 @@ from typing import Any
 
 import pandas as pd
 
+from . import compression
 from . import config as config_mod
 from . import storage
 from .config import Config, ConfigError
 from .results import final_table, format_table, history_frame, write_run_tables
+from .teachers.frozen import with_absolute_checkpoint
 
 # Fields that may change when a run is resumed; any other change would make the resumed
 # run a different experiment than the one its checkpoints came from.
@@ -35,15 +37,18 @@ class RunResult:
 
 
 def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
-    """Join the cluster in RAY_ADDRESS (no local resources may be passed then), or start an
-    embedded local Ray with this machine's CPUs and GPUs."""
+    """Join the cluster in RAY_ADDRESS, or the one a `ray start` on this machine left its address
+    for (on a head node; ray.init() would join it too, and refuses local resources then), or
+    start an embedded local Ray with this machine's CPUs and GPUs."""
     import ray
+    from ray._private.utils import read_ray_address
 
     if ray.is_initialized():
         return
     quiet = dict(logging_level=logging.WARNING)
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+    address = os.environ.get("RAY_ADDRESS") or read_ray_address()
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
         return
     if num_gpus is None:
         import torch
@@ -105,14 +110,17 @@ def preflight_data(cfg: Config, datasets=None) -> None:
     from .data import load_data
 
     data = load_data(cfg.data, datasets)
-    shard = len(data.train) // cfg.scale.replicas
+    disjoint = cfg.distill.peer_data == "disjoint"  # codistilling peers may each take their own shard
+    shard = len(data.train) // (cfg.world_size if disjoint else cfg.scale.replicas)
     if cfg.train.batch_size > shard:
         raise ConfigError(f"train.batch_size: got {cfg.train.batch_size}; allowed: at most {shard}, "
-                          f"the training examples per replica")
+                          f"the training examples per {'worker' if disjoint else 'replica'}")
 
 
-def make_trainer(cfg: Config, *, models=None, datasets=None, callbacks=None):
-    """The TorchTrainer of one cohort (also built by each Tune trial's driver)."""
+def make_trainer(cfg: Config, *, models=None, datasets=None, callbacks=None, resume_from_checkpoint=None):
+    """The TorchTrainer of one cohort (also built by each Tune trial's driver).
+    `resume_from_checkpoint` starts a new run from a checkpoint (a Tune trial's, or a PBT donor's);
+    Train V2 refuses the TorchTrainer argument of that name, so it travels in the loop's config."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -120,7 +128,7 @@ def make_trainer(cfg: Config, *, models=None, datasets=None, callbacks=None):
 
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "models": models, "datasets": datasets},
+        train_loop_config={"cfg": cfg, "models": models, "datasets": datasets, "resume_from": resume_from_checkpoint},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.world_size, use_gpu=cfg.scale.use_gpu,
                                                resources_per_worker={"CPU": cfg.scale.cpus_per_worker,
                                                                      **({"GPU": 1} if cfg.scale.use_gpu else {})}),
@@ -146,6 +154,11 @@ def history_from_checkpoint(checkpoint) -> list[dict]:
 def train(cfg: Config, *, models: dict | None = None, datasets: dict | None = None, verbose: bool = True) -> RunResult:
     """Train one cohort. `models` / `datasets` add user builders by name (Python API)."""
     cfg.check(models, datasets)
+    cfg = with_absolute_checkpoint(cfg)  # workers do not share the driver's working directory
+    if cfg.distill.mode == "born_again":  # a chain of ordinary runs, one per generation
+        from .generations import train_generations
+
+        return train_generations(cfg, models=models, datasets=datasets, verbose=verbose)
     run_dir = storage.join(cfg.run.storage, cfg.run.name)
     init_ray()
     check_resources(cfg)
@@ -161,6 +174,8 @@ def train(cfg: Config, *, models: dict | None = None, datasets: dict | None = No
     write_run_tables(run_dir, history)
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
     storage.write_text(storage.join(run_dir, "result.json"), json.dumps({"complete": True, "metrics": final}, indent=1))
+    sizes = compression.write_report(cfg, run_dir, result.checkpoint, models=models, datasets=datasets)
     if verbose:
         print(f"\nfinished {cfg.run.name!r} ({run_dir}):\n{format_table(final_table(history))}", flush=True)
+        print(f"\nsize and CPU speed (compression.csv):\n{compression.format_report(sizes)}", flush=True)
     return RunResult(run_dir, history, result.metrics, result.checkpoint)

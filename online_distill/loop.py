@@ -24,7 +24,7 @@ from .metrics import format_epoch, merge_rank_stats
 from .models import build_model
 from .optim import kd_weight_at, make_optimizer, make_scheduler
 from .teachers import TeacherContext, build_teacher
-from .topology import Topology, build_topology
+from .topology import Topology, build_topology, train_shard
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -37,7 +37,8 @@ def train_loop_per_worker(config: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     run(cfg, rank, device, model_builders=config.get("models"), dataset_builders=config.get("datasets"),
-        reporter=_ray_report, restore_from=ray.train.get_checkpoint())
+        # this run's own latest checkpoint (after a worker failure) wins over the one it started from
+        reporter=_ray_report, restore_from=ray.train.get_checkpoint() or config.get("resume_from"))
 
 
 def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, dataset_builders=None,
@@ -46,10 +47,13 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
     topo = build_topology(rank, cfg.num_peers, cfg.scale.replicas)
     torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
 
-    # --- data: identical batch order for all peers, sharded by replica only
+    # --- data: identical batch order for all peers, sharded by replica only (unless codistilling
+    # peers were given disjoint shards: distill.peer_data)
     data = load_data(cfg.data, dataset_builders)
-    train_batches = Batches(data.train, cfg.train.batch_size, device, seed=cfg.train.seed, shard=topo.replica,
-                            num_shards=cfg.scale.replicas, augment=cfg.data.augment, num_workers=cfg.data.num_workers,
+    shard, num_shards = train_shard(rank, cfg.num_peers, cfg.scale.replicas,
+                                    disjoint_peers=cfg.distill.peer_data == "disjoint")
+    train_batches = Batches(data.train, cfg.train.batch_size, device, seed=cfg.train.seed, shard=shard,
+                            num_shards=num_shards, augment=cfg.data.augment, num_workers=cfg.data.num_workers,
                             max_batches=cfg.train.max_steps_per_epoch)
     steps_per_epoch = len(train_batches)
     if steps_per_epoch == 0:
@@ -64,11 +68,14 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
         torch.manual_seed(cfg.train.seed * 1000 + p)
         return build_model(cfg.models[p], data.in_channels, data.num_classes, data.image_size, model_builders)
 
+    def build_named(name: str) -> nn.Module:  # any model for this dataset (a frozen teacher's)
+        return build_model(name, data.in_channels, data.num_classes, data.image_size, model_builders)
+
     model = build_peer(topo.peer).to(device)
     train_model = _data_parallel(model, topo, device)
     opt = make_optimizer(cfg.optim, model)
     sched = make_scheduler(cfg.optim, opt, steps_per_epoch, cfg.train.epochs)
-    teacher = build_teacher(TeacherContext(cfg, topo, device, build_peer, steps_per_epoch))
+    teacher = build_teacher(TeacherContext(cfg, topo, device, build_peer, steps_per_epoch, build_named))
     autocast = _autocast(cfg, device)
 
     # --- resume: models, optimizers, schedules, teachers, RNG and the metrics so far
@@ -85,26 +92,29 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
         exchange_s, step_times, t_log = 0.0, [], time.perf_counter()
         kd_w = kd_weight_at(cfg.loss, epoch)
         for i, (x, y) in enumerate(train_batches):
-            t0 = time.perf_counter()
+            t0 = _clock(device)
             step = epoch * steps_per_epoch + i
             kd_w = kd_weight_at(cfg.loss, epoch + i / steps_per_epoch)
+            x, y = teacher.prepare_batch(x, y)  # as loaded, except for teachers that revisit samples (DLB)
             with autocast:
                 logits = train_model(x)
-            t1 = time.perf_counter()
+            t1 = _clock(device)
             teacher_logits = teacher.logits(x, logits)
-            exchange_s += time.perf_counter() - t1
+            exchange_s += _clock(device) - t1
             loss, parts = distill_loss(logits, teacher_logits, y, temperature=cfg.loss.temperature, kd_weight=kd_w,
                                        multi_teacher=cfg.loss.multi_teacher)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            teacher.after_step(model, step)
+            t2 = _clock(device)
+            teacher.after_step(model, step)  # codistill swaps weights here: teacher time too
+            exchange_s += _clock(device) - t2
             _chaos(cfg, rank, epoch, i)
 
             sums += torch.stack([parts["ce"] * len(y), parts["kd"] * len(y),
                                  (logits.detach().argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=device)])
-            step_times.append(time.perf_counter() - t0)
+            step_times.append(_clock(device) - t0)
             if rank == 0 and time.perf_counter() - t_log > cfg.train.log_every_s:
                 t_log = time.perf_counter()
                 print(f"  epoch {epoch + 1}/{cfg.train.epochs}  step {i + 1}/{steps_per_epoch}  "
@@ -125,7 +135,8 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
         all_stats = _gather(stats, topo)
         metrics, row = {}, []
         if rank == 0:
-            metrics, row = merge_rank_stats(all_stats, cfg, epoch, lr=sched.get_last_lr()[0], kd_weight=kd_w)
+            metrics, row = merge_rank_stats(all_stats, cfg, epoch, lr=sched.get_last_lr()[0], kd_weight=kd_w,
+                                           resumed_from_epoch=start_epoch)
             history.extend(row)
             print(format_epoch(metrics, cfg), flush=True)
         if reporter is not None:
@@ -175,6 +186,15 @@ def _data_parallel(model: nn.Module, topo: Topology, device: torch.device) -> nn
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, process_group=topo.peer_group)
+
+
+def _clock(device: torch.device) -> float:
+    """Time for step and exchange timings. On a GPU, taken after the queued kernels finish:
+    otherwise it would time kernel launches, and an NCCL exchange would look free. The syncs
+    cost a little CPU/GPU overlap; the numbers are true."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def _autocast(cfg: Config, device: torch.device):

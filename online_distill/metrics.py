@@ -12,13 +12,16 @@ def steady(step_times: list[float], warmup: int = 3) -> list[float]:
     return step_times[warmup:] if len(step_times) > warmup + 1 else step_times
 
 
-def merge_rank_stats(all_stats: list[dict], cfg: Config, epoch: int, *, lr: float, kd_weight: float) -> tuple[dict, list[dict]]:
+def merge_rank_stats(all_stats: list[dict], cfg: Config, epoch: int, *, lr: float, kd_weight: float,
+                     resumed_from_epoch: int = 0) -> tuple[dict, list[dict]]:
     """Rank 0's view of an epoch: `peer{p}/...`, `ensemble/...` and cohort-level metrics.
 
     Replicas of a peer are summed (they hold different shards); the ensemble is counted once
     per shard (from peer 0's ranks, since all peers of a shard compute the same ensemble).
+    `resumed_from_epoch` is the epoch count the current attempt started from (0: from scratch),
+    so a table shows where a resumed or retried run picked up.
     """
-    metrics: dict = {"epoch": epoch + 1, "lr": lr, "kd_weight": kd_weight}
+    metrics: dict = {"epoch": epoch + 1, "lr": lr, "kd_weight": kd_weight, "resumed_from_epoch": resumed_from_epoch}
     rows: list[dict] = []
     splits = ["val", "test"] if "test" in all_stats[0] else ["val"]
     step_medians = []
@@ -26,9 +29,11 @@ def merge_rank_stats(all_stats: list[dict], cfg: Config, epoch: int, *, lr: floa
         mine = [s for s in all_stats if s["peer"] == p]
         ce, kd, correct, n = (sum(s["train"][j] for s in mine) for j in range(4))
         med = max(statistics.median(steady(s["step_times"])) if s["step_times"] else math.nan for s in mine)
+        # the mean counts what the median skips: costs paid every k steps (codistill's weight swap)
+        mean = max(statistics.mean(steady(s["step_times"])) if s["step_times"] else math.nan for s in mine)
         step_medians.append(med)
         row = {"epoch": epoch + 1, "member": f"peer{p}", "model": cfg.models[p], "train_ce": ce / n,
-               "train_kd": kd / n, "train_acc": correct / n, "step_time_s": med,
+               "train_kd": kd / n, "train_acc": correct / n, "step_time_s": med, "step_time_mean_s": mean,
                "samples_per_s": cfg.scale.replicas * cfg.train.batch_size / med if med > 0 else math.nan,
                "exchange_share": sum(s["exchange_s"] for s in mine) / max(1e-12, sum(sum(s["step_times"]) for s in mine)),
                "exchange_bytes_per_step": statistics.mean(s["comm_bytes_per_step"] for s in mine)}
@@ -52,7 +57,7 @@ def merge_rank_stats(all_stats: list[dict], cfg: Config, epoch: int, *, lr: floa
     metrics["samples_per_s"] = sum(r["samples_per_s"] for r in rows[:-1])
     metrics["exchange_bytes_per_step"] = statistics.mean(s["comm_bytes_per_step"] for s in all_stats)
     for r in rows:
-        r.update(lr=lr, kd_weight=kd_weight, run=cfg.run.name, mode=cfg.distill.mode, seed=cfg.train.seed,
+        r.update(lr=lr, kd_weight=kd_weight, resumed_from_epoch=resumed_from_epoch, run=cfg.run.name, mode=cfg.distill.mode, seed=cfg.train.seed,
                  temperature=cfg.loss.temperature)
     return metrics, rows
 

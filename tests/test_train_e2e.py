@@ -1,0 +1,104 @@
+"""End-to-end cohorts on the shared local Ray: real data, mixed architectures, resume, failure."""
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from online_distill import config as C
+from online_distill.launch import check_resources, make_trainer, train
+
+pytestmark = pytest.mark.e2e
+
+
+def test_dml_on_real_fashion_mnist_learns_and_leaves_readable_results(ray_session, make_cfg):
+    cfg = make_cfg(models=["small_cnn", "small_cnn"], data__dataset="fashion_mnist", data__train_subset=2048,
+                   data__val_size=1000, data__test_subset=1000, train__epochs=2, optim__lr=0.05, run__name="fmnist")
+    res = train(cfg, verbose=False)
+    final = res.final.set_index("member")
+    # chance is 0.10: well above it after two short epochs on 2k real images
+    assert (final["val_acc"] > 0.6).all() and (final["test_acc"] > 0.6).all(), final
+    assert {"peer0/test_acc", "peer1/test_acc", "ensemble/test_acc", "ensemble/val_acc"} <= set(res.metrics)
+    # the tables and the resolved config sit in the run directory, and agree with Ray's metrics
+    table = pd.read_csv(os.path.join(res.run_dir, "metrics.csv"))
+    assert list(table["epoch"].unique()) == [1, 2] and set(table["member"]) == {"peer0", "peer1", "ensemble"}
+    assert table.query("epoch == 2 and member == 'ensemble'")["test_acc"].item() == pytest.approx(res.metrics["ensemble/test_acc"])
+    assert C.load(os.path.join(res.run_dir, "config.yaml")) == cfg
+    assert os.path.getsize(os.path.join(res.run_dir, "curves.png")) > 1000
+    # each peer's files are in the one checkpoint
+    with res.checkpoint.as_directory() as d:
+        assert {"peer0.pt", "peer1.pt", "rng_rank0.pt", "rng_rank1.pt", "history.json"} <= set(os.listdir(d))
+    # a finished run is never silently overwritten
+    with pytest.raises(C.ConfigError, match="already finished"):
+        train(cfg, verbose=False)
+
+
+def test_heterogeneous_peers_exchange_k_minus_1_b_c_floats(ray_session, make_cfg):
+    cfg = make_cfg(models=["mlp", "tiny_cnn", "tiny_cnn"], train__epochs=1, run__name="hetero",
+                   scale__cpus_per_worker=1)
+    res = train(cfg, verbose=False)
+    B, C_, K = cfg.train.batch_size, 10, 3
+    assert res.metrics["exchange_bytes_per_step"] == (K - 1) * B * C_ * 4
+    assert res.final["model"].tolist() == ["mlp", "tiny_cnn", "tiny_cnn", "mlp+tiny_cnn+tiny_cnn"]
+    assert all(res.metrics[f"peer{p}/train_kd"] > 0 for p in range(K))  # every peer learned from the others
+    # the independent baseline trains the same peers on the same batches with no exchange
+    base = train(C.with_overrides(cfg, {"distill.mode": "independent", "run.name": "hetero-indep"}), verbose=False)
+    assert base.metrics["exchange_bytes_per_step"] == 0 and base.metrics["peer0/train_kd"] == 0
+
+
+def test_interrupted_run_resumes_where_it_stopped_and_matches_an_uninterrupted_one(ray_session, make_cfg):
+    full = train(make_cfg(train__epochs=3, run__name="straight"), verbose=False)
+    # an interrupted run: two of three epochs done, checkpoints on disk, no final results
+    cfg = make_cfg(train__epochs=3, run__name="interrupted")
+    make_trainer(C.with_overrides(cfg, {"train.epochs": 2})).fit()
+    resumed = train(cfg, verbose=False)
+    h = resumed.history
+    assert h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 0, 2]  # epoch 3 came from the checkpoint
+    cols = ["epoch", "member", "val_acc", "val_nll", "train_ce"]
+    pd.testing.assert_frame_equal(h[cols], full.history[cols], rtol=1e-5)  # continued exactly where it stopped
+
+
+def test_changed_config_is_not_resumed_silently(ray_session, make_cfg):
+    cfg = make_cfg(train__epochs=2, run__name="changed")
+    from online_distill.launch import prepare_run_dir
+
+    prepare_run_dir(cfg, os.path.join(cfg.run.storage, "changed"))
+    with pytest.raises(C.ConfigError, match=r"loss.temperature: 3.0 -> 5.0"):
+        train(C.with_overrides(cfg, {"loss.temperature": 5.0}), verbose=False)
+
+
+def test_a_worker_that_dies_once_is_retried_from_the_last_checkpoint(ray_session, make_cfg):
+    cfg = make_cfg(train__epochs=3, run__name="chaos", run__max_failures=1, run__fail_once_at_epoch=2)
+    res = train(cfg, verbose=False)
+    h = res.history
+    assert h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 0, 2] or \
+        h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 1, 1]
+    assert sorted(h["epoch"].unique()) == [1, 2, 3] and len(h) == 3 * 3  # each epoch once, 2 peers + ensemble
+    assert res.metrics["epoch"] == 3
+
+
+def test_more_workers_than_the_cluster_has_is_refused_before_fit(ray_session, make_cfg):
+    cfg = make_cfg(models=["tiny_cnn"] * 3, scale__replicas=2)
+    with pytest.raises(C.ConfigError, match=r"scale: 3 models x scale.replicas=2 = 6 workers .* need 6 CPUs; the cluster has 4"):
+        check_resources(cfg)
+    with pytest.raises(C.ConfigError, match="scale.use_gpu"):
+        check_resources(make_cfg(scale__use_gpu=True))
+
+
+def test_user_model_and_dataset_builders(ray_session, make_cfg):
+    from online_distill.data import ImageTensors, Splits
+
+    def two_blobs(cfg):
+        g = torch.Generator().manual_seed(0)
+        y = torch.randint(0, 2, (1500,), generator=g)
+        x = (y.view(-1, 1, 1, 1) * 120 + torch.randint(0, 100, (1500, 1, 8, 8), generator=g)).to(torch.uint8)
+        ds = ImageTensors(x, y, (0.5,), (0.25,))
+        return Splits(ds.subset(torch.arange(1000)), ds.subset(torch.arange(1000, 1500)), 2, 1, 8)
+
+    def linear(in_ch, k):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_ch * 64, k))
+
+    cfg = make_cfg(models=["linear", "tiny_cnn"], data__dataset="blobs", data__val_size=200, data__train_subset=None,
+                   data__test_subset=None, train__epochs=1, run__name="user")
+    res = train(cfg, models={"linear": linear}, datasets={"blobs": two_blobs}, verbose=False)
+    assert res.metrics["peer0/val_acc"] > 0.9  # separable blobs
