@@ -44,8 +44,8 @@ def cmd_tune(args) -> int:
     from .tune import load_sweep, run_sweep
 
     spec = load_sweep(args.config, config.parse_sets(args.sets))
-    run_sweep(spec, retry_errored=args.retry_errored)
-    return 0
+    result = run_sweep(spec, retry_errored=args.retry_errored)
+    return 0 if result.complete else 130  # Tune handled Ctrl+C itself: the sweep is resumable, not done
 
 
 def cmd_bench_scale(args) -> int:

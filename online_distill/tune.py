@@ -10,7 +10,8 @@ a callback in the Train controller puts (metrics, checkpoint) on a queue, the dr
 off and calls `ray.tune.report(metrics, checkpoint=...)`, which copies the checkpoint into the
 trial's directory. Every start of a driver (first start, PBT exploit, resumed sweep, retried
 trial) starts a *new* Train run from `ray.tune.get_checkpoint()`, so a trial never picks up its
-own stale Train run after PBT gave it another trial's weights.
+own stale Train run after PBT gave it another trial's weights. And a trial that Tune stops
+aborts its Train run before its actor goes, so its workers' CPUs come back (StopsItsCohort).
 """
 from __future__ import annotations
 
@@ -100,6 +101,11 @@ class StopsItsCohort:
 def _abort_cohort(timeout_s: float = 30.0) -> None:
     from ray.util.queue import Empty
 
+    # the controller announces itself first thing, before it asks for workers; one that has not
+    # yet started dies with this actor, which owns it
+    deadline = time.monotonic() + 3.0
+    while "queue" in _COHORT and "controller" not in _COHORT and time.monotonic() < deadline:
+        time.sleep(0.1)
     controller, queue = _COHORT.pop("controller", None), _COHORT.pop("queue", None)
     if controller is None:
         return

@@ -228,6 +228,15 @@ def test_asha_sweep_survives_a_failing_trial_and_an_interruption(ray_session, tm
     os.remove(os.path.join(spec.sweep_dir, "trials.csv"))
     report(spec.sweep_dir, verbose=False)
     pd.testing.assert_frame_equal(pd.read_csv(os.path.join(spec.sweep_dir, "trials.csv")), written)
+    # ... and a run's tables from its latest checkpoint: here the baseline's Train run
+    base_id = table.loc[table["role"] == "baseline", "trial_id"].item()
+    run_dir = os.path.join(spec.sweep_dir, "cohorts", _cohort_runs(spec.sweep_dir, base_id)[-1])
+    report(run_dir, verbose=False)
+    metrics = pd.read_csv(os.path.join(run_dir, "metrics.csv"))
+    assert metrics["epoch"].max() == 6 and set(metrics["member"]) == {"peer0", "peer1", "ensemble"}
+    final = pd.read_csv(os.path.join(run_dir, "final.csv")).set_index("member")
+    assert final.loc["ensemble", "val_acc"] == pytest.approx(table.loc[table["role"] == "baseline", "final_ensemble_val_acc"].item())
+    assert os.path.getsize(os.path.join(run_dir, "curves.png")) > 1000
 
 
 @pytest.mark.e2e
