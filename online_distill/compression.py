@@ -32,8 +32,8 @@ def size_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def seconds_per_call(fn: Callable[[], object], *, min_calls: int = 10, max_calls: int = 200,
-                     budget_s: float = 0.3) -> float:
+def seconds_per_call(fn: Callable[[], object], *, min_calls: int = 10, max_calls: int = 100,
+                     budget_s: float = 0.1) -> float:
     """Median wall time of fn() after two warm-up calls, over at least min_calls calls."""
     fn(), fn()
     times: list[float] = []
@@ -68,7 +68,7 @@ def cpu_latency(models: list[nn.Module], sample_shape: tuple[int, ...], rounds: 
         for _ in range(rounds):
             for m, b in zip(models, best):
                 b["latency_ms"] = min(b["latency_ms"], seconds_per_call(lambda: m(one)) * 1e3)
-                b256 = seconds_per_call(lambda: m(many), min_calls=3, max_calls=10, budget_s=0.3)
+                b256 = seconds_per_call(lambda: m(many), min_calls=3, max_calls=10, budget_s=0.15)
                 b["us_per_sample_b256"] = min(b["us_per_sample_b256"], b256 / 256 * 1e6)
     return best
 

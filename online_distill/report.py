@@ -47,6 +47,8 @@ def latest_history(run_dir: str) -> list[dict] | None:
 def report_run(run_dir: str, verbose: bool = True) -> dict[str, str]:
     from .results import final_table, format_table, history_frame, write_run_tables
 
+    if not storage.exists(run_dir):
+        raise ConfigError(f"path: {run_dir} does not exist; allowed: a run directory or a sweep directory")
     history = latest_history(run_dir)
     if not history:
         raise ConfigError(f"path: {run_dir} has no checkpoint with a history.json; allowed: a run directory "

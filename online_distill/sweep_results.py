@@ -160,18 +160,25 @@ def summarize(trials: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
                        delta_std=diff.std(ddof=1) if len(diff) > 1 else math.nan, n_paired=int(len(diff)))
         out.append(row)
     df = pd.DataFrame(out)
-    return df.sort_values("objective_mean", ascending=False, na_position="last").reset_index(drop=True)
+    if "n_paired" in df:
+        df["n_paired"] = df["n_paired"].astype("Int64")
+    # settings that finished on every seed first: a mean over fewer (the easier) seeds is not comparable
+    everywhere = df["n_complete"] == df["n"]
+    order = df.assign(_all=everywhere).sort_values(["_all", "objective_mean"], ascending=False, na_position="last")
+    return order.drop(columns="_all").reset_index(drop=True)
 
 
 def best_setting(tables: SweepTables) -> dict | None:
-    """The setting (not the baseline) with the highest mean objective over completed trials."""
+    """The setting (not the baseline) with the highest mean objective, among the settings that
+    finished on every seed if there are any. (Under ASHA a setting stopped on its hard seed and
+    finished on its easy one would otherwise win on the easy seed alone.)"""
     s = tables.summary
     if s.empty:
         return None
     s = s[(s["role"] == "setting") & (s["n_complete"] > 0)]
-    if s.empty:
-        return None
-    return s.iloc[0].to_dict()
+    everywhere = s[s["n_complete"] == s["n"]]
+    s = everywhere if len(everywhere) else s
+    return s.iloc[0].to_dict() if len(s) else None
 
 
 def best_config_yaml(spec: SweepSpec, tables: SweepTables) -> str | None:

@@ -21,13 +21,14 @@ def final_model(run_dir: str) -> dict:
 
 @pytest.fixture(scope="module")
 def born_again(ray_session, tmp_path_factory):
-    """Two generations of tiny_cnn, one epoch each, in one call of train()."""
+    """Two generations of tiny_cnn, one epoch each, in one call of train(); each generation is
+    two data-parallel replicas (DDP), each holding its own copy of the frozen teacher."""
     storage = tmp_path_factory.mktemp("ban")
     cfg = C.from_dict({
         "models": ["tiny_cnn"], "distill": {"mode": "born_again", "generations": 2},
         "data": {"dataset": "synthetic", "val_size": 500, "train_subset": 1024, "test_subset": 500},
         "loss": {"temperature": 3.0, "kd_weight": 0.5}, "optim": {"lr": 0.05, "schedule": "constant"},
-        "train": {"epochs": 1, "batch_size": 64}, "scale": {"cpus_per_worker": 1},
+        "train": {"epochs": 1, "batch_size": 64}, "scale": {"cpus_per_worker": 1, "replicas": 2},
         "run": {"name": "ban", "storage_path": str(storage), "max_failures": 0},
     })
     return cfg, train(cfg, verbose=False)
@@ -49,6 +50,7 @@ def test_born_again_trains_each_generation_from_scratch_taught_by_the_last(born_
     for k, v in final_model(gen0).items():
         assert torch.equal(teacher["model"][k], v), k
     h = res.history
+    assert res.metrics["exchange_bytes_per_step"] == 0  # the teacher lives on each worker: no traffic
     assert res.final["member"].tolist() == ["gen0", "gen1"]
     assert (h.query("member == 'gen0'")["train_kd"] == 0).all() and (h.query("member == 'gen1'")["train_kd"] > 0).all()
     # the born-again directory has one table over the generations, and both compression reports

@@ -1,4 +1,4 @@
-"""Self-distillation teachers on Ray Train workers: resume keeps the teacher, DDP replicas work."""
+"""A self-distillation teacher on a Ray Train worker: an interrupted run resumes with the same teacher."""
 from __future__ import annotations
 
 import os
@@ -16,7 +16,8 @@ pytestmark = pytest.mark.e2e
 
 
 def test_interrupted_ema_run_resumes_with_the_same_teacher(ray_session, make_cfg):
-    over = dict(models=["tiny_cnn"], distill__mode="ema", distill__ema_decay=0.9, train__epochs=2)
+    over = dict(models=["tiny_cnn"], distill__mode="ema", distill__ema_decay=0.9, train__epochs=2,
+                data__train_subset=512)
     full = train(make_cfg(run__name="ema-straight", **over), verbose=False)
     cfg = make_cfg(run__name="ema-cut", **over)
     make_trainer(C.with_overrides(cfg, {"train.epochs": 1})).fit()  # stopped after one of two epochs
@@ -28,16 +29,8 @@ def test_interrupted_ema_run_resumes_with_the_same_teacher(ray_session, make_cfg
     # the second epoch distilled from the restored average, so the final teachers agree too
     a = load_peer(find_checkpoint_dir(full.run_dir), 0)["teacher"]
     b = load_peer(find_checkpoint_dir(resumed.run_dir), 0)["teacher"]
-    assert a["updates"] == b["updates"] == 2 * 16  # 1024 examples / 64 per step, 2 epochs
+    assert a["updates"] == b["updates"] == 2 * 8  # 512 examples / 64 per step, 2 epochs
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6, msg=k)
     comp = pd.read_csv(os.path.join(resumed.run_dir, "compression.csv"))
     assert comp["role"].tolist() == ["student", "teacher (ema)"]
-
-
-def test_dlb_runs_as_data_parallel_replicas_without_traffic(ray_session, make_cfg):
-    cfg = make_cfg(models=["tiny_cnn"], distill__mode="dlb", scale__replicas=2, train__epochs=1, run__name="dlb-ddp")
-    res = train(cfg, verbose=False)
-    assert res.metrics["peer0/train_kd"] > 0  # every step after the first distils the repeated half
-    assert res.metrics["exchange_bytes_per_step"] == 0
-    assert 0 < res.metrics["peer0/val_acc"] <= 1
