@@ -176,12 +176,27 @@ def _scheduler(spec: SweepSpec, epochs: int, n_trials: int, n_at_once: int):
     s = spec.scheduler
     if s.name == "asha":
         class ASHAKeepingBaselines(ASHAScheduler):
-            """ASHA, except that the independent baseline always runs to the end: every setting
-            is compared with a baseline that had all its epochs."""
+            """ASHA among the settings only. The independent baseline is a reference, not a
+            contender: it always runs to the end (every setting is compared with a baseline that
+            had all its epochs), and its results set no cut-offs (a strong baseline would
+            otherwise stop every setting, and the sweep would end with no setting finished)."""
+
+            def on_trial_add(self, tune_controller, trial):
+                if not trial.config.get("baseline"):
+                    super().on_trial_add(tune_controller, trial)
 
             def on_trial_result(self, tune_controller, trial, result):
-                action = super().on_trial_result(tune_controller, trial, result)
-                return TrialScheduler.CONTINUE if trial.config.get("baseline") else action
+                if trial.config.get("baseline"):
+                    return TrialScheduler.CONTINUE
+                return super().on_trial_result(tune_controller, trial, result)
+
+            def on_trial_complete(self, tune_controller, trial, result):
+                if not trial.config.get("baseline"):
+                    super().on_trial_complete(tune_controller, trial, result)
+
+            def on_trial_remove(self, tune_controller, trial):
+                if not trial.config.get("baseline"):
+                    super().on_trial_remove(tune_controller, trial)
 
         return ASHAKeepingBaselines(time_attr="epoch", max_t=epochs, grace_period=s.grace_period,
                                     reduction_factor=s.reduction_factor)

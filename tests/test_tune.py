@@ -99,6 +99,23 @@ def test_concurrency_fits_whole_cohorts_into_the_cluster(make_cfg):
     assert concurrency([gpu], {"CPU": 64, "GPU": 4}) == 2
 
 
+def test_asha_never_stops_the_baseline_and_the_baseline_sets_no_cutoff():
+    from ray.tune.experiment import Trial
+
+    from online_distill.tune import _scheduler
+
+    spec = load_sweep(TINY, {"train.epochs": 4})
+    asha = _scheduler(spec, 4, n_trials=6, n_at_once=2)
+    asha.set_search_properties(spec.metric, "max")
+    base, good, bad = (Trial("t", config={"baseline": b}, stub=True) for b in (True, False, False))
+    for t in (base, good, bad):
+        asha.on_trial_add(None, t)
+    assert asha.on_trial_result(None, base, {"epoch": 1, spec.metric: 0.9}) == "CONTINUE"
+    assert asha.on_trial_result(None, good, {"epoch": 1, spec.metric: 0.3}) == "CONTINUE"  # 0.9 set no bar
+    assert asha.on_trial_result(None, bad, {"epoch": 1, spec.metric: 0.1}) == "STOP"
+    assert asha.on_trial_result(None, base, {"epoch": 2, spec.metric: 0.0}) == "CONTINUE"  # never stopped
+
+
 def test_pbt_explore_stays_inside_the_space():
     d = S.Dist("uniform", (0.2, 0.8))
     assert d.clip(0.96) == 0.8 and d.clip(0.1) == 0.2 and d.clip(0.5) == 0.5
