@@ -408,15 +408,20 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def load(path: str, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read a YAML run config (yaml.safe_load only) and apply dotted overrides."""
+def read_yaml(path: str, what: str) -> Any:
+    """yaml.safe_load a file (never anything that executes), refusing a missing or broken one."""
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            return yaml.safe_load(f) or {}
     except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} does not exist") from None
+        raise ConfigError(f"{what} {path!r} does not exist") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} {path!r} is not valid YAML: {e}") from None
+
+
+def load(path: str, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Read a YAML run config (yaml.safe_load only) and apply dotted overrides."""
+    raw = read_yaml(path, "config file")
     cfg = from_dict(raw)
     return with_overrides(cfg, overrides) if overrides else cfg
 

@@ -390,13 +390,7 @@ def from_dict(raw: Mapping[str, Any], *, base_dir: str = ".", overrides: Mapping
 
 def load(path: str, overrides: Mapping[str, Any] | None = None, *, models=None, datasets=None) -> SweepSpec:
     """Read a sweep file (yaml.safe_load only); a relative `base:` path is read beside it."""
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"sweep file {path!r} does not exist") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"sweep file {path!r} is not valid YAML: {e}") from None
+    raw = config_mod.read_yaml(path, "sweep file")
     return from_dict(raw, base_dir=os.path.dirname(os.path.abspath(path)), overrides=overrides,
                      models=models, datasets=datasets)
 
