@@ -24,6 +24,7 @@ from .metrics import format_epoch, merge_rank_stats
 from .models import build_model
 from .optim import kd_weight_at, make_optimizer, make_scheduler
 from .teachers import TeacherContext, build_teacher
+from .timing import Clock
 from .topology import Topology, build_topology, train_shard
 
 
@@ -77,6 +78,7 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
     sched = make_scheduler(cfg.optim, opt, steps_per_epoch, cfg.train.epochs)
     teacher = build_teacher(TeacherContext(cfg, topo, device, build_peer, steps_per_epoch, build_named))
     autocast = _autocast(cfg, device)
+    clock = Clock(device)  # CUDA events on a GPU, so timing never stalls the queue
 
     # --- resume: models, optimizers, schedules, teachers, RNG and the metrics so far
     start_epoch, history = 0, []
@@ -89,38 +91,37 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
         train_batches.set_epoch(epoch)
         model.train()
         sums = torch.zeros(4, device=device)  # ce, kd, correct, samples: summed on device, read once per epoch
-        exchange_s, step_times, t_log = 0.0, [], time.perf_counter()
+        marks, t_log = [], time.perf_counter()  # per-step clock marks, read once per epoch
         kd_w = kd_weight_at(cfg.loss, epoch)
         for i, (x, y) in enumerate(train_batches):
-            t0 = _clock(device)
+            t0 = clock.mark()
             step = epoch * steps_per_epoch + i
             kd_w = kd_weight_at(cfg.loss, epoch + i / steps_per_epoch)
             x, y = teacher.prepare_batch(x, y)  # as loaded, except for teachers that revisit samples (DLB)
             with autocast:
                 logits = train_model(x)
-            t1 = _clock(device)
+            t1 = clock.mark()
             teacher_logits = teacher.logits(x, logits)
-            exchange_s += _clock(device) - t1
+            t1_end = clock.mark()
             loss, parts = distill_loss(logits, teacher_logits, y, temperature=cfg.loss.temperature, kd_weight=kd_w,
                                        multi_teacher=cfg.loss.multi_teacher)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            t2 = _clock(device)
+            t2 = clock.mark()
             teacher.after_step(model, step)  # codistill swaps weights here: teacher time too
-            exchange_s += _clock(device) - t2
+            t2_end = clock.mark()
             _chaos(cfg, rank, epoch, i)
 
             sums += torch.stack([parts["ce"] * len(y), parts["kd"] * len(y),
                                  (logits.detach().argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=device)])
-            step_times.append(_clock(device) - t0)
+            marks.append((t0, t1, t1_end, t2, t2_end, clock.mark()))
             if rank == 0 and time.perf_counter() - t_log > cfg.train.log_every_s:
                 t_log = time.perf_counter()
                 print(f"  epoch {epoch + 1}/{cfg.train.epochs}  step {i + 1}/{steps_per_epoch}  "
                       f"loss {loss.item():.4f}  ce {parts['ce'].item():.4f}  kd {parts['kd'].item():.4f}", flush=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        step_times, exchange_s = clock.read(marks)  # on a GPU: the epoch's one synchronize
 
         # --- evaluate this peer and the cohort's ensemble; gather everything to rank 0
         stats = {
@@ -186,15 +187,6 @@ def _data_parallel(model: nn.Module, topo: Topology, device: torch.device) -> nn
 
     ids = [device.index] if device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=ids, process_group=topo.peer_group)
-
-
-def _clock(device: torch.device) -> float:
-    """Time for step and exchange timings. On a GPU, taken after the queued kernels finish:
-    otherwise it would time kernel launches, and an NCCL exchange would look free. The syncs
-    cost a little CPU/GPU overlap; the numbers are true."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def _autocast(cfg: Config, device: torch.device):
