@@ -69,11 +69,14 @@ def plain_step_time(cfg: config_mod.Config) -> float:
     return max(times)  # a cohort moves at the pace of its slowest peer, as in metrics.py
 
 
-def ray_step_time(cfg: config_mod.Config) -> tuple[float, float]:
+def ray_step_time(cfg: config_mod.Config) -> tuple[float, float, float]:
+    """Median step time, bytes received per step, and the share of the step spent in the
+    exchange (waiting for the slowest peer's logits included), slowest peer first."""
     from .launch import make_trainer
 
-    result = make_trainer(cfg).fit()
-    return result.metrics["step_time_s"], result.metrics["exchange_bytes_per_step"]
+    m = make_trainer(cfg).fit().metrics
+    share = max(m[f"peer{p}/exchange_share"] for p in range(cfg.num_peers))
+    return m["step_time_s"], m["exchange_bytes_per_step"], share
 
 
 def bench(peers: int = 2, model: str = "small_cnn", batch_size: int = 128, steps: int = 60, repeats: int = 3) -> dict:
@@ -82,15 +85,17 @@ def bench(peers: int = 2, model: str = "small_cnn", batch_size: int = 128, steps
     init_ray()
     storage = tempfile.mkdtemp(prefix="online_distill_bench_")
     times: dict[str, list[float]] = {"dml": [], "independent": [], "plain": []}
-    comm = 0.0
+    comm, shares = 0.0, []
     for r in range(repeats):
         for mode in ("dml", "independent", "plain"):
             cfg = bench_config("independent" if mode == "plain" else mode, peers, model, batch_size, steps, storage, f"{mode}{r}")
             if mode == "plain":
                 t = plain_step_time(cfg)
             else:
-                t, b = ray_step_time(cfg)
-                comm = b if mode == "dml" else comm
+                t, b, share = ray_step_time(cfg)
+                if mode == "dml":
+                    comm = b
+                    shares.append(share)
             times[mode].append(t)
             print(f"  repeat {r + 1}/{repeats}  {mode:<12} {t * 1e3:8.2f} ms/step", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -98,7 +103,8 @@ def bench(peers: int = 2, model: str = "small_cnn", batch_size: int = 128, steps
     expected = (peers - 1) * batch_size * num_classes * 4
     out = {"dml_ms": med["dml"] * 1e3, "independent_ms": med["independent"] * 1e3, "plain_ms": med["plain"] * 1e3,
            "dml_over_independent": med["dml"] / med["independent"], "ray_over_plain": med["independent"] / med["plain"],
-           "bytes_per_step": comm, "expected_bytes_per_step": expected}
+           "bytes_per_step": comm, "expected_bytes_per_step": expected,
+           "dml_exchange_share": statistics.median(shares)}
     print(f"\nbench: {peers} x {model}, batch {batch_size}, {steps} steps, {repeats} repeats, "
           f"torch threads 1 per peer, {os.cpu_count()} CPUs")
     print(f"  step time (median)   dml {out['dml_ms']:.2f} ms   independent {out['independent_ms']:.2f} ms   "
@@ -106,4 +112,6 @@ def bench(peers: int = 2, model: str = "small_cnn", batch_size: int = 128, steps
     print(f"  DML / independent    {out['dml_over_independent']:.3f}   (bar <= 1.05)")
     print(f"  Ray path / plain     {out['ray_over_plain']:.3f}   (bar <= 1.10)")
     print(f"  bytes received per step per worker  {comm:.0f}   (K-1)*B*C*4 = {expected}")
+    print(f"  DML step share in the exchange   {out['dml_exchange_share']:.1%}   (the all-gather, and waiting in it "
+          f"for the slowest peer: lockstep passes any peer's stall to all)")
     return out
