@@ -33,19 +33,6 @@ def test_dml_on_real_fashion_mnist_learns_and_leaves_readable_results(ray_sessio
         train(cfg, verbose=False)
 
 
-def test_heterogeneous_peers_exchange_k_minus_1_b_c_floats(ray_session, make_cfg):
-    cfg = make_cfg(models=["mlp", "tiny_cnn", "tiny_cnn"], train__epochs=1, run__name="hetero",
-                   scale__cpus_per_worker=1)
-    res = train(cfg, verbose=False)
-    B, C_, K = cfg.train.batch_size, 10, 3
-    assert res.metrics["exchange_bytes_per_step"] == (K - 1) * B * C_ * 4
-    assert res.final["model"].tolist() == ["mlp", "tiny_cnn", "tiny_cnn", "mlp+tiny_cnn+tiny_cnn"]
-    assert all(res.metrics[f"peer{p}/train_kd"] > 0 for p in range(K))  # every peer learned from the others
-    # the independent baseline trains the same peers on the same batches with no exchange
-    base = train(C.with_overrides(cfg, {"distill.mode": "independent", "run.name": "hetero-indep"}), verbose=False)
-    assert base.metrics["exchange_bytes_per_step"] == 0 and base.metrics["peer0/train_kd"] == 0
-
-
 def test_interrupted_run_resumes_where_it_stopped_and_matches_an_uninterrupted_one(ray_session, make_cfg):
     full = train(make_cfg(train__epochs=3, run__name="straight"), verbose=False)
     # an interrupted run: two of three epochs done, checkpoints on disk, no final results
@@ -68,13 +55,18 @@ def test_changed_config_is_not_resumed_silently(ray_session, make_cfg):
 
 
 def test_a_worker_that_dies_once_is_retried_from_the_last_checkpoint(ray_session, make_cfg):
-    cfg = make_cfg(train__epochs=3, run__name="chaos", run__max_failures=1, run__fail_once_at_epoch=2)
+    # an independent cohort of different architectures: the baseline of a DML run, on the same batches
+    cfg = make_cfg(models=["mlp", "tiny_cnn"], distill__mode="independent", train__epochs=3, run__name="chaos",
+                   run__max_failures=1, run__fail_once_at_epoch=2)
     res = train(cfg, verbose=False)
     h = res.history
     assert h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 0, 2] or \
         h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 1, 1]
     assert sorted(h["epoch"].unique()) == [1, 2, 3] and len(h) == 3 * 3  # each epoch once, 2 peers + ensemble
     assert res.metrics["epoch"] == 3
+    # the independent baseline exchanges nothing and learns from no one
+    assert res.metrics["exchange_bytes_per_step"] == 0
+    assert res.metrics["peer0/train_kd"] == 0 and res.metrics["peer1/train_kd"] == 0
 
 
 def test_more_workers_than_the_cluster_has_is_refused_before_fit(ray_session, make_cfg):
@@ -85,7 +77,7 @@ def test_more_workers_than_the_cluster_has_is_refused_before_fit(ray_session, ma
         check_resources(make_cfg(scale__use_gpu=True))
 
 
-def test_user_model_and_dataset_builders(ray_session, make_cfg):
+def test_heterogeneous_peers_from_user_model_and_dataset_builders(ray_session, make_cfg):
     from online_distill.data import ImageTensors, Splits
 
     def two_blobs(cfg):
@@ -98,7 +90,13 @@ def test_user_model_and_dataset_builders(ray_session, make_cfg):
     def linear(in_ch, k):
         return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_ch * 64, k))
 
-    cfg = make_cfg(models=["linear", "tiny_cnn"], data__dataset="blobs", data__val_size=200, data__train_subset=None,
-                   data__test_subset=None, train__epochs=1, run__name="user")
+    # three peers of three architectures (one of them the user's) on the user's dataset
+    cfg = make_cfg(models=["linear", "mlp", "tiny_cnn"], data__dataset="blobs", data__val_size=200,
+                   data__train_subset=None, data__test_subset=None, train__epochs=1, run__name="user")
     res = train(cfg, models={"linear": linear}, datasets={"blobs": two_blobs}, verbose=False)
     assert res.metrics["peer0/val_acc"] > 0.9  # separable blobs
+    assert res.final["model"].tolist() == ["linear", "mlp", "tiny_cnn", "linear+mlp+tiny_cnn"]
+    # every step each peer receives the other K-1 peers' logits: (K-1) x B x C float32
+    B, C_, K = cfg.train.batch_size, 2, 3
+    assert res.metrics["exchange_bytes_per_step"] == (K - 1) * B * C_ * 4
+    assert all(res.metrics[f"peer{p}/train_kd"] > 0 for p in range(K))  # every peer learned from the others
