@@ -3,9 +3,12 @@
 Three measurements of the same work (K peers, same model, same batches, one thread per peer):
   (a) dml          our Ray Train loop, peers all-gathering logits every step
   (b) independent  our Ray Train loop, the same peers with no exchange
-  (c) plain        K plain PyTorch processes without Ray: forward, CE, backward, step
-They are repeated in alternation (a b c a b c ...) so drift of the machine hits all alike, and
-the median steady-state step time of each is compared.
+  (c) plain dml    K plain PyTorch processes without Ray doing (a)'s work: forward, all-gather
+                   of the detached logits over gloo, the same loss, backward, step
+  (d) plain        K plain PyTorch processes without Ray doing (b)'s work: forward, CE, backward, step
+They are repeated in alternation (a b c d a b c d ...) so drift of the machine hits all alike,
+and the median steady-state step time of each is compared. (c) is the floor of any synchronous
+DML on this machine: what lockstep costs here, with no framework at all.
 """
 from __future__ import annotations
 
@@ -16,10 +19,11 @@ import tempfile
 import time
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
 from . import config as config_mod
 from .data import Batches, load_data
+from .losses import distill_loss
 from .metrics import steady
 from .models import build_model
 from .optim import make_optimizer
@@ -37,9 +41,13 @@ def bench_config(mode: str, peers: int, model: str, batch_size: int, steps: int,
     })
 
 
-def _plain_worker(cfg: config_mod.Config, peer: int, out: mp.Queue) -> None:
-    """The same work as one peer of the cohort, in plain PyTorch: no Ray, no exchange."""
+def _plain_worker(cfg: config_mod.Config, peer: int, rendezvous: str, out: mp.Queue) -> None:
+    """The same work as one peer of the cohort, in plain PyTorch without Ray: forward, CE,
+    backward, step; in DML mode also the all-gather of detached logits over gloo and the KD loss."""
     torch.set_num_threads(1)
+    dml = cfg.distill.mode == "dml"
+    if dml:
+        dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=peer, world_size=cfg.num_peers)
     data = load_data(cfg.data)
     torch.manual_seed(cfg.train.seed * 1000 + peer)
     model = build_model(cfg.models[peer], data.in_channels, data.num_classes, data.image_size)
@@ -49,23 +57,33 @@ def _plain_worker(cfg: config_mod.Config, peer: int, out: mp.Queue) -> None:
     times = []
     for x, y in batches:
         t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
+        logits = model(x)
+        teachers = None
+        if dml:
+            gathered = [torch.empty_like(logits) for _ in range(cfg.num_peers)]
+            dist.all_gather(gathered, logits.detach().contiguous())
+            teachers = torch.stack([g for i, g in enumerate(gathered) if i != peer])
+        loss, _ = distill_loss(logits, teachers, y, temperature=cfg.loss.temperature, kd_weight=cfg.loss.kd_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         times.append(time.perf_counter() - t0)
     out.put(statistics.median(steady(times)))
+    if dml:
+        dist.destroy_process_group()
 
 
 def plain_step_time(cfg: config_mod.Config) -> float:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_plain_worker, args=(cfg, p, q)) for p in range(cfg.num_peers)]
-    for p in procs:
-        p.start()
-    times = [q.get() for _ in procs]
-    for p in procs:
-        p.join()
+    with tempfile.TemporaryDirectory(prefix="od-bench-") as tmp:
+        rendezvous = os.path.join(tmp, "rendezvous")
+        procs = [ctx.Process(target=_plain_worker, args=(cfg, p, rendezvous, q)) for p in range(cfg.num_peers)]
+        for p in procs:
+            p.start()
+        times = [q.get() for _ in procs]
+        for p in procs:
+            p.join()
     return max(times)  # a cohort moves at the pace of its slowest peer, as in metrics.py
 
 
@@ -84,33 +102,41 @@ def bench(peers: int = 2, model: str = "small_cnn", batch_size: int = 128, steps
 
     init_ray()
     storage = tempfile.mkdtemp(prefix="online_distill_bench_")
-    times: dict[str, list[float]] = {"dml": [], "independent": [], "plain": []}
+    # (label, distill.mode, through Ray Train?)
+    kinds = [("dml", "dml", True), ("independent", "independent", True),
+             ("plain dml", "dml", False), ("plain", "independent", False)]
+    times: dict[str, list[float]] = {k: [] for k, _, _ in kinds}
     comm, shares = 0.0, []
     for r in range(repeats):
-        for mode in ("dml", "independent", "plain"):
-            cfg = bench_config("independent" if mode == "plain" else mode, peers, model, batch_size, steps, storage, f"{mode}{r}")
-            if mode == "plain":
-                t = plain_step_time(cfg)
-            else:
+        for label, mode, on_ray in kinds:
+            cfg = bench_config(mode, peers, model, batch_size, steps, storage, f"{label.replace(' ', '_')}{r}")
+            if on_ray:
                 t, b, share = ray_step_time(cfg)
                 if mode == "dml":
                     comm = b
                     shares.append(share)
-            times[mode].append(t)
-            print(f"  repeat {r + 1}/{repeats}  {mode:<12} {t * 1e3:8.2f} ms/step", flush=True)
+            else:
+                t = plain_step_time(cfg)
+            times[label].append(t)
+            print(f"  repeat {r + 1}/{repeats}  {label:<12} {t * 1e3:8.2f} ms/step", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     num_classes = 10
     expected = (peers - 1) * batch_size * num_classes * 4
     out = {"dml_ms": med["dml"] * 1e3, "independent_ms": med["independent"] * 1e3, "plain_ms": med["plain"] * 1e3,
+           "plain_dml_ms": med["plain dml"] * 1e3,
            "dml_over_independent": med["dml"] / med["independent"], "ray_over_plain": med["independent"] / med["plain"],
+           "ray_dml_over_plain_dml": med["dml"] / med["plain dml"],
+           "plain_dml_over_plain": med["plain dml"] / med["plain"],
            "bytes_per_step": comm, "expected_bytes_per_step": expected,
            "dml_exchange_share": statistics.median(shares)}
     print(f"\nbench: {peers} x {model}, batch {batch_size}, {steps} steps, {repeats} repeats, "
           f"torch threads 1 per peer, {os.cpu_count()} CPUs")
     print(f"  step time (median)   dml {out['dml_ms']:.2f} ms   independent {out['independent_ms']:.2f} ms   "
-          f"plain PyTorch {out['plain_ms']:.2f} ms")
+          f"plain PyTorch: dml {out['plain_dml_ms']:.2f} ms, independent {out['plain_ms']:.2f} ms")
     print(f"  DML / independent    {out['dml_over_independent']:.3f}   (bar <= 1.05)")
     print(f"  Ray path / plain     {out['ray_over_plain']:.3f}   (bar <= 1.10)")
+    print(f"  the same two, both in plain PyTorch without Ray: DML / independent {out['plain_dml_over_plain']:.3f}; "
+          f"and DML through Ray / DML in plain PyTorch {out['ray_dml_over_plain_dml']:.3f}")
     print(f"  bytes received per step per worker  {comm:.0f}   (K-1)*B*C*4 = {expected}")
     print(f"  DML step share in the exchange   {out['dml_exchange_share']:.1%}   (the all-gather, and waiting in it "
           f"for the slowest peer: lockstep passes any peer's stall to all)")
