@@ -24,6 +24,19 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def spawn_world():
+    """Run worker(rank, *args) in `nprocs` processes, e.g. one torch.distributed world of gloo
+    ranks. Forkserver: torch and the package are imported once, not once per rank (2 cores here)."""
+    import torch.multiprocessing as mp
+
+    def spawn(worker, args: tuple, nprocs: int) -> None:
+        mp.get_context("forkserver").set_forkserver_preload(["torch", "online_distill.loop"])
+        mp.start_processes(worker, args=args, nprocs=nprocs, start_method="forkserver")
+
+    return spawn
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """A tiny, fast run config under tmp_path; keyword overrides use dotted names."""

@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from online_distill import config as config_mod
 from online_distill.models import build_model
@@ -69,12 +68,10 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def swapped(tmp_path_factory):
+def swapped(tmp_path_factory, spawn_world):
     tmp = str(tmp_path_factory.mktemp("codistill_world"))
     world = PEERS * REPLICAS
-    # forkserver: torch and the package are imported once, not once per rank (2 cores here)
-    mp.get_context("forkserver").set_forkserver_preload(["torch", "online_distill.loop"])
-    mp.start_processes(_worker, args=(world, tmp), nprocs=world, start_method="forkserver")
+    spawn_world(_worker, (world, tmp), world)
     return {(r["peer"], r["replica"]): r for r in
             (torch.load(os.path.join(tmp, f"rank{i}.pt"), weights_only=True) for i in range(world))}
 
@@ -132,14 +129,13 @@ def _loop_worker(rank: int, cfg: config_mod.Config, tmp: str) -> None:
     dist.destroy_process_group()
 
 
-def test_codistill_cohort_on_disjoint_shards_reports_its_traffic(make_cfg, tmp_path):
+def test_codistill_cohort_on_disjoint_shards_reports_its_traffic(make_cfg, tmp_path, spawn_world):
     """The real loop (no Ray: the teacher is all that differs from a DML cohort on Ray)."""
     import json
 
     cfg = make_cfg(train__epochs=1, distill__mode="codistill", distill__sync_every=4, distill__burn_in_steps=2,
                    distill__peer_data="disjoint").check()
-    mp.get_context("forkserver").set_forkserver_preload(["torch", "online_distill.loop"])
-    mp.start_processes(_loop_worker, args=(cfg, str(tmp_path)), nprocs=cfg.world_size, start_method="forkserver")
+    spawn_world(_loop_worker, (cfg, str(tmp_path)), cfg.world_size)
     rows = [r for r in json.loads((tmp_path / "history.json").read_text()) if r["member"] != "ensemble"]
     tiny = state_bytes(build_model("tiny_cnn", 1, 10, 28))
     assert [r["exchange_bytes_per_step"] for r in rows] == [tiny / 4, tiny / 4]

@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from online_distill import config as config_mod
@@ -107,12 +106,10 @@ def _worker(rank: int, world: int, tmp: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def gloo_world(tmp_path_factory):
+def gloo_world(tmp_path_factory, spawn_world):
     tmp = str(tmp_path_factory.mktemp("gloo_world"))
     world = PEERS * REPLICAS
-    # forkserver: torch and the package are imported once, not once per rank (2 cores here)
-    mp.get_context("forkserver").set_forkserver_preload(["torch", "online_distill.loop"])
-    mp.start_processes(_worker, args=(world, tmp), nprocs=world, start_method="forkserver")
+    spawn_world(_worker, (world, tmp), world)
     return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(world)]
 
 
