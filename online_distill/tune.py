@@ -129,7 +129,9 @@ def _trial_driver(params: dict, *, spec: SweepSpec, models=None, datasets=None) 
 
     trial_id = ray.tune.get_context().get_trial_id()
     start = ray.tune.get_checkpoint()  # None, this trial's last one, or a PBT donor's
-    cfg = spec.trial_config(params, run_name=f"{trial_id}-{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:4]}",
+    # the date stamp makes a trial's Train runs sort in the order they started
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    cfg = spec.trial_config(params, run_name=f"{trial_id}-{stamp}-{uuid.uuid4().hex[:4]}",
                             storage_path=storage.join(spec.sweep_dir, "cohorts"))
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     _COHORT["queue"] = queue

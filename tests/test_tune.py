@@ -155,9 +155,10 @@ class InterruptAfterAFailure(Callback):
 
 
 def _cohort_runs(sweep_dir: str, trial_id: str) -> list[str]:
-    """The Train runs a trial started (one per start of its driver)."""
+    """The Train runs a trial started (one per start of its driver), oldest first: their names
+    carry the start time (os.listdir's own order is arbitrary)."""
     d = os.path.join(sweep_dir, "cohorts")
-    return [r for r in os.listdir(d) if r.startswith(trial_id + "-")] if os.path.isdir(d) else []
+    return sorted(r for r in os.listdir(d) if r.startswith(trial_id + "-")) if os.path.isdir(d) else []
 
 
 def _reported_epochs(sweep_dir: str, trial_id: str) -> list[int]:
