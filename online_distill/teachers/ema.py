@@ -28,21 +28,40 @@ def ema_decay_at(step: int, decay: float, warmup_steps: int) -> float:
     return decay
 
 
-@torch.no_grad()
-def ema_update_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
-    """teacher <- decay * teacher + (1 - decay) * student, in place, over the whole state dict."""
-    t_state, s_state = teacher.state_dict(), student.state_dict()
+def paired_state(teacher: nn.Module, student: nn.Module) -> tuple[list[Tensor], list[Tensor], list[tuple[Tensor, Tensor]]]:
+    """The teacher's and the student's floating-point state tensors, paired by name, and the
+    other pairs (counters such as num_batches_tracked). The tensors share the modules' storage,
+    so the lists stay valid while the modules update their tensors in place (optimizer steps,
+    BatchNorm statistics, load_state_dict all do)."""
+    s_state = student.state_dict()
     floats_t: list[Tensor] = []
     floats_s: list[Tensor] = []
-    for name, t in t_state.items():
+    others: list[tuple[Tensor, Tensor]] = []
+    for name, t in teacher.state_dict().items():
         s = s_state[name]
         if t.is_floating_point():
+            if s.dtype != t.dtype:
+                raise ValueError(f"EMA teacher: {name} is {t.dtype} in the teacher but {s.dtype} in the student")
             floats_t.append(t)
-            floats_s.append(s.detach().to(t.dtype))
-        else:  # counters (num_batches_tracked): an average of counts means nothing
-            t.copy_(s)
+            floats_s.append(s)
+        else:  # an average of counts means nothing: copied
+            others.append((t, s))
+    return floats_t, floats_s, others
+
+
+@torch.no_grad()
+def ema_step_(pairs: tuple[list[Tensor], list[Tensor], list[tuple[Tensor, Tensor]]], decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student over the pairs of paired_state."""
+    floats_t, floats_s, others = pairs
+    for t, s in others:
+        t.copy_(s)
     if floats_t:
         torch._foreach_lerp_(floats_t, floats_s, 1.0 - decay)  # t += (1 - decay) * (s - t)
+
+
+def ema_update_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
+    """teacher <- decay * teacher + (1 - decay) * student, in place, over the whole state dict."""
+    ema_step_(paired_state(teacher, student), decay)
 
 
 class EmaTeacher(Teacher):
@@ -53,13 +72,16 @@ class EmaTeacher(Teacher):
         # build_peer seeds the init exactly as the student's, so the average starts at the student
         self.model = ctx.build_peer(ctx.topo.peer).to(ctx.device).eval().requires_grad_(False)
         self.updates = 0
+        self._pairs: tuple | None = None  # (student, paired_state): found once, not every step
 
     @torch.no_grad()
     def logits(self, x: Tensor, student_logits: Tensor) -> Tensor:
         return self.model(x).float().unsqueeze(0)
 
     def after_step(self, model: nn.Module, step: int) -> None:
-        ema_update_(self.model, model, ema_decay_at(step, self.decay, self.warmup_steps))
+        if self._pairs is None or self._pairs[0] is not model:
+            self._pairs = (model, paired_state(self.model, model))
+        ema_step_(self._pairs[1], ema_decay_at(step, self.decay, self.warmup_steps))
         self.updates += 1
 
     def state_dict(self) -> dict:
