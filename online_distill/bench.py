@@ -6,9 +6,12 @@ Three measurements of the same work (K peers, same model, same batches, one thre
   (c) plain dml    K plain PyTorch processes without Ray doing (a)'s work: forward, all-gather
                    of the detached logits over gloo, the same loss, backward, step
   (d) plain        K plain PyTorch processes without Ray doing (b)'s work: forward, CE, backward, step
-They are repeated in alternation (a b c d a b c d ...) so drift of the machine hits all alike,
-and the median steady-state step time of each is compared. (c) is the floor of any synchronous
-DML on this machine: what lockstep costs here, with no framework at all.
+They are repeated in alternation (a b c d a b c d ...) so drift of the machine hits all alike.
+A ratio is the median over repeats of the ratio within a repeat: the two sides of a pair ran back
+to back, so a machine that is slower in one repeat than in another (on a shared 2-core box, by
+20% and more) slows both sides of that pair. The range over repeats and the ratio of the
+medians are printed beside it, so a reader sees how sure the number is. (c) is the floor of any
+synchronous DML on this machine: what lockstep costs here, with no framework at all.
 """
 from __future__ import annotations
 
@@ -97,7 +100,15 @@ def ray_step_time(cfg: config_mod.Config) -> tuple[float, float, float]:
     return m["step_time_s"], m["exchange_bytes_per_step"], share
 
 
-def bench(peers: int = 2, model: str = "small_cnn", batch_size: int = 128, steps: int = 60, repeats: int = 3) -> dict:
+def paired_ratio(num: list[float], den: list[float]) -> tuple[float, float, float]:
+    """Median, min and max over repeats of num[r] / den[r] (each pair measured back to back)."""
+    if len(num) != len(den) or not num:
+        raise ValueError(f"paired_ratio needs two equally long, non-empty lists; got {len(num)} and {len(den)}")
+    r = [a / b for a, b in zip(num, den)]
+    return statistics.median(r), min(r), max(r)
+
+
+def bench(peers: int = 2, model: str = "small_cnn", batch_size: int = 128, steps: int = 60, repeats: int = 5) -> dict:
     from .launch import init_ray
 
     init_ray()
@@ -120,23 +131,29 @@ def bench(peers: int = 2, model: str = "small_cnn", batch_size: int = 128, steps
             times[label].append(t)
             print(f"  repeat {r + 1}/{repeats}  {label:<12} {t * 1e3:8.2f} ms/step", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
+    pairs = {"dml_over_independent": ("dml", "independent"), "ray_over_plain": ("independent", "plain"),
+             "ray_dml_over_plain_dml": ("dml", "plain dml"), "plain_dml_over_plain": ("plain dml", "plain")}
     num_classes = 10
     expected = (peers - 1) * batch_size * num_classes * 4
     out = {"dml_ms": med["dml"] * 1e3, "independent_ms": med["independent"] * 1e3, "plain_ms": med["plain"] * 1e3,
-           "plain_dml_ms": med["plain dml"] * 1e3,
-           "dml_over_independent": med["dml"] / med["independent"], "ray_over_plain": med["independent"] / med["plain"],
-           "ray_dml_over_plain_dml": med["dml"] / med["plain dml"],
-           "plain_dml_over_plain": med["plain dml"] / med["plain"],
-           "bytes_per_step": comm, "expected_bytes_per_step": expected,
+           "plain_dml_ms": med["plain dml"] * 1e3, "bytes_per_step": comm, "expected_bytes_per_step": expected,
            "dml_exchange_share": statistics.median(shares)}
+    for key, (a, b) in pairs.items():
+        out[key], out[key + "_min"], out[key + "_max"] = paired_ratio(times[a], times[b])
+        out[key + "_of_medians"] = med[a] / med[b]
+
+    def ratio(key: str) -> str:
+        return (f"{out[key]:.3f}   (repeats {out[key + '_min']:.3f} .. {out[key + '_max']:.3f}; "
+                f"ratio of the medians {out[key + '_of_medians']:.3f})")
+
     print(f"\nbench: {peers} x {model}, batch {batch_size}, {steps} steps, {repeats} repeats, "
-          f"torch threads 1 per peer, {os.cpu_count()} CPUs")
+          f"torch threads 1 per peer, {os.cpu_count()} CPUs; ratios are medians of the per-repeat ratios")
     print(f"  step time (median)   dml {out['dml_ms']:.2f} ms   independent {out['independent_ms']:.2f} ms   "
           f"plain PyTorch: dml {out['plain_dml_ms']:.2f} ms, independent {out['plain_ms']:.2f} ms")
-    print(f"  DML / independent    {out['dml_over_independent']:.3f}   (bar <= 1.05)")
-    print(f"  Ray path / plain     {out['ray_over_plain']:.3f}   (bar <= 1.10)")
-    print(f"  the same two, both in plain PyTorch without Ray: DML / independent {out['plain_dml_over_plain']:.3f}; "
-          f"and DML through Ray / DML in plain PyTorch {out['ray_dml_over_plain_dml']:.3f}")
+    print(f"  DML / independent    {ratio('dml_over_independent')}   bar <= 1.05")
+    print(f"  Ray path / plain     {ratio('ray_over_plain')}   bar <= 1.10")
+    print(f"  plain PyTorch alone: DML / independent {ratio('plain_dml_over_plain')}")
+    print(f"  DML through Ray / DML in plain PyTorch {ratio('ray_dml_over_plain_dml')}")
     print(f"  bytes received per step per worker  {comm:.0f}   (K-1)*B*C*4 = {expected}")
     print(f"  DML step share in the exchange   {out['dml_exchange_share']:.1%}   (the all-gather, and waiting in it "
           f"for the slowest peer: lockstep passes any peer's stall to all)")

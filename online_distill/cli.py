@@ -35,6 +35,9 @@ def cmd_report(args) -> int:
 def cmd_bench(args) -> int:
     from .bench import bench
 
+    for name, low in (("peers", 2), ("batch_size", 1), ("steps", 5), ("repeats", 1)):
+        if getattr(args, name) < low:
+            raise ConfigError(f"--{name.replace('_', '-')}: got {getattr(args, name)}; allowed: an integer >= {low}")
     bench(peers=args.peers, model=args.model, batch_size=args.batch_size, steps=args.steps, repeats=args.repeats)
     return 0
 
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="small_cnn")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=60, help="timed steps per measurement")
-    p.add_argument("--repeats", type=int, default=3, help="alternating repeats of each measurement")
+    p.add_argument("--repeats", type=int, default=5, help="alternating repeats of each measurement")
     p.set_defaults(fn=cmd_bench)
 
     p = sub.add_parser("bench-scale", help="DML vs codistillation (sync_every 1, 10, 50) and 1 vs 2 replicas, side by side")
