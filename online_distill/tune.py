@@ -16,6 +16,7 @@ aborts its Train run before its actor goes, so its workers' CPUs come back (Stop
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import threading
@@ -127,6 +128,9 @@ def _trial_driver(params: dict, *, spec: SweepSpec, models=None, datasets=None) 
 
     from .launch import make_trainer
 
+    # Tune logs every checkpoint it persists at INFO ("Checkpoint successfully created at ..."),
+    # a line per trial and epoch; the epoch lines and Tune's status table say it better
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     trial_id = ray.tune.get_context().get_trial_id()
     start = ray.tune.get_checkpoint()  # None, this trial's last one, or a PBT donor's
     # the date stamp makes a trial's Train runs sort in the order they started
