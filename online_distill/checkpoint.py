@@ -1,5 +1,5 @@
 """Checkpoint files. Each rank writes its own files into the one reported checkpoint:
-replica 0 of each peer writes `peer{p}.pt` (model, optimizer, schedule, teacher), every rank
+replica 0 of each worker writes `peer{p}.pt` for each peer it holds (model, optimizer, schedule, teacher), every rank
 writes `rng_rank{r}.pt`, and rank 0 writes `history.json` (the metrics table so far).
 Loaded only with torch.load(weights_only=True): a checkpoint is data, never code.
 """
@@ -9,7 +9,6 @@ import json
 import os
 
 import torch
-from torch import nn
 
 from .topology import Topology
 
@@ -19,11 +18,13 @@ def _atomic_save(obj, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def save(directory: str, topo: Topology, epoch: int, model: nn.Module, opt, sched, teacher, history: list[dict]) -> None:
+def save(directory: str, topo: Topology, epoch: int, peers: list, teacher, history: list[dict]) -> None:
+    """`peers` holds (model, optimizer, scheduler) for each peer of topo.peers, in order."""
     if topo.replica == 0:
-        _atomic_save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                      "scheduler": sched.state_dict(), "teacher": teacher.state_dict()},
-                     os.path.join(directory, f"peer{topo.peer}.pt"))
+        for i, (p, (model, opt, sched)) in enumerate(zip(topo.peers, peers)):
+            _atomic_save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "teacher": teacher.state_dict(i)},
+                         os.path.join(directory, f"peer{p}.pt"))
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -33,14 +34,16 @@ def save(directory: str, topo: Topology, epoch: int, model: nn.Module, opt, sche
             json.dump({"epoch": epoch, "history": history}, f)
 
 
-def restore(checkpoint, topo: Topology, model: nn.Module, opt, sched, teacher) -> tuple[int, list[dict]]:
-    """Load this rank's state from a ray.train.Checkpoint; returns (next epoch, history)."""
+def restore(checkpoint, topo: Topology, peers: list, teacher) -> tuple[int, list[dict]]:
+    """Load this worker's peers from a ray.train.Checkpoint; returns (next epoch, history).
+    Peer files do not depend on the layout, so a run may resume packed that started spread."""
     with checkpoint.as_directory() as d:
-        state = load_peer(d, topo.peer)
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        teacher.load_state_dict(state["teacher"])
+        for i, (p, (model, opt, sched)) in enumerate(zip(topo.peers, peers)):
+            state = load_peer(d, p)
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            teacher.load_state_dict(i, state["teacher"])
         rng_path = os.path.join(d, f"rng_rank{topo.rank}.pt")
         if os.path.exists(rng_path):
             rng = torch.load(rng_path, weights_only=True)

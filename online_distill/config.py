@@ -193,16 +193,28 @@ class DistillConfig:
 @dataclass(frozen=True)
 class ScaleConfig:
     replicas: int = 1
-    """Data-parallel replicas per peer. World size = len(models) * replicas."""
+    """Data-parallel replicas per peer. World size = len(models) / peers_per_worker * replicas."""
+    peers_per_worker: int = 1
+    """Peers trained in one worker (one process, one GPU): they see the same batch and read each
+    other's logits from memory; only peers on other workers go through the exchange group. Must
+    divide the number of peers. All peers in one worker is how a one-GPU machine holds a cohort."""
     use_gpu: bool = False
-    """One GPU per worker, NCCL between them. Off: CPU workers, gloo."""
+    """A GPU per worker (or a share of one: gpus_per_worker), NCCL between workers. Off: CPU, gloo."""
+    gpus_per_worker: float = 1.0
+    """GPUs each worker asks Ray for when use_gpu. Below 1 only for a cohort in a single worker
+    (NCCL refuses two ranks on one GPU): several such cohorts, e.g. Tune trials, share a GPU."""
     cpus_per_worker: float = 1.0
+    """CPUs each worker asks Ray for; also its torch thread count."""
     precision: str = "fp32"
     """'fp32' or 'bf16' (autocast; the optimizer state stays fp32)."""
 
     def check(self) -> None:
         if self.replicas < 1:
             _fail("scale.replicas", self.replicas, "an integer >= 1")
+        if self.peers_per_worker < 1:
+            _fail("scale.peers_per_worker", self.peers_per_worker, "an integer >= 1 that divides the number of peers")
+        if not 0 < self.gpus_per_worker <= 1:
+            _fail("scale.gpus_per_worker", self.gpus_per_worker, "a number in (0, 1]")
         if not self.cpus_per_worker > 0:
             _fail("scale.cpus_per_worker", self.cpus_per_worker, "a number > 0")
         if self.precision not in ("fp32", "bf16"):
@@ -257,7 +269,8 @@ class Config:
 
     @property
     def world_size(self) -> int:
-        return self.num_peers * self.scale.replicas
+        """Ray Train workers of the cohort: peers / peers_per_worker slots, times replicas."""
+        return self.num_peers // self.scale.peers_per_worker * self.scale.replicas
 
     def check(self, models: Mapping[str, Any] | None = None, datasets: Mapping[str, Any] | None = None) -> "Config":
         """Validate every field; `models`/`datasets` are the builders available by name."""
@@ -277,10 +290,26 @@ class Config:
             _fail("data.dataset", self.data.dataset, ", ".join(sorted(datasets)))
         if self.distill.mode in ("dml", "codistill") and self.num_peers < 2:
             _fail("models", list(self.models), f"at least 2 peers for distill.mode={self.distill.mode!r}")
+        self._check_layout()
         from .teachers import check_teacher  # what only the chosen source needs (a teacher checkpoint, ...)
 
         check_teacher(self, models, datasets)
         return self
+
+
+    def _check_layout(self) -> None:
+        """How peers are laid out over workers (and GPUs); what fits a cluster is checked in launch."""
+        ppw, n = self.scale.peers_per_worker, self.num_peers
+        if n % ppw:
+            divisors = ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+            _fail("scale.peers_per_worker", ppw, f"a divisor of the {n} peers: {divisors}")
+        if ppw > 1 and self.distill.peer_data == "disjoint":
+            _fail("scale.peers_per_worker", ppw, "1 with distill.peer_data='disjoint' (the peers of a worker train "
+                  "on one batch; disjoint shards need one worker per peer)")
+        if self.scale.gpus_per_worker < 1 and self.scale.use_gpu and self.world_size > 1:
+            _fail("scale.gpus_per_worker", self.scale.gpus_per_worker,
+                  f"1 for a cohort of {self.world_size} workers (NCCL refuses two ranks on one GPU); a share of a "
+                  f"GPU only when one worker holds the whole cohort: scale.peers_per_worker={n}, scale.replicas=1")
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(Config)}

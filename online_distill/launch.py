@@ -71,19 +71,31 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
 
 
 def check_resources(cfg: Config) -> None:
-    """Refuse a cohort that the cluster can never place (all workers must run at once)."""
+    """Refuse a cohort that the cluster can never place: all workers must run at once, and each
+    worker's CPUs and GPUs must fit on one node."""
     import ray
 
     total = ray.cluster_resources()
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    ppw = cfg.scale.peers_per_worker
+    where = (f"{cfg.num_peers} models / scale.peers_per_worker={ppw} x scale.replicas={cfg.scale.replicas} = "
+             f"{cfg.world_size} worker{'s' if cfg.world_size > 1 else ''}")
+    packed_hint = (f", or more peers per worker (scale.peers_per_worker: a divisor of {cfg.num_peers})"
+                   if ppw < cfg.num_peers else "")
     need_cpu = cfg.world_size * cfg.scale.cpus_per_worker
-    where = f"{len(cfg.models)} models x scale.replicas={cfg.scale.replicas} = {cfg.world_size} workers"
     if need_cpu > total.get("CPU", 0) + 1e-9:
-        raise ConfigError(f"scale: {where} at scale.cpus_per_worker={cfg.scale.cpus_per_worker} need "
-                          f"{need_cpu:g} CPUs; the cluster has {total.get('CPU', 0):g}. Allowed: fewer peers or "
-                          "replicas, or a smaller scale.cpus_per_worker")
-    if cfg.scale.use_gpu and cfg.world_size > total.get("GPU", 0):
-        raise ConfigError(f"scale.use_gpu: {where} need {cfg.world_size} GPUs; the cluster has "
-                          f"{total.get('GPU', 0):g}. Allowed: use_gpu=false, or fewer peers or replicas")
+        raise ConfigError(f"scale: {where} at scale.cpus_per_worker={cfg.scale.cpus_per_worker:g} need "
+                          f"{need_cpu:g} CPUs; the cluster has {total.get('CPU', 0):g}. Allowed: fewer replicas, "
+                          f"a smaller scale.cpus_per_worker{packed_hint}")
+    biggest = max((n.get("CPU", 0) for n in nodes), default=total.get("CPU", 0))
+    if cfg.scale.cpus_per_worker > biggest + 1e-9:
+        raise ConfigError(f"scale.cpus_per_worker: got {cfg.scale.cpus_per_worker:g}; allowed: at most {biggest:g}, "
+                          "the CPUs of the largest node (a worker runs on one node)")
+    if cfg.scale.use_gpu:
+        gpus = cfg.world_size * cfg.scale.gpus_per_worker
+        if gpus > total.get("GPU", 0) + 1e-9:
+            raise ConfigError(f"scale.use_gpu: {where} need {gpus:g} GPUs; the cluster has {total.get('GPU', 0):g}. "
+                              f"Allowed: use_gpu=false, fewer replicas{packed_hint}")
 
 
 def prepare_run_dir(cfg: Config, run_dir: str) -> bool:
@@ -124,27 +136,35 @@ def preflight_data(cfg: Config, datasets=None) -> None:
 
     data = load_data(cfg.data, datasets)
     disjoint = cfg.distill.peer_data == "disjoint"  # codistilling peers may each take their own shard
-    shard = len(data.train) // (cfg.world_size if disjoint else cfg.scale.replicas)
+    shard = len(data.train) // (cfg.world_size if disjoint else cfg.scale.replicas)  # disjoint: one peer per worker
     if cfg.train.batch_size > shard:
         raise ConfigError(f"train.batch_size: got {cfg.train.batch_size}; allowed: at most {shard}, "
                           f"the training examples per {'worker' if disjoint else 'replica'}")
 
 
-def make_trainer(cfg: Config, *, models=None, datasets=None, callbacks=None, resume_from_checkpoint=None):
+def make_trainer(cfg: Config, *, models=None, datasets=None, callbacks=None, resume_from_checkpoint=None,
+                 local_reporter=None):
     """The TorchTrainer of one cohort (also built by each Tune trial's driver).
     `resume_from_checkpoint` starts a new run from a checkpoint (a Tune trial's, or a PBT donor's);
-    Train V2 refuses the TorchTrainer argument of that name, so it travels in the loop's config."""
+    Train V2 refuses the TorchTrainer argument of that name, so it travels in the loop's config.
+    `local_reporter`: run in Train's local mode (ScalingConfig(num_workers=0): the loop runs in
+    this process, no worker group) for a cohort of one worker; local mode keeps only the last
+    report in memory, so the loop reports through this function instead (a Tune trial's)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from .loop import train_loop_per_worker
 
+    local = local_reporter is not None
+    if local and cfg.world_size != 1:
+        raise ValueError(f"Train's local mode runs one worker; this cohort has {cfg.world_size}")
+    resources = {"CPU": cfg.scale.cpus_per_worker, **({"GPU": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg, "models": models, "datasets": datasets, "resume_from": resume_from_checkpoint},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.world_size, use_gpu=cfg.scale.use_gpu,
-                                               resources_per_worker={"CPU": cfg.scale.cpus_per_worker,
-                                                                     **({"GPU": 1} if cfg.scale.use_gpu else {})}),
+        train_loop_config={"cfg": cfg, "models": models, "datasets": datasets, "resume_from": resume_from_checkpoint,
+                           "reporter": local_reporter},
+        scaling_config=ray.train.ScalingConfig(num_workers=0 if local else cfg.world_size, use_gpu=cfg.scale.use_gpu,
+                                               resources_per_worker=None if local else resources),
         torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=cfg.run.storage,

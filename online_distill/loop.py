@@ -1,7 +1,8 @@
 """The one training loop, run by every Ray Train worker. Read it top to bottom.
 
-Each worker is one (peer, replica) of the cohort. Per step: forward, ask the teacher source
-for teacher logits, the Hinton loss, backward, optimizer step, let the teacher update.
+Each worker holds one replica of one or more peers of the cohort (scale.peers_per_worker),
+all on the same batch. Per step: every peer's forward, ask the teacher source for teacher
+logits, then per peer the Hinton loss, backward, optimizer step; let the teacher update.
 Per epoch: validate every peer and the ensemble, gather the numbers to rank 0, and report
 them to Ray together with a checkpoint that every rank writes its own files into.
 """
@@ -29,7 +30,8 @@ from .topology import Topology, build_topology, train_shard
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Entry point of a Ray Train worker. `config` carries the Config and user builders."""
+    """Entry point of a Ray Train worker (or of Train's local mode, in a Tune trial's process).
+    `config` carries the Config, user builders, and optionally the reporter to use."""
     import ray.train
     import ray.train.torch
 
@@ -39,19 +41,19 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device()
     run(cfg, rank, device, model_builders=config.get("models"), dataset_builders=config.get("datasets"),
         # this run's own latest checkpoint (after a worker failure) wins over the one it started from
-        reporter=_ray_report, restore_from=ray.train.get_checkpoint() or config.get("resume_from"))
+        reporter=config.get("reporter") or _ray_report, restore_from=ray.train.get_checkpoint() or config.get("resume_from"))
 
 
 def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, dataset_builders=None,
         reporter=None, restore_from=None) -> list[dict]:
-    """Train this rank's peer for cfg.train.epochs. Returns rank 0's history (others: [])."""
-    topo = build_topology(rank, cfg.num_peers, cfg.scale.replicas)
+    """Train this rank's peers for cfg.train.epochs. Returns rank 0's history (others: [])."""
+    topo = build_topology(rank, cfg.num_peers, cfg.scale.replicas, cfg.scale.peers_per_worker)
     torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
 
     # --- data: identical batch order for all peers, sharded by replica only (unless codistilling
     # peers were given disjoint shards: distill.peer_data)
     data = load_data(cfg.data, dataset_builders)
-    shard, num_shards = train_shard(rank, cfg.num_peers, cfg.scale.replicas,
+    shard, num_shards = train_shard(rank, cfg.num_peers, cfg.scale.replicas, peers_per_worker=cfg.scale.peers_per_worker,
                                     disjoint_peers=cfg.distill.peer_data == "disjoint")
     train_batches = Batches(data.train, cfg.train.batch_size, device, seed=cfg.train.seed, shard=shard,
                             num_shards=num_shards, augment=cfg.data.augment, num_workers=cfg.data.num_workers,
@@ -64,7 +66,7 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
         return Batches(ds, 512, device, shard=topo.replica, num_shards=cfg.scale.replicas, shuffle=False,
                        drop_last=False, num_workers=cfg.data.num_workers)
 
-    # --- this rank's peer: distinct init per peer, identical across its replicas
+    # --- this rank's peers: distinct init per peer, identical across a peer's replicas and layouts
     def build_peer(p: int) -> nn.Module:
         torch.manual_seed(cfg.train.seed * 1000 + p)
         return build_model(cfg.models[p], data.in_channels, data.num_classes, data.image_size, model_builders)
@@ -72,10 +74,11 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
     def build_named(name: str) -> nn.Module:  # any model for this dataset (a frozen teacher's)
         return build_model(name, data.in_channels, data.num_classes, data.image_size, model_builders)
 
-    model = build_peer(topo.peer).to(device)
-    train_model = _data_parallel(model, topo, device)
-    opt = make_optimizer(cfg.optim, model)
-    sched = make_scheduler(cfg.optim, opt, steps_per_epoch, cfg.train.epochs)
+    models = [build_peer(p).to(device) for p in topo.peers]
+    train_models = [_data_parallel(m, topo, device) for m in models]
+    opts = [make_optimizer(cfg.optim, m) for m in models]
+    scheds = [make_scheduler(cfg.optim, o, steps_per_epoch, cfg.train.epochs) for o in opts]
+    peers = list(zip(models, opts, scheds))
     teacher = build_teacher(TeacherContext(cfg, topo, device, build_peer, steps_per_epoch, build_named))
     autocast = _autocast(cfg, device)
     clock = Clock(device)  # CUDA events on a GPU, so timing never stalls the queue
@@ -83,14 +86,14 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
     # --- resume: models, optimizers, schedules, teachers, RNG and the metrics so far
     start_epoch, history = 0, []
     if restore_from is not None:
-        start_epoch, history = ckpt.restore(restore_from, topo, model, opt, sched, teacher)
+        start_epoch, history = ckpt.restore(restore_from, topo, peers, teacher)
     elif cfg.run.fail_once_at_epoch is not None:
         _arm_chaos(cfg, rank)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         train_batches.set_epoch(epoch)
-        model.train()
-        sums = torch.zeros(4, device=device)  # ce, kd, correct, samples: summed on device, read once per epoch
+        # per peer: ce, kd, correct, samples; summed on device, read once per epoch
+        sums = torch.zeros(len(models), 4, device=device)
         marks, t_log = [], time.perf_counter()  # per-step clock marks, read once per epoch
         kd_w = kd_weight_at(cfg.loss, epoch)
         for i, (x, y) in enumerate(train_batches):
@@ -99,73 +102,79 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
             kd_w = kd_weight_at(cfg.loss, epoch + i / steps_per_epoch)
             x, y = teacher.prepare_batch(x, y)  # as loaded, except for teachers that revisit samples (DLB)
             with autocast:
-                logits = train_model(x)
+                logits = [m(x) for m in train_models]  # every peer of this worker, on the same batch
             t1 = clock.mark()
             teacher_logits = teacher.logits(x, logits)
             t1_end = clock.mark()
-            loss, parts = distill_loss(logits, teacher_logits, y, temperature=cfg.loss.temperature, kd_weight=kd_w,
-                                       multi_teacher=cfg.loss.multi_teacher)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
+            for j, (z, z_teacher, (_, opt, sched)) in enumerate(zip(logits, teacher_logits, peers)):
+                loss, parts = distill_loss(z, z_teacher, y, temperature=cfg.loss.temperature, kd_weight=kd_w,
+                                           multi_teacher=cfg.loss.multi_teacher)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                sums[j] += torch.stack([parts["ce"] * len(y), parts["kd"] * len(y),
+                                        (z.detach().argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=device)])
             t2 = clock.mark()
-            teacher.after_step(model, step)  # codistill swaps weights here: teacher time too
+            teacher.after_step(models, step)  # EMA updates, codistill swaps weights here: teacher time too
             t2_end = clock.mark()
             _chaos(cfg, rank, epoch, i)
 
-            sums += torch.stack([parts["ce"] * len(y), parts["kd"] * len(y),
-                                 (logits.detach().argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=device)])
             marks.append((t0, t1, t1_end, t2, t2_end, clock.mark()))
             if rank == 0 and time.perf_counter() - t_log > cfg.train.log_every_s:
                 t_log = time.perf_counter()
+                ce, kd = (sums[:, k].sum().item() / sums[:, 3].sum().item() for k in (0, 1))
                 print(f"  epoch {epoch + 1}/{cfg.train.epochs}  step {i + 1}/{steps_per_epoch}  "
-                      f"loss {loss.item():.4f}  ce {parts['ce'].item():.4f}  kd {parts['kd'].item():.4f}", flush=True)
+                      f"ce {ce:.4f}  kd {kd:.4f}  (this epoch so far, mean over peers)", flush=True)
         step_times, exchange_s = clock.read(marks)  # on a GPU: the epoch's one synchronize
 
-        # --- evaluate this peer and the cohort's ensemble; gather everything to rank 0
-        stats = {
-            "peer": topo.peer, "replica": topo.replica, "model": cfg.models[topo.peer],
-            "train": sums.tolist(), "step_times": step_times, "exchange_s": exchange_s,
-            "comm_bytes_per_step": teacher.comm_bytes_per_step, "batch_size": cfg.train.batch_size,
-            "val": evaluate(model, eval_batches(data.val), topo, autocast),
-        }
+        # --- evaluate these peers and the cohort's ensemble; gather everything to rank 0
         last = epoch == cfg.train.epochs - 1
+        evals = {"val": evaluate(models, eval_batches(data.val), topo, autocast)}
         if last:  # the test split is looked at once, at the end, never for model selection
-            stats["test"] = evaluate(model, eval_batches(data.test), topo, autocast)
+            evals["test"] = evaluate(models, eval_batches(data.test), topo, autocast)
+        stats = [{"peer": p, "replica": topo.replica, "model": cfg.models[p], "train": sums[j].tolist(),
+                  "step_times": step_times, "exchange_s": exchange_s, "comm_bytes_per_step": teacher.comm_bytes_per_step,
+                  "batch_size": cfg.train.batch_size, **{split: ev[j] for split, ev in evals.items()}}
+                 for j, p in enumerate(topo.peers)]
         all_stats = _gather(stats, topo)
         metrics, row = {}, []
         if rank == 0:
-            metrics, row = merge_rank_stats(all_stats, cfg, epoch, lr=sched.get_last_lr()[0], kd_weight=kd_w,
+            metrics, row = merge_rank_stats(all_stats, cfg, epoch, lr=scheds[0].get_last_lr()[0], kd_weight=kd_w,
                                            resumed_from_epoch=start_epoch)
             history.extend(row)
             print(format_epoch(metrics, cfg), flush=True)
         if reporter is not None:
-            reporter(metrics, cfg, topo, epoch, model, opt, sched, teacher, history)
+            reporter(metrics, cfg, topo, epoch, peers, teacher, history)
     return history if rank == 0 else []
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Batches, topo: Topology, autocast) -> dict:
-    """This peer's correct count and NLL sum on its shard, and the ensemble's (mean of the
-    peers' probabilities), computed from logits all-gathered over the exchange group."""
-    model.eval()
-    logits, labels = [], []
+def evaluate(models: list[nn.Module], batches: Batches, topo: Topology, autocast) -> list[dict]:
+    """Per peer of this worker: its correct count and NLL sum on its shard, and the ensemble's
+    (mean of all the cohort's probabilities: this worker's, and the others' all-gathered over
+    the exchange group)."""
+    for m in models:
+        m.eval()
+    logits, labels = [[] for _ in models], []
     for x, y in batches:
         with autocast:
-            logits.append(model(x).float())
+            for out, m in zip(logits, models):
+                out.append(m(x).float())
         labels.append(y)
-    model.train()
-    z, y = torch.cat(logits), torch.cat(labels)
-    out = {"correct": (z.argmax(1) == y).sum().item(), "nll": F.cross_entropy(z, y, reduction="sum").item(), "n": len(y)}
-    probs = F.softmax(z, dim=1)
+    for m in models:
+        m.train()
+    z, y = torch.stack([torch.cat(zs) for zs in logits]), torch.cat(labels)  # (k, N, C)
+    probs = F.softmax(z, dim=2)
     if topo.exchange_group is not None:
-        gathered = [torch.empty_like(probs) for _ in range(topo.num_peers)]
+        gathered = [torch.empty_like(probs) for _ in range(topo.num_slots)]
         dist.all_gather(gathered, probs, group=topo.exchange_group)
-        probs = torch.stack(gathered).mean(0)
-    out["ens_correct"] = (probs.argmax(1) == y).sum().item()
-    out["ens_nll"] = F.nll_loss(probs.clamp_min(1e-12).log(), y, reduction="sum").item()
-    return out
+        probs = torch.cat(gathered)
+    ens = probs.mean(0)
+    ens_correct = (ens.argmax(1) == y).sum().item()
+    ens_nll = F.nll_loss(ens.clamp_min(1e-12).log(), y, reduction="sum").item()
+    return [{"correct": (zp.argmax(1) == y).sum().item(), "nll": F.cross_entropy(zp, y, reduction="sum").item(),
+             "n": len(y), "ens_correct": ens_correct, "ens_nll": ens_nll} for zp in z]
 
 
 def _quiet_ray_train_logs() -> None:
@@ -181,12 +190,12 @@ def _quiet_ray_train_logs() -> None:
 
 def _data_parallel(model: nn.Module, topo: Topology, device: torch.device) -> nn.Module:
     """DDP over this peer's replicas only; peers are never averaged with each other."""
-    if topo.peer_group is None:
+    if topo.slot_group is None:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, process_group=topo.peer_group)
+    return DistributedDataParallel(model, device_ids=ids, process_group=topo.slot_group)
 
 
 def _autocast(cfg: Config, device: torch.device):
@@ -195,20 +204,21 @@ def _autocast(cfg: Config, device: torch.device):
     return contextlib.nullcontext()
 
 
-def _gather(stats: dict, topo: Topology) -> list[dict]:
+def _gather(stats: list[dict], topo: Topology) -> list[dict]:
+    """Every rank's per-peer stats, flattened (one dict per peer and replica)."""
     if not dist.is_initialized() or topo.world_size == 1:
-        return [stats]
+        return stats
     out: list = [None] * topo.world_size
     dist.all_gather_object(out, stats)
-    return out
+    return [s for rank_stats in out for s in rank_stats]
 
 
-def _ray_report(metrics, cfg, topo, epoch, model, opt, sched, teacher, history) -> None:
+def _ray_report(metrics, cfg, topo, epoch, peers, teacher, history) -> None:
     """Every rank writes its own files into one checkpoint and reports it (a barrier)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt.save(tmp, topo, epoch, model, opt, sched, teacher, history)
+        ckpt.save(tmp, topo, epoch, peers, teacher, history)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
 

@@ -1,15 +1,21 @@
-"""Who is who in a cohort: rank -> (peer, replica), and the process groups, built once.
+"""Who is who in a cohort: rank -> (the peers it holds, replica), and the process groups, built once.
 
-World size = peers x replicas, ranks laid out peer-major: rank = peer * replicas + replica.
-- A peer's replicas form its *peer group*: ordinary data parallelism (DDP), gradients
-  averaged within the peer only. Peers are never wrapped in one DDP: that would average
+A worker holds `peers_per_worker` consecutive peers (a *slot*); world size = slots x replicas,
+with slots = peers / peers_per_worker, and ranks laid out slot-major: rank = slot * replicas + replica.
+- A slot's replicas form its *slot group*: ordinary data parallelism (DDP per peer), gradients
+  averaged within each peer only. Peers are never wrapped in one DDP: that would average
   their gradients and collapse the cohort into one model.
-- The peers that share a replica index form an *exchange group*: they trade detached logits
-  (DML, where they also share the data shard) or weights (codistillation) over it.
+- The slots that share a replica index form an *exchange group*: they trade detached logits
+  (DML, where they also share the data shard) or weights (codistillation) over it. Peers in the
+  same worker read each other's logits from memory; only other workers' peers come over the group.
 
-    peers=2, replicas=2:   rank 0 = (peer 0, replica 0)   rank 1 = (peer 0, replica 1)
+    peers=2, replicas=2, peers_per_worker=1:
+                           rank 0 = (peer 0, replica 0)   rank 1 = (peer 0, replica 1)
                            rank 2 = (peer 1, replica 0)   rank 3 = (peer 1, replica 1)
-    peer groups: {0, 1}, {2, 3}          exchange groups: {0, 2}, {1, 3}
+    slot groups: {0, 1}, {2, 3}          exchange groups: {0, 2}, {1, 3}
+    peers=4, replicas=1, peers_per_worker=2:
+                           rank 0 = (peers 0, 1)          rank 1 = (peers 2, 3)
+    exchange group: {0, 1}; peers 0 and 1 trade logits in memory, with 2 and 3 over the group
 """
 from __future__ import annotations
 
@@ -19,32 +25,38 @@ from typing import Any
 import torch.distributed as dist
 
 
-def peer_and_replica(rank: int, replicas: int) -> tuple[int, int]:
+def slot_and_replica(rank: int, replicas: int) -> tuple[int, int]:
     return rank // replicas, rank % replicas
 
 
-def rank_of(peer: int, replica: int, replicas: int) -> int:
-    return peer * replicas + replica
+def rank_of(slot: int, replica: int, replicas: int) -> int:
+    return slot * replicas + replica
 
 
-def peer_group_ranks(peer: int, replicas: int) -> list[int]:
-    return [rank_of(peer, r, replicas) for r in range(replicas)]
+def slot_group_ranks(slot: int, replicas: int) -> list[int]:
+    return [rank_of(slot, r, replicas) for r in range(replicas)]
 
 
-def exchange_group_ranks(replica: int, num_peers: int, replicas: int) -> list[int]:
-    return [rank_of(p, replica, replicas) for p in range(num_peers)]
+def exchange_group_ranks(replica: int, num_slots: int, replicas: int) -> list[int]:
+    return [rank_of(s, replica, replicas) for s in range(num_slots)]
 
 
-def train_shard(rank: int, num_peers: int, replicas: int, *, disjoint_peers: bool) -> tuple[int, int]:
+def world_size(num_peers: int, replicas: int, peers_per_worker: int = 1) -> int:
+    return num_peers // peers_per_worker * replicas
+
+
+def train_shard(rank: int, num_peers: int, replicas: int, *, disjoint_peers: bool,
+                peers_per_worker: int = 1) -> tuple[int, int]:
     """(shard index, number of shards) of the training set that this rank draws batches from.
 
     By default peers share shards (DML needs every peer to see the same batch at the same
     step), so the set is cut by replica only. With disjoint peers (codistillation, which
-    exchanges no per-batch data) every rank gets its own shard: no example is seen by two peers.
+    exchanges no per-batch data) every worker gets its own shard: no example is seen by two
+    workers (a worker's packed peers share its shard: they see one batch per step).
     """
-    peer, replica = peer_and_replica(rank, replicas)
+    slot, replica = slot_and_replica(rank, replicas)
     if disjoint_peers:
-        return rank_of(peer, replica, replicas), num_peers * replicas
+        return rank_of(slot, replica, replicas), world_size(num_peers, replicas, peers_per_worker)
     return replica, replicas
 
 
@@ -53,61 +65,79 @@ class Topology:
     rank: int
     num_peers: int
     replicas: int
-    peer_group: Any = None
-    """Process group of this peer's replicas (None when the peer has one replica)."""
+    peers_per_worker: int = 1
+    slot_group: Any = None
+    """Process group of this slot's replicas (None when peers have one replica)."""
     exchange_group: Any = None
-    """Process group of the peers sharing this replica index (None with one peer)."""
+    """Process group of the workers sharing this replica index (None when one worker holds all peers)."""
 
     def __post_init__(self) -> None:
-        if self.num_peers < 1 or self.replicas < 1:
-            raise ValueError(f"need at least one peer and one replica, got {self.num_peers} x {self.replicas}")
+        if self.num_peers < 1 or self.replicas < 1 or self.peers_per_worker < 1:
+            raise ValueError(f"need at least one peer, replica and peer per worker, got {self.num_peers} x "
+                             f"{self.replicas} ({self.peers_per_worker} per worker)")
+        if self.num_peers % self.peers_per_worker:
+            raise ValueError(f"{self.peers_per_worker} peers per worker do not divide {self.num_peers} peers")
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} outside a world of {self.num_peers} peers x {self.replicas} replicas")
+            raise ValueError(f"rank {self.rank} outside a world of {self.world_size} workers")
 
     @property
-    def peer(self) -> int:
-        return peer_and_replica(self.rank, self.replicas)[0]
+    def num_slots(self) -> int:
+        return self.num_peers // self.peers_per_worker
+
+    @property
+    def slot(self) -> int:
+        return slot_and_replica(self.rank, self.replicas)[0]
 
     @property
     def replica(self) -> int:
-        return peer_and_replica(self.rank, self.replicas)[1]
+        return slot_and_replica(self.rank, self.replicas)[1]
+
+    @property
+    def peers(self) -> list[int]:
+        """The peers this worker trains, in order."""
+        first = self.slot * self.peers_per_worker
+        return list(range(first, first + self.peers_per_worker))
 
     @property
     def world_size(self) -> int:
-        return self.num_peers * self.replicas
+        return world_size(self.num_peers, self.replicas, self.peers_per_worker)
 
     @property
     def exchange_ranks(self) -> list[int]:
-        """Global ranks of this rank's exchange group; position p holds peer p."""
-        return exchange_group_ranks(self.replica, self.num_peers, self.replicas)
+        """Global ranks of this rank's exchange group; position s holds slot s's peers."""
+        return exchange_group_ranks(self.replica, self.num_slots, self.replicas)
+
+    def holder(self, peer: int) -> int:
+        """Global rank of the worker holding `peer` with this rank's replica index."""
+        return rank_of(peer // self.peers_per_worker, self.replica, self.replicas)
 
     @property
-    def peer_root(self) -> int:
-        """Global rank of replica 0 of this peer: the one whose buffers DDP treats as the peer's."""
-        return rank_of(self.peer, 0, self.replicas)
+    def slot_root(self) -> int:
+        """Global rank of replica 0 of this slot: the one whose buffers DDP treats as its peers'."""
+        return rank_of(self.slot, 0, self.replicas)
 
 
-def build_topology(rank: int, num_peers: int, replicas: int) -> Topology:
+def build_topology(rank: int, num_peers: int, replicas: int, peers_per_worker: int = 1) -> Topology:
     """Create the groups. Every rank must call this, in the same order, since new_group is
     collective: each rank creates every group and keeps the two it belongs to."""
-    if not dist.is_initialized() or num_peers * replicas == 1:
-        return Topology(rank, num_peers, replicas)
-    world = num_peers * replicas
-    if dist.get_world_size() != world:
-        raise RuntimeError(f"world size {dist.get_world_size()} != peers x replicas = {num_peers} x {replicas}")
-    peer, replica = peer_and_replica(rank, replicas)
-    peer_group = exchange_group = None
+    topo = Topology(rank, num_peers, replicas, peers_per_worker)
+    if not dist.is_initialized() or topo.world_size == 1:
+        return topo
+    if dist.get_world_size() != topo.world_size:
+        raise RuntimeError(f"world size {dist.get_world_size()} != peers / peers_per_worker x replicas = "
+                           f"{num_peers} / {peers_per_worker} x {replicas}")
+    slot_group = exchange_group = None
     if replicas > 1:
-        for p in range(num_peers):
-            g = dist.new_group(peer_group_ranks(p, replicas))
-            if p == peer:
-                peer_group = g
-    if num_peers > 1:
+        for s in range(topo.num_slots):
+            g = dist.new_group(slot_group_ranks(s, replicas))
+            if s == topo.slot:
+                slot_group = g
+    if topo.num_slots > 1:
         if replicas == 1:
             exchange_group = dist.group.WORLD
         else:
             for r in range(replicas):
-                g = dist.new_group(exchange_group_ranks(r, num_peers, replicas))
-                if r == replica:
+                g = dist.new_group(exchange_group_ranks(r, topo.num_slots, replicas))
+                if r == topo.replica:
                     exchange_group = g
-    return Topology(rank, num_peers, replicas, peer_group, exchange_group)
+    return Topology(rank, num_peers, replicas, peers_per_worker, slot_group, exchange_group)

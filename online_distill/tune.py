@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import math
 import os
+import tempfile
 import threading
 import time
 import uuid
@@ -120,9 +121,25 @@ def _abort_cohort(timeout_s: float = 30.0) -> None:
         pass
 
 
+def _report_to_tune(metrics, cfg, topo, epoch, peers, teacher, history) -> None:
+    """The loop's reporter for a cohort in Train's local mode (one worker, in the trial's own
+    process): local mode keeps only its last report in memory and calls no callbacks, so each
+    epoch goes to Tune directly. ray.tune.report copies the checkpoint into the trial's directory
+    before it returns, so the temporary directory may go then."""
+    import ray.tune
+
+    from . import checkpoint as ckpt
+
+    with tempfile.TemporaryDirectory(prefix="od-trial-") as tmp:
+        ckpt.save(tmp, topo, epoch, peers, teacher, history)
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
+
+
 def _trial_driver(params: dict, *, spec: SweepSpec, models=None, datasets=None) -> None:
     """One Tune trial: build the cohort's config from the trial's params, fit its TorchTrainer
-    (resuming from the checkpoint Tune gives this start, if any) and relay its reports."""
+    (resuming from the checkpoint Tune gives this start, if any) and relay its reports. A cohort
+    of one worker runs in Train's local mode, in this process: no controller, no worker group,
+    no process group to start, so the trial's first epoch starts within seconds."""
     import ray.tune
     from ray.util.queue import Empty, Queue
 
@@ -137,6 +154,10 @@ def _trial_driver(params: dict, *, spec: SweepSpec, models=None, datasets=None) 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     cfg = spec.trial_config(params, run_name=f"{trial_id}-{stamp}-{uuid.uuid4().hex[:4]}",
                             storage_path=storage.join(spec.sweep_dir, "cohorts"))
+    if cfg.world_size == 1:
+        make_trainer(cfg, models=models, datasets=datasets, resume_from_checkpoint=start,
+                     local_reporter=_report_to_tune).fit()
+        return
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     _COHORT["queue"] = queue
     trainer = make_trainer(cfg, models=models, datasets=datasets,
@@ -238,10 +259,21 @@ def concurrency(configs: list[Config], resources: Mapping[str, float]) -> int:
     cluster's CPUs (and GPUs) over the biggest trial's demand, at least 1."""
     cpu = max(c.world_size * c.scale.cpus_per_worker for c in configs)
     n = math.floor(resources.get("CPU", 0) / cpu + 1e-9)
-    gpu = max((c.world_size for c in configs if c.scale.use_gpu), default=0)
+    gpu = max((c.world_size * c.scale.gpus_per_worker for c in configs if c.scale.use_gpu), default=0)
     if gpu:
         n = min(n, math.floor(resources.get("GPU", 0) / gpu + 1e-9))
     return max(1, n)
+
+
+def trial_resources(cfg: Config) -> dict:
+    """What a trial's actor asks Ray for. A cohort of one worker trains in the trial's own process
+    (Train's local mode), so the trial holds that worker's CPUs and its GPU share. Otherwise the
+    driver only waits on its TorchTrainer, whose workers hold the real resources: Ray 2.60 refuses
+    an all-zero request ({"cpu": 0}), and any CPU slice would make the last trial's workers miss
+    their CPUs by that slice; one byte of memory reserves nothing real."""
+    if cfg.world_size == 1:
+        return {"cpu": cfg.scale.cpus_per_worker, **({"gpu": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {})}
+    return {"cpu": 0, "memory": 1}
 
 
 def _check_same_sweep(spec: SweepSpec, sweep_dir: str) -> None:
@@ -267,6 +299,7 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
     builders by name; `callbacks` are Ray Tune callbacks."""
     import ray
     from ray import tune
+    from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from . import sweep_results
@@ -286,11 +319,9 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
     n_at_once = spec.max_concurrent or concurrency(configs, ray.cluster_resources())
     trials = spec.trials()
     sweep_dir = spec.sweep_dir
-    # The driver only waits on its TorchTrainer, whose workers hold the trial's real resources.
-    # Ray 2.60 refuses an all-zero request ({"cpu": 0}), and any CPU slice would make the last
-    # trial's workers miss their CPUs by that slice; one byte of memory reserves nothing real.
     trainable = tune.with_resources(
-        tune.with_parameters(_trial_driver, spec=spec, models=models, datasets=datasets), {"cpu": 0, "memory": 1})
+        tune.with_parameters(_trial_driver, spec=spec, models=models, datasets=datasets),
+        lambda params: resource_dict_to_pg_factory(trial_resources(spec.trial_config(params))))
     # every key in the space Tune sees; each trial's values come as a preset point
     param_space = {k: tune.choice(list(dict.fromkeys(t[k] for t in trials))) for k in trials[0]}
 

@@ -43,26 +43,27 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     torch.set_num_threads(1)
     cfg = _cfg()
     topo = build_topology(rank, PEERS, REPLICAS)
-    model = _build_peer(topo.peer)
+    (peer,) = topo.peers
+    model = _build_peer(peer)
     train_model = _data_parallel(model, topo, torch.device("cpu"))
     opt = make_optimizer(cfg.optim, model)
     teacher = StalePeerTeacher(TeacherContext(cfg, topo, torch.device("cpu"), _build_peer, 10))
     g = torch.Generator().manual_seed(rank)  # every rank its own batches: BN statistics drift apart
-    out = {"peer": topo.peer, "replica": topo.replica, "bytes": teacher.comm_bytes_per_step}
+    out = {"peer": peer, "replica": topo.replica, "bytes": teacher.comm_bytes_per_step}
     for step in range(2):
         x, y = torch.rand(B, 1, 28, 28, generator=g), torch.randint(0, 10, (B,), generator=g)
         logits = train_model(x)
-        out[f"teacher_at_{step}"] = teacher.logits(x, logits)
+        out[f"teacher_at_{step}"] = teacher.logits(x, [logits])[0]
         loss = torch.nn.functional.cross_entropy(logits, y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         if step == 1:
             out["buffers_before_swap"] = {k: v.clone() for k, v in model.named_buffers()}
-        teacher.after_step(model, step)  # swaps after step 1 (sync_every=2)
+        teacher.after_step([model], step)  # swaps after step 1 (sync_every=2)
     probe = torch.rand(B, 1, 28, 28, generator=torch.Generator().manual_seed(7))
-    out.update(state=model.state_dict(), copies=teacher.copies.state_dict(), teacher_state=teacher.state_dict(),
-               probe_logits=teacher.logits(probe, None))
+    out.update(state=model.state_dict(), copies=teacher.copies.state_dict(), teacher_state=teacher.state_dict(0),
+               probe_logits=teacher.logits(probe, [None])[0])
     torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -110,10 +111,10 @@ def test_teacher_state_round_trips_for_resume(swapped):
     saved = swapped[(0, 1)]["teacher_state"]
     fresh = StalePeerTeacher(TeacherContext(_cfg(), Topology(1, PEERS, REPLICAS), torch.device("cpu"), _build_peer, 10))
     assert not fresh.synced
-    fresh.load_state_dict(saved)
+    fresh.load_state_dict(0, saved)
     assert fresh.synced
     probe = torch.rand(B, 1, 28, 28, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(fresh.logits(probe, None), swapped[(0, 1)]["probe_logits"], rtol=0, atol=0)
+    torch.testing.assert_close(fresh.logits(probe, [None])[0], swapped[(0, 1)]["probe_logits"], rtol=0, atol=0)
 
 
 def _loop_worker(rank: int, cfg: config_mod.Config, tmp: str) -> None:

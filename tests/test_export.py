@@ -30,10 +30,10 @@ def train_run(d: str, model: str) -> str:
     with open(os.path.join(d, "config.yaml"), "w") as f:
         f.write(C.dump(cfg))
 
-    def report(metrics, cfg, topo, epoch, model, opt, sched, teacher, history):
+    def report(metrics, cfg, topo, epoch, peers, teacher, history):
         out = os.path.join(d, f"checkpoint_epoch_{epoch + 1:04d}")
         os.makedirs(out, exist_ok=True)
-        ckpt.save(out, topo, epoch, model, opt, sched, teacher, history)
+        ckpt.save(out, topo, epoch, peers, teacher, history)
 
     run(cfg, 0, torch.device("cpu"), reporter=report)
     return d

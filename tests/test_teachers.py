@@ -14,7 +14,7 @@ from online_distill import checkpoint as ckpt
 from online_distill import config as C
 from online_distill.losses import distill_loss
 from online_distill.optim import cycle_index, lr_factor, make_optimizer, make_scheduler
-from online_distill.teachers import TeacherContext, build_teacher
+from online_distill.teachers import TEACHERS, TeacherContext, build_teacher
 from online_distill.teachers.ema import ema_decay_at
 from online_distill.teachers.frozen import find_checkpoint_dir, resolve_teacher
 from online_distill.teachers.snapshot import is_cycle_end
@@ -43,6 +43,11 @@ def context(cfg: C.Config, steps_per_epoch: int = 4) -> TeacherContext:
 
     return TeacherContext(cfg, Topology(rank=0, num_peers=1, replicas=1), torch.device("cpu"), build_peer,
                           steps_per_epoch, build_model=lambda name: tiny_net())
+
+
+def peer_source(ctx: TeacherContext):
+    """The chosen mode's source for peer 0, as the worker's per-peer wrapper holds it."""
+    return TEACHERS[ctx.cfg.distill.mode].source(ctx, 0)
 
 
 def train_steps(model, teacher, cfg, steps, steps_per_epoch=4, probe=None):
@@ -100,7 +105,7 @@ def test_ema_weights_are_the_closed_form_average_of_the_student_weights(warmup):
     ctx = context(cfg)
     model = ctx.build_peer(0)
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
-    teacher = build_teacher(ctx)
+    teacher = peer_source(ctx)
     n = 6
     states, _ = train_steps(model, teacher, cfg, n)
     decays = [ema_decay_at(k, 0.8, warmup) for k in range(n)]
@@ -128,15 +133,15 @@ def test_ema_state_survives_a_checkpoint():
     cfg = base_cfg(**{"distill.mode": "ema", "distill.ema_decay": 0.5})
     ctx = context(cfg)
     model = ctx.build_peer(0)
-    teacher = build_teacher(ctx)
+    teacher = peer_source(ctx)
     train_steps(model, teacher, cfg, 3)
-    fresh = build_teacher(ctx)
+    fresh = peer_source(ctx)
     fresh.load_state_dict(roundtrip(teacher.state_dict()))
     x = torch.randn(4, 1, 8, 8)
     assert torch.equal(fresh.logits(x, model(x)), teacher.logits(x, model(x)))
     assert fresh.updates == 3
     # and a fresh teacher that was not restored is a different one (the test can fail)
-    assert not torch.equal(build_teacher(ctx).logits(x, model(x)), teacher.logits(x, model(x)))
+    assert not torch.equal(peer_source(ctx).logits(x, model(x)), teacher.logits(x, model(x)))
 
 
 # --- snapshot ------------------------------------------------------------------------------------
@@ -147,7 +152,7 @@ def test_snapshot_teacher_changes_only_at_cycle_ends_and_is_the_last_snapshot():
                       "train.epochs": epochs})
     ctx = context(cfg, steps_per_epoch=spe)
     model = ctx.build_peer(0)
-    teacher = build_teacher(ctx)
+    teacher = peer_source(ctx)
     probe = torch.randn(6, 1, 8, 8)
     states, seen = train_steps(model, teacher, cfg, spe * epochs, steps_per_epoch=spe, probe=probe)
     assert [s for s in range(12) if is_cycle_end(s, cfg, spe)] == [3, 7]
@@ -161,7 +166,7 @@ def test_snapshot_teacher_changes_only_at_cycle_ends_and_is_the_last_snapshot():
     assert not torch.equal(seen[3], seen[7])
     # the snapshots sit where the cyclic LR restarts
     assert [s for s in range(1, 12) if lr_factor(s, cfg.optim, spe, epochs) == 1.0] == [4, 8]
-    restored = build_teacher(ctx)
+    restored = peer_source(ctx)
     restored.load_state_dict(roundtrip(teacher.state_dict()))
     assert restored.taken_at_step == 7 and torch.equal(restored.logits(probe, None), teacher.logits(probe, None))
 
@@ -185,7 +190,7 @@ def test_snapshot_needs_a_cyclic_schedule():
 def test_dlb_repeats_the_last_batch_and_targets_last_steps_predictions():
     cfg = base_cfg(**{"distill.mode": "dlb"})
     ctx = context(cfg)
-    teacher = build_teacher(ctx)
+    teacher = peer_source(ctx)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(4, 1, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(3)]
     logits_seen = []
@@ -205,7 +210,7 @@ def test_dlb_repeats_the_last_batch_and_targets_last_steps_predictions():
             assert grad[:4].abs().max() < 1e-7 and grad[4:].abs().max() > 1e-4
         logits_seen.append(z.detach().clone())
     # the memory is in the checkpoint: a restored teacher repeats the same batch with the same targets
-    restored = build_teacher(ctx)
+    restored = peer_source(ctx)
     restored.load_state_dict(roundtrip(teacher.state_dict()))
     x, y = batches[0]
     bx, _ = restored.prepare_batch(x, y)
@@ -236,8 +241,8 @@ def teacher_run(tmp_path):
         torch.manual_seed(p)
         net = build_model(name, 1, 10, 28)
         opt = make_optimizer(cfg.optim, net)
-        ckpt.save(str(d), Topology(rank=p, num_peers=2, replicas=1), 1, net, opt,
-                  make_scheduler(cfg.optim, opt, 4, 3), build_teacher(context(cfg)), [])
+        ckpt.save(str(d), Topology(rank=p, num_peers=2, replicas=1), 1, [(net, opt, make_scheduler(cfg.optim, opt, 4, 3))],
+                  build_teacher(context(cfg)), [])
         nets.append(net)
     os.makedirs(run_dir / "checkpoint_epoch_0001")  # an older checkpoint: not the one used
     return run_dir, nets
@@ -260,7 +265,7 @@ def test_frozen_teacher_from_a_run_directory_reads_the_model_from_its_config(tea
 
     ctx = context(cfg)
     ctx.build_model = lambda name: build_model(name, 1, 10, 28)
-    teacher = build_teacher(ctx)
+    teacher = peer_source(ctx)
     x = torch.randn(3, 1, 28, 28)
     out = teacher.logits(x, None)
     assert not out.requires_grad and not teacher.model.training

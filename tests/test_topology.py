@@ -14,23 +14,23 @@ from torch import nn
 from online_distill import config as config_mod
 from online_distill.losses import distill_loss
 from online_distill.optim import make_optimizer
-from online_distill.topology import (Topology, build_topology, exchange_group_ranks, peer_and_replica,
-                                     peer_group_ranks, train_shard)
+from online_distill.topology import (Topology, build_topology, exchange_group_ranks, slot_and_replica,
+                                     slot_group_ranks, train_shard)
 
 PEERS, REPLICAS, B, STEPS = 2, 2, 16, 2
 
 
 def test_rank_layout_is_peer_major_and_groups_partition_the_world():
     ranks = range(PEERS * 3)
-    assert [peer_and_replica(r, 3) for r in ranks] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
-    peer_groups = [peer_group_ranks(p, 3) for p in range(PEERS)]
+    assert [slot_and_replica(r, 3) for r in ranks] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    peer_groups = [slot_group_ranks(p, 3) for p in range(PEERS)]
     exchange_groups = [exchange_group_ranks(r, PEERS, 3) for r in range(3)]
     for groups in (peer_groups, exchange_groups):
         assert sorted(r for g in groups for r in g) == list(ranks)  # each rank in exactly one group
     # an exchange group holds one rank of every peer, all with the same replica index
     for g in exchange_groups:
-        assert sorted(peer_and_replica(r, 3)[0] for r in g) == [0, 1]
-        assert len({peer_and_replica(r, 3)[1] for r in g}) == 1
+        assert sorted(slot_and_replica(r, 3)[0] for r in g) == [0, 1]
+        assert len({slot_and_replica(r, 3)[1] for r in g}) == 1
 
 
 def test_train_shards_shared_by_peers_unless_disjoint():
@@ -42,11 +42,23 @@ def test_train_shards_shared_by_peers_unless_disjoint():
 
 
 def test_topology_refuses_impossible_ranks():
-    assert Topology(3, 2, 2).peer == 1 and Topology(3, 2, 2).replica == 1 and Topology(3, 2, 2).peer_root == 2
+    assert Topology(3, 2, 2).peers == [1] and Topology(3, 2, 2).replica == 1 and Topology(3, 2, 2).slot_root == 2
     with pytest.raises(ValueError, match="outside"):
         Topology(4, 2, 2)
     with pytest.raises(ValueError, match="at least one"):
         Topology(0, 2, 0)
+    with pytest.raises(ValueError, match="do not divide"):
+        Topology(0, 3, 1, peers_per_worker=2)
+
+
+def test_packed_workers_hold_consecutive_peers_and_exchange_across_workers():
+    # 4 peers, 2 per worker, 2 replicas: 4 workers; rank = slot * replicas + replica
+    topos = [Topology(r, 4, 2, peers_per_worker=2) for r in range(4)]
+    assert [t.peers for t in topos] == [[0, 1], [0, 1], [2, 3], [2, 3]]
+    assert [t.replica for t in topos] == [0, 1, 0, 1]
+    assert topos[1].exchange_ranks == [1, 3] and topos[1].holder(3) == 3 and topos[1].holder(0) == 1
+    assert Topology(0, 4, 1, peers_per_worker=4).world_size == 1  # the whole cohort in one worker
+    assert train_shard(3, 4, 2, disjoint_peers=False, peers_per_worker=2) == (1, 2)
 
 
 def test_disjoint_peer_data_only_for_codistill(make_cfg):
@@ -87,20 +99,21 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
     topo = build_topology(rank, PEERS, REPLICAS)
+    (peer,) = topo.peers
     model = _tiny_net()
     train_model = _data_parallel(model, topo, torch.device("cpu"))
     opt = make_optimizer(_optim_cfg(), model)
     dml = PeerTeacher(TeacherContext(config_mod.Config(), topo, torch.device("cpu"), None, STEPS))
     exchanged = []
     for step in range(STEPS):
-        x, y = _batch(topo.peer, step, topo.replica)
+        x, y = _batch(peer, step, topo.replica)
         logits = train_model(x)
-        exchanged.append((logits.detach().clone(), dml.logits(x, logits)))
+        exchanged.append((logits.detach().clone(), dml.logits(x, [logits])[0]))
         loss, _ = distill_loss(logits, None, y, temperature=1.0, kd_weight=0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    torch.save({"peer": topo.peer, "replica": topo.replica, "state": model.state_dict(), "exchanged": exchanged,
+    torch.save({"peer": peer, "replica": topo.replica, "state": model.state_dict(), "exchanged": exchanged,
                 "is_ddp": train_model is not model, "dml_bytes": dml.comm_bytes_per_step}, os.path.join(tmp, f"rank{rank}.pt"))
     dist.destroy_process_group()
 

@@ -1,8 +1,16 @@
 """Teacher sources: where a step's teacher logits come from.
 
-The training loop asks one question per step, `teacher.logits(x, student_logits)`, and calls
-`teacher.after_step(model, step)` after the optimizer step. It never branches on the mode:
-`distill.mode` picks a builder from TEACHERS, and that is the only place names matter.
+A worker trains one or more peers (scale.peers_per_worker) on the same batch. The training
+loop asks one question per step, `teacher.logits(x, student_logits)`, with the logits of every
+peer it holds, and calls `teacher.after_step(models, step)` after the optimizer steps. It never
+branches on the mode: `distill.mode` picks a builder from TEACHERS, and that is the only place
+names matter.
+
+Two kinds of source:
+- cohort sources (DML, codistillation) see all of the worker's peers at once: packed peers take
+  each other's logits (or stale copies) from memory, and only other workers' come over the wire;
+- per-peer sources (EMA, snapshots, DLB, a frozen teacher) are written for one peer
+  (`PeerSource`) and `per_peer` runs one of them for each peer the worker holds.
 """
 from __future__ import annotations
 
@@ -17,14 +25,38 @@ from ..topology import Topology
 
 
 class Teacher:
-    """Base teacher: no teacher at all (plain CE). Subclasses override what they need."""
+    """A worker's teacher for the peers it holds. This base is no teacher at all (plain CE)."""
 
     comm_bytes_per_step: float = 0.0
-    """Bytes this rank receives from other ranks per step (averaged over steps)."""
+    """Bytes this worker receives from other workers per step (averaged over steps)."""
+
+    def __init__(self, ctx: "TeacherContext"):
+        self.n = len(ctx.topo.peers)
 
     def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """The batch the student trains on this step. Most teachers leave it as it is; one that
+        """The batch the students train on this step. Most teachers leave it as it is; one that
         distils from earlier samples (DLB) appends them here, so the loop never asks which."""
+        return x, y
+
+    def logits(self, x: Tensor, student_logits: list[Tensor]) -> list[Tensor | None]:
+        """Per local peer: teacher logits for this batch, (n_teachers, B, C), detached; None for none."""
+        return [None] * self.n
+
+    def after_step(self, models: list[nn.Module], step: int) -> None:
+        """Called after every optimizer step with the (unwrapped) students and the global step."""
+
+    def state_dict(self, i: int) -> dict:
+        """What is saved with the worker's i-th peer (in its checkpoint file)."""
+        return {}
+
+    def load_state_dict(self, i: int, state: dict) -> None:
+        pass
+
+
+class PeerSource:
+    """A teacher source for one peer (self-distillation, a frozen teacher)."""
+
+    def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return x, y
 
     def logits(self, x: Tensor, student_logits: Tensor) -> Tensor | None:
@@ -32,13 +64,49 @@ class Teacher:
         return None
 
     def after_step(self, model: nn.Module, step: int) -> None:
-        """Called after every optimizer step with the (unwrapped) student and the global step."""
+        pass
 
     def state_dict(self) -> dict:
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class PerPeer(Teacher):
+    """One PeerSource per peer the worker holds; no traffic between them."""
+
+    def __init__(self, ctx: "TeacherContext", source: Callable[["TeacherContext", int], PeerSource]):
+        super().__init__(ctx)
+        self.sources = [source(ctx, p) for p in ctx.topo.peers]
+
+    def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        # every peer of a worker sees the same batches, so every source composes the same batch;
+        # each is still asked, since a source may remember what it was given (DLB)
+        return [s.prepare_batch(x, y) for s in self.sources][0]
+
+    def logits(self, x: Tensor, student_logits: list[Tensor]) -> list[Tensor | None]:
+        return [s.logits(x, z) for s, z in zip(self.sources, student_logits)]
+
+    def after_step(self, models: list[nn.Module], step: int) -> None:
+        for s, m in zip(self.sources, models):
+            s.after_step(m, step)
+
+    def state_dict(self, i: int) -> dict:
+        return self.sources[i].state_dict()
+
+    def load_state_dict(self, i: int, state: dict) -> None:
+        self.sources[i].load_state_dict(state)
+
+
+def per_peer(source: type[PeerSource]) -> Callable[["TeacherContext"], Teacher]:
+    """The registry entry of a per-peer source; keeps the source's driver-side `check`."""
+    def build(ctx: "TeacherContext") -> Teacher:
+        return PerPeer(ctx, source)
+
+    build.check = getattr(source, "check", None)
+    build.source = source
+    return build
 
 
 @dataclass
@@ -53,10 +121,6 @@ class TeacherContext:
     """Builds a fresh model by name for this dataset, on the CPU (a frozen teacher's architecture)."""
 
 
-def _independent(ctx: TeacherContext) -> Teacher:
-    return Teacher()
-
-
 def _registry() -> dict[str, Callable[[TeacherContext], Teacher]]:
     from .dlb import LastBatchTeacher
     from .ema import EmaTeacher
@@ -66,14 +130,14 @@ def _registry() -> dict[str, Callable[[TeacherContext], Teacher]]:
     from .stale_peers import StalePeerTeacher
 
     return {
-        "independent": _independent,
+        "independent": Teacher,
         "dml": PeerTeacher,
         "codistill": StalePeerTeacher,
-        "ema": EmaTeacher,
-        "snapshot": SnapshotTeacher,
-        "dlb": LastBatchTeacher,
-        "born_again": BornAgain,
-        "offline": FrozenTeacher,
+        "ema": per_peer(EmaTeacher),
+        "snapshot": per_peer(SnapshotTeacher),
+        "dlb": per_peer(LastBatchTeacher),
+        "born_again": per_peer(BornAgain),
+        "offline": per_peer(FrozenTeacher),
     }
 
 

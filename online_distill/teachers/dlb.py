@@ -22,11 +22,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import Teacher, TeacherContext
+from . import PeerSource, TeacherContext
 
 
-class LastBatchTeacher(Teacher):
-    def __init__(self, ctx: TeacherContext):
+class LastBatchTeacher(PeerSource):
+    def __init__(self, ctx: TeacherContext, peer: int):
         self.device = ctx.device
         self.last_x: Tensor | None = None
         self.last_y: Tensor | None = None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import Teacher, TeacherContext
+from . import PeerSource, TeacherContext
 
 
 def ema_decay_at(step: int, decay: float, warmup_steps: int) -> float:
@@ -64,13 +64,13 @@ def ema_update_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
     ema_step_(paired_state(teacher, student), decay)
 
 
-class EmaTeacher(Teacher):
-    def __init__(self, ctx: TeacherContext):
+class EmaTeacher(PeerSource):
+    def __init__(self, ctx: TeacherContext, peer: int):
         d = ctx.cfg.distill
         self.decay, self.warmup_steps = d.ema_decay, d.ema_warmup_steps
-        self.model_name = ctx.cfg.models[ctx.topo.peer]
+        self.model_name = ctx.cfg.models[peer]
         # build_peer seeds the init exactly as the student's, so the average starts at the student
-        self.model = ctx.build_peer(ctx.topo.peer).to(ctx.device).eval().requires_grad_(False)
+        self.model = ctx.build_peer(peer).to(ctx.device).eval().requires_grad_(False)
         self.updates = 0
         self._pairs: tuple | None = None  # (student, paired_state): found once, not every step
 

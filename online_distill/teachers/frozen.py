@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import storage
 from ..config import Config, ConfigError, DistillConfig
-from . import Teacher, TeacherContext
+from . import PeerSource, TeacherContext
 
 _PEER_FILE = re.compile(r"^peer(\d+)\.pt$")
 _FIELD = "distill.teacher_checkpoint"
@@ -159,8 +159,8 @@ def load_into(model: torch.nn.Module, weights: Mapping[str, Tensor], src: Teache
                           f"({str(e).splitlines()[0]} ...); allowed: the model those weights were trained as") from None
 
 
-class FrozenTeacher(Teacher):
-    def __init__(self, ctx: TeacherContext):
+class FrozenTeacher(PeerSource):
+    def __init__(self, ctx: TeacherContext, peer: int):
         src = resolve_teacher(ctx.cfg.distill)
         self.model_name, self.source = src.model_name, src.path
         self.model = ctx.build_model(src.model_name)
@@ -191,12 +191,12 @@ class FrozenTeacher(Teacher):
         self.model.load_state_dict(state["model"])
 
 
-class BornAgain(Teacher):
+class BornAgain(PeerSource):
     """distill.mode='born_again' as a worker would see it: generation 0, labels only. launch.train
     never sends this mode to workers: generations.py runs generation 0 as an 'independent' run
     and generation g as an 'offline' run taught by frozen generation g - 1 (FrozenTeacher)."""
 
-    def __init__(self, ctx: TeacherContext):
+    def __init__(self, ctx: TeacherContext, peer: int):
         pass
 
     @staticmethod

@@ -1,7 +1,10 @@
 """Deep mutual learning (Zhang et al. 2018): the other peers' current logits are the teachers.
 
-Every step the peers that share a batch all-gather their detached logits over their exchange
-group: (K - 1) x B x C floats received per peer, far less than a gradient all-reduce.
+Every step each peer's teachers are the detached logits of all the other peers on the same
+batch. Peers packed in one worker read each other's from memory; workers holding other peers
+all-gather theirs over the exchange group: (K - k) x B x C floats received per worker that
+holds k of the K peers, far less than a gradient all-reduce, and nothing at all when one
+worker holds the whole cohort.
 """
 from __future__ import annotations
 
@@ -14,13 +17,19 @@ from . import Teacher, TeacherContext
 
 class PeerTeacher(Teacher):
     def __init__(self, ctx: TeacherContext):
+        super().__init__(ctx)
         self.group = ctx.topo.exchange_group
-        self.me = ctx.topo.peer  # position in the exchange group: ranks are ordered by peer
-        self.k = ctx.topo.num_peers
+        self.slots = ctx.topo.num_slots
+        self.mine = ctx.topo.peers  # cohort positions of this worker's peers; slots hold consecutive peers
 
-    def logits(self, x: Tensor, student_logits: Tensor) -> Tensor:
-        mine = student_logits.detach().float().contiguous()
-        gathered = [torch.empty_like(mine) for _ in range(self.k)]
-        dist.all_gather(gathered, mine, group=self.group)
-        self.comm_bytes_per_step = (self.k - 1) * mine.numel() * mine.element_size()
-        return torch.stack([g for i, g in enumerate(gathered) if i != self.me])
+    def logits(self, x: Tensor, student_logits: list[Tensor]) -> list[Tensor]:
+        local = torch.stack([z.detach().float() for z in student_logits])  # (k, B, C)
+        if self.group is None:
+            cohort = local
+        else:  # slot-major ranks: concatenating the slots' stacks gives peers 0..K-1 in order
+            gathered = [torch.empty_like(local) for _ in range(self.slots)]
+            dist.all_gather(gathered, local, group=self.group)
+            cohort = torch.cat(gathered)
+            self.comm_bytes_per_step = (self.slots - 1) * local.numel() * local.element_size()
+        k = cohort.shape[0]
+        return [cohort[[q for q in range(k) if q != p]] for p in self.mine]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import Config, ConfigError
 from ..optim import cycle_index
-from . import Teacher, TeacherContext
+from . import PeerSource, TeacherContext
 
 
 def is_cycle_end(step: int, cfg: Config, steps_per_epoch: int) -> bool:
@@ -24,11 +24,11 @@ def is_cycle_end(step: int, cfg: Config, steps_per_epoch: int) -> bool:
     return step + 1 < total and at(step + 1) > at(step)
 
 
-class SnapshotTeacher(Teacher):
-    def __init__(self, ctx: TeacherContext):
+class SnapshotTeacher(PeerSource):
+    def __init__(self, ctx: TeacherContext, peer: int):
         self.cfg, self.steps_per_epoch = ctx.cfg, ctx.steps_per_epoch
-        self.model_name = ctx.cfg.models[ctx.topo.peer]
-        self.model = ctx.build_peer(ctx.topo.peer).to(ctx.device).eval().requires_grad_(False)
+        self.model_name = ctx.cfg.models[peer]
+        self.model = ctx.build_peer(peer).to(ctx.device).eval().requires_grad_(False)
         self.taken_at_step: int | None = None
         """Global step after which the current snapshot was taken; None in the first cycle."""
 

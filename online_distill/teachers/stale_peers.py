@@ -25,50 +25,63 @@ from . import Teacher, TeacherContext
 
 class StalePeerTeacher(Teacher):
     def __init__(self, ctx: TeacherContext):
+        super().__init__(ctx)
         self.topo = ctx.topo
         self.sync_every, self.burn_in = ctx.cfg.distill.sync_every, ctx.cfg.distill.burn_in_steps
+        mine = self.topo.peers
+        # a stale copy of every peer that teaches one of this worker's peers: all the others, and
+        # with several peers packed here, these too (each teaches its neighbours)
         self.copies = nn.ModuleDict({
-            str(p): ctx.build_peer(p).to(ctx.device).eval().requires_grad_(False)
-            for p in range(self.topo.num_peers) if p != self.topo.peer
+            str(q): ctx.build_peer(q).to(ctx.device).eval().requires_grad_(False)
+            for q in range(self.topo.num_peers) if any(p != q for p in mine)
         })
-        # Stale copies predict under the same precision as the student (the loop's autocast
-        # only wraps the student's forward).
+        # Stale copies predict under the same precision as the students (the loop's autocast
+        # only wraps the students' forward).
         bf16 = ctx.cfg.scale.precision == "bf16"
         self._autocast = (lambda: torch.autocast(ctx.device.type, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
         self.synced = False
-        # Bytes this rank receives per swap (the other peers' states), spread over the steps
-        # between swaps; DDP's gradient all-reduce inside a peer is not peer traffic.
-        self.bytes_per_sync = sum(state_bytes(m) for m in self.copies.values())
+        # Bytes this worker receives per swap (the states of the peers other workers hold), spread
+        # over the steps between swaps; DDP's gradient all-reduce inside a peer is not peer traffic.
+        self.bytes_per_sync = sum(state_bytes(m) for q, m in self.copies.items() if int(q) not in mine)
         self.comm_bytes_per_step = self.bytes_per_sync / self.sync_every
 
     @torch.no_grad()
-    def logits(self, x: Tensor, student_logits: Tensor) -> Tensor | None:
+    def logits(self, x: Tensor, student_logits: list[Tensor]) -> list[Tensor | None]:
         if not self.synced:  # burn-in: plain CE until the first swap
-            return None
+            return [None] * self.n
         with self._autocast():
-            return torch.stack([m(x).float() for m in self.copies.values()])
+            z = {q: m(x).float() for q, m in self.copies.items()}  # each copy's forward once, shared
+        return [torch.stack([v for q, v in z.items() if int(q) != p]) for p in self.topo.peers]
 
-    def after_step(self, model: nn.Module, step: int) -> None:
+    def after_step(self, models: list[nn.Module], step: int) -> None:
         if is_sync_step(step, self.burn_in, self.sync_every):
-            self.sync(model)
+            self.sync(models)
 
     @torch.no_grad()
-    def sync(self, model: nn.Module) -> None:
+    def sync(self, models: list[nn.Module]) -> None:
         """Swap states with the other peers. Collective: every rank of the cohort calls it."""
         topo = self.topo
-        if topo.peer_group is not None:
-            broadcast_flat(list(model.buffers()), src=topo.peer_root, group=topo.peer_group)
-        for p, src in enumerate(topo.exchange_ranks):
-            source = model if p == topo.peer else self.copies[str(p)]
-            broadcast_flat(list(source.state_dict().values()), src=src, group=topo.exchange_group)
+        live = dict(zip(topo.peers, models))
+        if topo.slot_group is not None:
+            for m in models:
+                broadcast_flat(list(m.buffers()), src=topo.slot_root, group=topo.slot_group)
+        for q in range(topo.num_peers):
+            if topo.exchange_group is not None:  # every worker takes part, in peer order
+                source = live[q] if q in live else self.copies[str(q)]
+                broadcast_flat(list(source.state_dict().values()), src=topo.holder(q), group=topo.exchange_group)
+            if q in live and str(q) in self.copies:  # a packed neighbour's copy: from memory
+                self.copies[str(q)].load_state_dict(live[q].state_dict())
         self.synced = True
 
-    def state_dict(self) -> dict:
+    def state_dict(self, i: int) -> dict:
         return {"synced": self.synced, "copies": self.copies.state_dict()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, i: int, state: dict) -> None:
         self.synced = bool(state["synced"])
-        self.copies.load_state_dict(state["copies"])
+        copies = self.copies.state_dict()
+        # a checkpoint written by another layout holds copies of the peers its worker needed
+        saved = {k: v for k, v in state["copies"].items() if k in copies}
+        self.copies.load_state_dict({**copies, **saved})
 
 
 def is_sync_step(step: int, burn_in: int, sync_every: int) -> bool:

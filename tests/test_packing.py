@@ -1,0 +1,102 @@
+"""Packing (scale.peers_per_worker): where peers run changes, what they learn does not.
+
+The same seeded cohort is trained by the real loop spread (one peer per gloo process) and packed
+(several peers in one process), and every number of every epoch must agree: losses, train and
+validation accuracy, NLL, the ensemble, the test split at the end. No Ray here: the loop is the
+thing under test; tests/test_train_e2e.py runs a packed cohort through Ray Train.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from online_distill import config as config_mod
+from online_distill.loop import run
+
+# every number a history row holds about what was learned (timings and layout excluded)
+LEARNED = ["train_ce", "train_kd", "train_acc", "val_acc", "val_nll", "test_acc", "test_nll"]
+
+
+def _world_worker(rank: int, cfg: config_mod.Config, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=cfg.world_size)
+    history = run(cfg, rank, torch.device("cpu"))
+    if rank == 0:
+        with open(os.path.join(tmp, "history.json"), "w") as f:
+            json.dump(history, f)
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def train_history(tmp_path, spawn_world):
+    """History of a cohort: in this process when it has one worker, else in a gloo world."""
+    counter = iter(range(100))
+
+    def train(cfg: config_mod.Config) -> list[dict]:
+        cfg.check()
+        if cfg.world_size == 1:
+            before = torch.get_num_threads()
+            try:
+                return run(cfg, 0, torch.device("cpu"))
+            finally:
+                torch.set_num_threads(before)  # the loop sets its worker's thread count
+        tmp = tmp_path / f"world{next(counter)}"
+        tmp.mkdir()
+        spawn_world(_world_worker, (cfg, str(tmp)), cfg.world_size)
+        return json.loads((tmp / "history.json").read_text())
+
+    return train
+
+
+def _cohort(make_cfg, mode: str, models: list[str], **over) -> config_mod.Config:
+    return make_cfg(models=models, distill__mode=mode, data__train_subset=384, data__val_size=128,
+                    data__test_subset=128, train__batch_size=32, train__epochs=2, distill__sync_every=3, **over)
+
+
+def assert_same_learning(a: list[dict], b: list[dict]) -> None:
+    assert [(r["epoch"], r["member"]) for r in a] == [(r["epoch"], r["member"]) for r in b]
+    for ra, rb in zip(a, b):
+        for k in LEARNED:
+            if k in ra or k in rb:
+                assert ra[k] == pytest.approx(rb[k], rel=1e-5, abs=1e-6), (ra["epoch"], ra["member"], k)
+
+
+@pytest.mark.parametrize("mode", ["dml", "independent", "codistill"])
+def test_packed_and_spread_cohorts_learn_the_same(make_cfg, train_history, mode):
+    models = ["tiny_cnn", "mlp"]  # heterogeneous peers, packed in one worker
+    spread = train_history(_cohort(make_cfg, mode, models))
+    packed = train_history(_cohort(make_cfg, mode, models, scale__peers_per_worker=2))
+    assert_same_learning(spread, packed)
+    if mode != "independent":  # the test can fail: the teacher changed what was learned
+        alone = train_history(_cohort(make_cfg, "independent", models, scale__peers_per_worker=2))
+        assert any(r["train_kd"] > 0 for r in packed)
+        assert any(x["val_nll"] != y["val_nll"] for x, y in zip(packed, alone))
+    peers = [r for r in packed if r["member"] != "ensemble"]
+    assert all(r["exchange_bytes_per_step"] == 0 for r in peers)  # nothing crosses a process boundary
+
+
+def test_four_peers_two_per_worker_exchange_across_workers(make_cfg, train_history):
+    """4 peers on 2 workers: each peer's teachers are its packed neighbour (memory) and the
+    other worker's two peers (the all-gather); the same numbers as the whole cohort in one worker."""
+    models = ["tiny_cnn"] * 4
+    half = train_history(_cohort(make_cfg, "dml", models, scale__peers_per_worker=2))
+    whole = train_history(_cohort(make_cfg, "dml", models, scale__peers_per_worker=4))
+    assert_same_learning(half, whole)
+    batch, classes = 32, 10
+    received = {r["exchange_bytes_per_step"] for r in half if r["member"] != "ensemble"}
+    assert received == {2 * batch * classes * 4}  # (K - k) x B x C fp32 per worker: the other worker's 2 peers
+
+
+def test_layout_refusals_name_the_field(make_cfg):
+    with pytest.raises(config_mod.ConfigError, match=r"scale.peers_per_worker: got 2; allowed: a divisor of the 3 peers: 1, 3"):
+        make_cfg(models=["tiny_cnn"] * 3, scale__peers_per_worker=2).check()
+    with pytest.raises(config_mod.ConfigError, match="scale.peers_per_worker.*disjoint"):
+        make_cfg(distill__mode="codistill", distill__peer_data="disjoint", scale__peers_per_worker=2).check()
+    with pytest.raises(config_mod.ConfigError, match="scale.gpus_per_worker.*NCCL"):
+        make_cfg(scale__use_gpu=True, scale__gpus_per_worker=0.5).check()
+    make_cfg(scale__use_gpu=True, scale__gpus_per_worker=0.5, scale__peers_per_worker=2).check()
+    with pytest.raises(config_mod.ConfigError, match=r"scale.gpus_per_worker: got 1.5; allowed: a number in \(0, 1\]"):
+        make_cfg(scale__gpus_per_worker=1.5).check()
