@@ -1,12 +1,14 @@
 """`online-distill bench`: what the framework costs, measured side by side in one run.
 
-Three measurements of the same work (K peers, same model, same batches, one thread per peer):
-  (a) dml          our Ray Train loop, peers all-gathering logits every step
+Six measurements of the same work (K peers, same model, same batches, K CPUs in all):
+  (a) dml          our Ray Train loop, one peer per worker (1 thread each), all-gathering logits every step
   (b) independent  our Ray Train loop, the same peers with no exchange
   (c) plain dml    K plain PyTorch processes without Ray doing (a)'s work: forward, all-gather
                    of the detached logits over gloo, the same loss, backward, step
   (d) plain        K plain PyTorch processes without Ray doing (b)'s work: forward, CE, backward, step
-They are repeated in alternation (a b c d a b c d ...) so drift of the machine hits all alike.
+  (e) packed dml   our Ray Train loop, all K peers in one worker (K threads): the exchange is a memory read
+  (f) packed independent   (e) with no exchange
+They are repeated in alternation (a b c d e f a b ...) so drift of the machine hits all alike.
 A ratio is the median over repeats of the ratio within a repeat: the two sides of a pair ran back
 to back, so a machine that is slower in one repeat than in another (on a shared 2-core box, by
 20% and more) slows both sides of that pair. The range over repeats and the ratio of the
@@ -32,14 +34,16 @@ from .models import build_model
 from .optim import make_optimizer
 
 
-def bench_config(mode: str, peers: int, model: str, batch_size: int, steps: int, storage: str, name: str) -> config_mod.Config:
+def bench_config(mode: str, peers: int, model: str, batch_size: int, steps: int, storage: str, name: str,
+                 packed: bool = False) -> config_mod.Config:
+    """K peers; spread: one worker (one CPU, one thread) per peer; packed: one worker with K CPUs."""
     return config_mod.from_dict({
         "models": [model] * peers,
         "data": {"dataset": "synthetic", "val_size": 256, "test_subset": 256},
         "distill": {"mode": mode},
         "optim": {"schedule": "constant"},
         "train": {"epochs": 1, "batch_size": batch_size, "max_steps_per_epoch": steps, "log_every_s": 3600},
-        "scale": {"cpus_per_worker": 1},
+        "scale": {"cpus_per_worker": peers if packed else 1, "peers_per_worker": peers if packed else 1},
         "run": {"name": name, "storage_path": storage, "max_failures": 0},
     })
 
@@ -113,30 +117,38 @@ def bench(peers: int = 2, model: str = "small_cnn", batch_size: int = 128, steps
 
     init_ray()
     storage = tempfile.mkdtemp(prefix="online_distill_bench_")
-    # (label, distill.mode, through Ray Train?)
-    kinds = [("dml", "dml", True), ("independent", "independent", True),
-             ("plain dml", "dml", False), ("plain", "independent", False)]
-    times: dict[str, list[float]] = {k: [] for k, _, _ in kinds}
-    comm, shares = 0.0, []
+    # (label, distill.mode, through Ray Train?, packed?)
+    kinds = [("dml", "dml", True, False), ("independent", "independent", True, False),
+             ("plain dml", "dml", False, False), ("plain", "independent", False, False),
+             ("packed dml", "dml", True, True), ("packed independent", "independent", True, True)]
+    times: dict[str, list[float]] = {k: [] for k, *_ in kinds}
+    comm, packed_comm, shares = 0.0, 0.0, []
     for r in range(repeats):
-        for label, mode, on_ray in kinds:
-            cfg = bench_config(mode, peers, model, batch_size, steps, storage, f"{label.replace(' ', '_')}{r}")
+        for label, mode, on_ray, packed in kinds:
+            cfg = bench_config(mode, peers, model, batch_size, steps, storage, f"{label.replace(' ', '_')}{r}", packed)
             if on_ray:
                 t, b, share = ray_step_time(cfg)
-                if mode == "dml":
+                if mode == "dml" and packed:
+                    packed_comm = b
+                elif mode == "dml":
                     comm = b
                     shares.append(share)
             else:
                 t = plain_step_time(cfg)
             times[label].append(t)
-            print(f"  repeat {r + 1}/{repeats}  {label:<12} {t * 1e3:8.2f} ms/step", flush=True)
+            print(f"  repeat {r + 1}/{repeats}  {label:<18} {t * 1e3:8.2f} ms/step", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     pairs = {"dml_over_independent": ("dml", "independent"), "ray_over_plain": ("independent", "plain"),
-             "ray_dml_over_plain_dml": ("dml", "plain dml"), "plain_dml_over_plain": ("plain dml", "plain")}
+             "ray_dml_over_plain_dml": ("dml", "plain dml"), "plain_dml_over_plain": ("plain dml", "plain"),
+             "packed_dml_over_packed_independent": ("packed dml", "packed independent"),
+             # samples/s summed over peers is K x B / step time in both layouts: a ratio of step times
+             "spread_over_packed_dml_step": ("dml", "packed dml")}
     num_classes = 10
     expected = (peers - 1) * batch_size * num_classes * 4
     out = {"dml_ms": med["dml"] * 1e3, "independent_ms": med["independent"] * 1e3, "plain_ms": med["plain"] * 1e3,
            "plain_dml_ms": med["plain dml"] * 1e3, "bytes_per_step": comm, "expected_bytes_per_step": expected,
+           "packed_dml_ms": med["packed dml"] * 1e3, "packed_independent_ms": med["packed independent"] * 1e3,
+           "packed_bytes_per_step": packed_comm,
            "dml_exchange_share": statistics.median(shares)}
     for key, (a, b) in pairs.items():
         out[key], out[key + "_min"], out[key + "_max"] = paired_ratio(times[a], times[b])
@@ -147,14 +159,19 @@ def bench(peers: int = 2, model: str = "small_cnn", batch_size: int = 128, steps
                 f"ratio of the medians {out[key + '_of_medians']:.3f})")
 
     print(f"\nbench: {peers} x {model}, batch {batch_size}, {steps} steps, {repeats} repeats, "
-          f"torch threads 1 per peer, {os.cpu_count()} CPUs; ratios are medians of the per-repeat ratios")
+          f"{peers} torch threads in all, {os.cpu_count()} CPUs; ratios are medians of the per-repeat ratios")
     print(f"  step time (median)   dml {out['dml_ms']:.2f} ms   independent {out['independent_ms']:.2f} ms   "
           f"plain PyTorch: dml {out['plain_dml_ms']:.2f} ms, independent {out['plain_ms']:.2f} ms")
     print(f"  DML / independent    {ratio('dml_over_independent')}   bar <= 1.05")
     print(f"  Ray path / plain     {ratio('ray_over_plain')}   bar <= 1.10")
     print(f"  plain PyTorch alone: DML / independent {ratio('plain_dml_over_plain')}")
     print(f"  DML through Ray / DML in plain PyTorch {ratio('ray_dml_over_plain_dml')}")
-    print(f"  bytes received per step per worker  {comm:.0f}   (K-1)*B*C*4 = {expected}")
+    print(f"  packed (all {peers} peers in one worker): dml {out['packed_dml_ms']:.2f} ms   independent "
+          f"{out['packed_independent_ms']:.2f} ms")
+    print(f"  packed DML / packed independent   {ratio('packed_dml_over_packed_independent')}   bar <= 1.05")
+    print(f"  packed / spread throughput (samples/s summed over peers, DML)   "
+          f"{ratio('spread_over_packed_dml_step')}   bar >= 1")
+    print(f"  bytes received per step per worker  {comm:.0f}   (K-1)*B*C*4 = {expected}; packed {packed_comm:.0f}")
     print(f"  DML step share in the exchange   {out['dml_exchange_share']:.1%}   (the all-gather, and waiting in it "
           f"for the slowest peer: lockstep passes any peer's stall to all)")
     return out

@@ -158,6 +158,8 @@ def make_trainer(cfg: Config, *, models=None, datasets=None, callbacks=None, res
     local = local_reporter is not None
     if local and cfg.world_size != 1:
         raise ValueError(f"Train's local mode runs one worker; this cohort has {cfg.world_size}")
+    # ScalingConfig announces local mode at INFO on every trial; that it runs so is our design
+    logging.getLogger("ray.train.v2.api.config").setLevel(logging.WARNING)
     resources = {"CPU": cfg.scale.cpus_per_worker, **({"GPU": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,

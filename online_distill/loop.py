@@ -30,18 +30,24 @@ from .topology import Topology, build_topology, train_shard
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Entry point of a Ray Train worker (or of Train's local mode, in a Tune trial's process).
-    `config` carries the Config, user builders, and optionally the reporter to use."""
+    """Entry point of a Ray Train worker, or of Train's local mode (one worker, in the calling
+    process: a Tune trial's). `config` carries the Config, user builders and, in local mode, the
+    reporter to use (local mode keeps reports in memory only, and inside a Tune trial the
+    ray.train context calls are Tune's to answer)."""
+    cfg: Config = config["cfg"]
+    builders = dict(model_builders=config.get("models"), dataset_builders=config.get("datasets"))
+    if config.get("reporter") is not None:
+        device = torch.device("cuda" if cfg.scale.use_gpu and torch.cuda.is_available() else "cpu")
+        run(cfg, 0, device, **builders, reporter=config["reporter"], restore_from=config.get("resume_from"))
+        return
     import ray.train
     import ray.train.torch
 
-    cfg: Config = config["cfg"]
     _quiet_ray_train_logs()
     rank = ray.train.get_context().get_world_rank()
-    device = ray.train.torch.get_device()
-    run(cfg, rank, device, model_builders=config.get("models"), dataset_builders=config.get("datasets"),
+    run(cfg, rank, ray.train.torch.get_device(), **builders, reporter=_ray_report,
         # this run's own latest checkpoint (after a worker failure) wins over the one it started from
-        reporter=config.get("reporter") or _ray_report, restore_from=ray.train.get_checkpoint() or config.get("resume_from"))
+        restore_from=ray.train.get_checkpoint() or config.get("resume_from"))
 
 
 def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, dataset_builders=None,

@@ -7,8 +7,9 @@ Both sweeps run the same trials (same settings, same seeds), one trial at a time
 after the other on the same Ray; the second differs only in `scheduler.name: none`. Printed per sweep: trials, training
 epochs spent, the best objective found (the best trial's best epoch, and the mean of the best
 setting over seeds), wall time; then where the wall time went: Tune's own time outside any
-trial, each trial's Train start-up (worker group, process groups: its first report minus one
-steady epoch), and the epochs themselves.
+trial, each trial's start-up (its first report minus one steady epoch: for a cohort of several
+workers, the Train controller, worker group and process groups; for a cohort packed in one
+worker, Train's local mode in the trial's own process), and the epochs themselves.
 """
 from __future__ import annotations
 
@@ -71,6 +72,10 @@ def main(argv=None) -> int:
     print(f"\nASHA / no early stopping: epochs {a['epochs_spent'] / n['epochs_spent']:.2f}x, wall "
           f"{a['wall_s'] / n['wall_s']:.2f}x, best trial {a['best_trial_objective'] - n['best_trial_objective']:+.4f}, "
           f"best setting mean {a['best_setting_mean'] - n['best_setting_mean']:+.4f}")
+    startups = [r["median_startup_s"] for r in rows.values()]
+    print(f"\ntrial start-up (first report - one steady epoch), median over both sweeps' trials: "
+          f"{statistics.median(startups):.1f} s   bar <= 3 s (scale.peers_per_worker="
+          f"{spec.base.scale.peers_per_worker}: {spec.base.world_size} worker(s) per trial)")
     for label, r in rows.items():
         print(f"{label}: Tune outside trials {r['wall_s'] - r['sum_trial_s']:.1f} s "
               f"of {r['wall_s']:.1f} s wall (trials {r['sum_trial_s']:.1f} s = Train start-up "

@@ -25,8 +25,9 @@ TINY = os.path.join(ROOT, "tune_configs", "tiny.yaml")
 
 
 def tiny(tmp_path, datasets=None, **sets):
-    """The tiny sweep of tune_configs/ under tmp_path; 2 tiny_cnn peers at 0.5 CPU each, so the
-    4-CPU test session runs 4 trials at once."""
+    """The tiny sweep of tune_configs/ under tmp_path: 2 tiny_cnn peers packed in one worker at
+    0.5 CPU, each trial in Train's local mode in its own process (with scale.peers_per_worker=1:
+    a worker group of 2 workers per trial)."""
     base = {"storage_path": str(tmp_path / "sweeps"), "scale.cpus_per_worker": 0.5}
     return load_sweep(TINY, {**base, **sets}, datasets=datasets)
 
@@ -82,7 +83,7 @@ def test_trials_pair_every_setting_with_the_same_seeds_and_one_baseline_per_seed
 
 def test_overrides_reach_the_base_config_or_the_sweep():
     spec = load_sweep(TINY, {"train.epochs": 5, "name": "other", "scheduler.grace_period": 2,
-                             "space.models": {"choice": [["tiny_cnn", "tiny_cnn"], ["mlp", "tiny_cnn", "tiny_cnn"]]}})
+                             "space.models": {"choice": [["tiny_cnn", "tiny_cnn"], ["mlp", "tiny_cnn", "mlp", "tiny_cnn"]]}})
     assert spec.base.train.epochs == 5 and spec.name == "other" and spec.scheduler.grace_period == 2
     cfgs = spec.check()
     assert {c.models for c in cfgs} >= {("tiny_cnn", "tiny_cnn")}
@@ -97,6 +98,18 @@ def test_concurrency_fits_whole_cohorts_into_the_cluster(make_cfg):
     assert concurrency([make_cfg(scale__cpus_per_worker=2)], {"CPU": 2}) == 1  # never 0
     gpu = make_cfg(scale__use_gpu=True)
     assert concurrency([gpu], {"CPU": 64, "GPU": 4}) == 2
+    # whole cohorts in one worker with a quarter of a GPU each: four cohorts share one GPU
+    shared = make_cfg(scale__use_gpu=True, scale__peers_per_worker=2, scale__gpus_per_worker=0.25)
+    assert concurrency([shared], {"CPU": 64, "GPU": 1}) == 4
+
+
+def test_a_trial_holds_its_cohorts_resources_only_in_local_mode(make_cfg):
+    from online_distill.tune import trial_resources
+
+    packed = make_cfg(scale__peers_per_worker=2, scale__cpus_per_worker=2, scale__use_gpu=True,
+                      scale__gpus_per_worker=0.5)
+    assert trial_resources(packed) == {"cpu": 2, "gpu": 0.5}  # the trial's process trains the cohort
+    assert trial_resources(make_cfg()) == {"cpu": 0, "memory": 1}  # the Train workers hold them
 
 
 def test_asha_never_stops_the_baseline_and_the_baseline_sets_no_cutoff():
@@ -247,9 +260,11 @@ def test_asha_sweep_survives_a_failing_trial_and_an_interruption(ray_session, tm
     os.remove(os.path.join(spec.sweep_dir, "trials.csv"))
     report(spec.sweep_dir, verbose=False)
     pd.testing.assert_frame_equal(pd.read_csv(os.path.join(spec.sweep_dir, "trials.csv")), written)
-    # ... and a run's tables from its latest checkpoint: here the baseline's Train run
+    # ... and a run's tables from its latest checkpoint: here the baseline trial's (its cohort ran
+    # in Train's local mode, in the trial's process: its checkpoints are the trial's own)
     base_id = table.loc[table["role"] == "baseline", "trial_id"].item()
-    run_dir = os.path.join(spec.sweep_dir, "cohorts", _cohort_runs(spec.sweep_dir, base_id)[-1])
+    assert not _cohort_runs(spec.sweep_dir, base_id)  # no worker group, no Train run directory
+    run_dir = os.path.join(spec.sweep_dir, base_id)
     report(run_dir, verbose=False)
     metrics = pd.read_csv(os.path.join(run_dir, "metrics.csv"))
     assert metrics["epoch"].max() == 6 and set(metrics["member"]) == {"peer0", "peer1", "ensemble"}
@@ -262,7 +277,9 @@ def test_asha_sweep_survives_a_failing_trial_and_an_interruption(ray_session, tm
 def test_pbt_exploits_by_restoring_the_donors_checkpoint(ray_session, tmp_path):
     # three DML cohorts with drawn knobs and one that learns far too slowly: PBT must copy a
     # better trial's checkpoint into it and perturb the knobs it inherited
+    # one peer per worker: each trial fits a 2-worker TorchTrainer (the relay path of the driver)
     spec = tiny(tmp_path, **{"name": "pbt", "seeds": [0], "baseline": False, "num_samples": 3, "train.epochs": 4,
+                             "scale.peers_per_worker": 1,
                              "objective": "mean", "space": {"loss.temperature": {"uniform": [1.0, 8.0]},
                                                            "loss.kd_weight": {"uniform": [0.1, 0.9]}},
                              "points": [{"optim.lr": 0.0005}],
