@@ -55,7 +55,9 @@ def cmd_tune(args) -> int:
 
     raw = config.read_yaml(args.config, "sweep file")  # a refusal names the file and line
     overrides = config.parse_sets(args.sets)  # ... or the --set item
-    where = " ".join([f"sweep file {args.config!r}"] + [f"--set {s!r}" for s in args.sets])
+    where = f"sweep file {args.config!r}"  # a sweep's error may come from the file and the items together
+    if args.sets:
+        where += " with " + ", ".join(f"--set {s!r}" for s in args.sets)
     try:  # everything but the registry names, before torch and Ray
         spec = sweep_config.from_dict(raw, base_dir=os.path.dirname(os.path.abspath(args.config)),
                                       overrides=overrides, names=False)

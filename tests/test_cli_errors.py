@@ -108,7 +108,7 @@ def test_sweep_files_get_the_same_treatment(tmp_path):
     line = refused(cli("tune", path, "--set", "space.loss.kd_weight={uniform: [0.2"))
     assert "--set 'space.loss.kd_weight={uniform: [0.2'" in line and "not valid YAML" in line
     line = refused(cli("tune", path, "--set", "loss.kd_weight=2"))
-    assert f"sweep file {path!r} --set 'loss.kd_weight=2': " in line and "loss.kd_weight: got 2.0" in line
+    assert f"sweep file {path!r} with --set 'loss.kd_weight=2': " in line and "loss.kd_weight: got 2.0" in line
     line = refused(cli("tune", put(tmp_path, sweep.replace("{grid: [1, 2]}", "{grid: [1, -2]}"), "v.yaml")))
     assert "space.loss.temperature: loss.temperature: got -2.0; allowed: a number > 0" in line
 
@@ -172,3 +172,10 @@ def test_python_api_keeps_its_messages_and_refuses_duplicates(tmp_path):
     assert C.load(put(tmp_path, "# only a comment\n")) == C.Config()
     with pytest.raises(C.ConfigError, match="sweep file .* duplicate key 'space'"):
         S.load(put(tmp_path, "name: s\nspace: {}\nspace: {}\n", "s.yaml"))
+
+
+def test_refusal_benchmark_prints_its_median():
+    out = subprocess.run([sys.executable, "-m", "online_distill.bench_refusal", "-n", "2"], capture_output=True,
+                         text=True, env=ENV, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1].startswith("median refusal time: ") and "(bar < 2 s)" in out.stdout
