@@ -1,10 +1,13 @@
 """`online-distill` command line: train | bench | report | tune | export.
 
-Config errors exit with status 2 and one line that names the field and what is allowed.
+Config errors exit with status 2 and one line that names the field and what is allowed, and
+where the value came from (the file and line, or the --set item). The checks that need no
+registry run before torch and Ray are imported, so such a refusal takes only Python's start-up.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import ConfigError
@@ -18,9 +21,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     from . import config
-    from .launch import train
 
-    cfg = config.load(args.config, config.parse_sets(args.sets))
+    cfg, source = config.load_checked(args.config, args.sets)  # before torch and Ray: a refusal is quick
+    from .launch import train  # torch, torchvision, Ray
+
+    try:
+        cfg.check_names()  # model and dataset names, what the teacher source needs
+    except ConfigError as e:
+        raise source.locate(e) from None
     train(cfg)
     return 0
 
@@ -43,10 +51,24 @@ def cmd_bench(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from . import config
-    from .tune import load_sweep, run_sweep
+    from . import config, sweep_config
 
-    spec = load_sweep(args.config, config.parse_sets(args.sets))
+    raw = config.read_yaml(args.config, "sweep file")  # a refusal names the file and line
+    overrides = config.parse_sets(args.sets)  # ... or the --set item
+    where = f"sweep file {args.config!r}"  # a sweep's error may come from the file and the items together
+    if args.sets:
+        where += " with " + ", ".join(f"--set {s!r}" for s in args.sets)
+    try:  # everything but the registry names, before torch and Ray
+        spec = sweep_config.from_dict(raw, base_dir=os.path.dirname(os.path.abspath(args.config)),
+                                      overrides=overrides, names=False)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}", e.field) from None
+    from .tune import run_sweep  # torch, Ray
+
+    try:
+        spec.check()
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}", e.field) from None
     result = run_sweep(spec, retry_errored=args.retry_errored)
     return 0 if result.complete else 130  # Tune handled Ctrl+C itself: the sweep is resumable, not done
 
@@ -116,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except ConfigError as e:
-        print(f"online-distill: config error: {e}", file=sys.stderr)
+        print(f"online-distill: config error: {' '.join(str(e).splitlines())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted: checkpoints are kept; rerun the same command to resume", file=sys.stderr)

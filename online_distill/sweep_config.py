@@ -204,11 +204,13 @@ class SweepSpec:
             overrides["run.storage_path"] = storage_path
         return config_mod.with_overrides(self.base, overrides)
 
-    def check(self, models=None, datasets=None) -> list[Config]:
-        """Validate everything; returns the config of every trial (all of them checked)."""
+    def check(self, models=None, datasets=None, *, names: bool = True) -> list[Config]:
+        """Validate everything; returns the config of every trial (all of them checked).
+        `names=False` leaves out the registry checks (model and dataset names, teacher sources),
+        which import torch: the CLI refuses the rest before importing anything heavy."""
         if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
             _fail("name", self.name, "a non-empty name without '/' or a leading '.'")
-        self.base.check(models, datasets)
+        _check_config(self.base, models, datasets, names)
         if self.num_samples < 1:
             _fail("num_samples", self.num_samples, "an integer >= 1")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -221,13 +223,13 @@ class SweepSpec:
             _fail("checkpoints_to_keep", self.checkpoints_to_keep, "null or an integer >= 1")
         for key, dist in self.space.items():
             for value in dist.values:  # every grid/choice value, or both ends of a range
-                _check_value(self.base, f"space.{key}", key, value, models, datasets)
+                _check_value(self.base, f"space.{key}", key, value, models, datasets, names)
         for i, point in enumerate(self.points):
-            _check_value(self.base, f"points[{i}]", None, point, models, datasets)
+            _check_value(self.base, f"points[{i}]", None, point, models, datasets, names)
         configs = []
         for params in self.trials():
             try:
-                configs.append(self.trial_config(params).check(models, datasets))
+                configs.append(_check_config(self.trial_config(params), models, datasets, names))
             except ConfigError as e:
                 shown = {k: v for k, v in params.items() if k != "baseline"}
                 raise ConfigError(f"trial {shown}: {e}") from None
@@ -251,13 +253,17 @@ class SweepSpec:
         return d
 
 
-def _check_value(base: Config, where: str, key: str | None, value: Any, models, datasets) -> None:
+def _check_config(cfg: Config, models, datasets, names: bool) -> Config:
+    return cfg.check(models, datasets) if names else cfg.check_fields()
+
+
+def _check_value(base: Config, where: str, key: str | None, value: Any, models, datasets, names: bool = True) -> None:
     overrides = {key: value} if key is not None else dict(value)
     for k in overrides:
         if k in NOT_SWEPT:
             raise ConfigError(f"{where}: {k} cannot be swept; {NOT_SWEPT[k]}")
     try:
-        config_mod.with_overrides(base, overrides).check(models, datasets)
+        _check_config(config_mod.with_overrides(base, overrides), models, datasets, names)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 
@@ -313,7 +319,7 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
 
 
 def from_dict(raw: Mapping[str, Any], *, base_dir: str = ".", overrides: Mapping[str, Any] | None = None,
-              models=None, datasets=None, check: bool = True) -> SweepSpec:
+              models=None, datasets=None, check: bool = True, names: bool = True) -> SweepSpec:
     """Build (and by default fully check) a sweep from a mapping. `overrides` are dotted: a run
     config field (loss.temperature) changes the base; anything else is a sweep field
     (num_samples, scheduler.name, space.loss.kd_weight, ...)."""
@@ -384,15 +390,17 @@ def from_dict(raw: Mapping[str, Any], *, base_dir: str = ".", overrides: Mapping
         checkpoints_to_keep=config_mod._coerce("checkpoints_to_keep", raw.get("checkpoints_to_keep"), int | None),
     )
     if check:
-        spec.check(models, datasets)
+        spec.check(models, datasets, names=names)
     return spec
 
 
-def load(path: str, overrides: Mapping[str, Any] | None = None, *, models=None, datasets=None) -> SweepSpec:
-    """Read a sweep file (yaml.safe_load only); a relative `base:` path is read beside it."""
+def load(path: str, overrides: Mapping[str, Any] | None = None, *, models=None, datasets=None,
+         names: bool = True) -> SweepSpec:
+    """Read a sweep file (yaml.safe_load only); a relative `base:` path is read beside it.
+    `names=False`: check all but the registry names (see SweepSpec.check)."""
     raw = config_mod.read_yaml(path, "sweep file")
     return from_dict(raw, base_dir=os.path.dirname(os.path.abspath(path)), overrides=overrides,
-                     models=models, datasets=datasets)
+                     models=models, datasets=datasets, names=names)
 
 
 def dump(spec: SweepSpec) -> str:
