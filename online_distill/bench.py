@@ -70,7 +70,8 @@ def _plain_worker(cfg: config_mod.Config, peer: int, rendezvous: str, out: mp.Qu
             gathered = [torch.empty_like(logits) for _ in range(cfg.num_peers)]
             dist.all_gather(gathered, logits.detach().contiguous())
             teachers = torch.stack([g for i, g in enumerate(gathered) if i != peer])
-        loss, _ = distill_loss(logits, teachers, y, temperature=cfg.loss.temperature, kd_weight=cfg.loss.kd_weight)
+        loss, _ = distill_loss(logits, teachers, y, temperature=cfg.loss.temperature, kd_weight=cfg.loss.kd_weight,
+                               ce_weight=cfg.loss.ce_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -72,7 +72,10 @@ class LossConfig:
     temperature: float = 4.0
     """Softmax temperature T of the soft targets (T > 0). Evaluation always uses T = 1."""
     kd_weight: float = 0.5
-    """Weight of the distillation term: (1 - kd_weight) * CE + kd_weight * T^2 * KL."""
+    """Weight of the distillation term: ce_weight * CE + kd_weight * T^2 * KL."""
+    ce_weight: float | None = None
+    """Weight of the label term. null: 1 - kd_weight (Hinton's convex mix); 1.0 with kd_weight 1
+    gives the online-distillation papers' CE + T^2 KL (DML, ONE, MCL-OKD)."""
     multi_teacher: str = "mean_kl"
     """With several teachers: 'mean_kl' averages the KLs (DML); 'mean_probs' distils from
     the teachers' mean distribution (an ensemble teacher)."""
@@ -84,6 +87,8 @@ class LossConfig:
             _fail("loss.temperature", self.temperature, "a number > 0")
         if not 0.0 <= self.kd_weight <= 1.0:
             _fail("loss.kd_weight", self.kd_weight, "a number in [0, 1]")
+        if self.ce_weight is not None and not self.ce_weight >= 0:
+            _fail("loss.ce_weight", self.ce_weight, "null (1 - kd_weight) or a number >= 0")
         if self.multi_teacher not in ("mean_kl", "mean_probs"):
             _fail("loss.multi_teacher", self.multi_teacher, "'mean_kl' or 'mean_probs'")
         if self.kd_warmup_epochs < 0:

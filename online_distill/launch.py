@@ -21,7 +21,10 @@ from .teachers.frozen import with_absolute_checkpoint
 # Fields that may change when a run is resumed; any other change would make the resumed
 # run a different experiment than the one its checkpoints came from.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every_s", "run.max_failures", "run.checkpoints_to_keep",
-                     "run.storage_path", "run.fail_once_at_epoch"}
+                     "run.storage_path", "run.fail_once_at_epoch",
+                     # where peers run, not what they learn (tests/test_packing.py): a run started on
+                     # two GPUs may go on packed on one
+                     "scale.peers_per_worker"}
 
 
 @dataclass

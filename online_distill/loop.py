@@ -114,7 +114,7 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
             t1_end = clock.mark()
             for j, (z, z_teacher, (_, opt, sched)) in enumerate(zip(logits, teacher_logits, peers)):
                 loss, parts = distill_loss(z, z_teacher, y, temperature=cfg.loss.temperature, kd_weight=kd_w,
-                                           multi_teacher=cfg.loss.multi_teacher)
+                                           multi_teacher=cfg.loss.multi_teacher, ce_weight=cfg.loss.ce_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -1,6 +1,12 @@
 """The distillation loss (Hinton, Vinyals, Dean 2015), as pure functions.
 
-    loss = (1 - kd_weight) * CE(z_s, y) + kd_weight * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+    loss = ce_weight * CE(z_s, y) + kd_weight * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+
+with ce_weight = 1 - kd_weight by default (Hinton's convex mix). The online-distillation papers
+(DML, ONE, MCL-OKD) keep the CE weight at 1: ce_weight = 1, kd_weight = 1 gives CE + T^2 KL. Set
+apart, the two weights keep "how much to learn from the teachers" apart from "how fast to learn
+from the labels": the convex mix at kd_weight 0.5 halves the label gradient, which acts like
+halving the learning rate for the label term.
 
 The T^2 factor keeps the size of the soft-target gradient constant as T changes:
 d loss / d z_s = kd_weight * T * (softmax(z_s / T) - softmax(z_t / T)) / B for the KD part.
@@ -44,15 +50,18 @@ def distill_loss(
     temperature: float,
     kd_weight: float,
     multi_teacher: str = "mean_kl",
+    ce_weight: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Hinton KD loss and its parts (detached, for logging).
 
     teacher_logits is (n_teachers, B, C), or None when there is no teacher at this step
     (the independent baseline, or before a teacher exists): the loss is then plain CE.
+    ce_weight None is the convex mix, 1 - kd_weight.
     """
     ce = F.cross_entropy(logits.float(), labels)
     if teacher_logits is None:
         return ce, {"ce": ce.detach(), "kd": torch.zeros((), device=logits.device)}
     kd = kd_term(logits, teacher_logits, temperature=temperature, multi_teacher=multi_teacher)
-    loss = (1.0 - kd_weight) * ce + kd_weight * temperature**2 * kd
+    w_ce = 1.0 - kd_weight if ce_weight is None else ce_weight
+    loss = w_ce * ce + kd_weight * temperature**2 * kd
     return loss, {"ce": ce.detach(), "kd": kd.detach()}

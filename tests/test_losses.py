@@ -72,6 +72,31 @@ def test_gradient_matches_closed_form(batch, T):
     assert teacher.grad is None  # teachers are detached: no gradient reaches them
 
 
+@pytest.mark.parametrize("T", [1.0, 3.0])
+def test_online_form_ce_plus_t2_kl_has_the_closed_form_gradient(batch, T):
+    """ce_weight 1, kd_weight 1 (DML, ONE, MCL-OKD): loss = CE + T^2 KL, and
+    d loss / d z_s = (softmax(z_s) - onehot(y)) / B + T (softmax(z_s/T) - softmax(z_t/T)) / B."""
+    z_s, z_t, y = batch
+    B = z_s.shape[0]
+    z = z_s.clone().float().requires_grad_(True)
+    loss, parts = distill_loss(z, z_t[:1].float(), y, temperature=T, kd_weight=1.0, ce_weight=1.0)
+    kl = reference_kl(F.softmax(z_t[0] / T, 1), F.softmax(z_s / T, 1)).mean()
+    assert torch.allclose(loss.double(), F.cross_entropy(z_s, y) + T**2 * kl, atol=1e-5)
+    loss.backward()
+    onehot = F.one_hot(y, 5).float()
+    want = (F.softmax(z.detach(), 1) - onehot) / B + T * (F.softmax(z.detach() / T, 1) - F.softmax(z_t[0].float() / T, 1)) / B
+    assert torch.allclose(z.grad, want, atol=1e-6)
+
+
+def test_ce_weight_none_is_the_convex_mix_and_any_weight_can_be_set(batch):
+    z_s, z_t, y = batch
+    convex, _ = distill_loss(z_s, z_t, y, temperature=2.0, kd_weight=0.3)
+    explicit, _ = distill_loss(z_s, z_t, y, temperature=2.0, kd_weight=0.3, ce_weight=0.7)
+    assert torch.allclose(convex, explicit)
+    only_kd, parts = distill_loss(z_s, z_t, y, temperature=2.0, kd_weight=0.3, ce_weight=0.0)
+    assert torch.allclose(only_kd, 0.3 * 4.0 * parts["kd"])
+
+
 def test_mean_kl_averages_the_teachers(batch):
     z_s, z_t, _ = batch
     T = 2.0

@@ -38,7 +38,8 @@ def test_interrupted_run_resumes_where_it_stopped_and_matches_an_uninterrupted_o
     # an interrupted run: two of three epochs done, checkpoints on disk, no final results
     cfg = make_cfg(train__epochs=3, run__name="interrupted")
     make_trainer(C.with_overrides(cfg, {"train.epochs": 2})).fit()
-    resumed = train(cfg, verbose=False)
+    # ... resumed with both peers packed in one worker: peer files do not depend on the layout
+    resumed = train(C.with_overrides(cfg, {"scale.peers_per_worker": 2}), verbose=False)
     h = resumed.history
     assert h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 0, 2]  # epoch 3 came from the checkpoint
     cols = ["epoch", "member", "val_acc", "val_nll", "train_ce"]
@@ -56,8 +57,9 @@ def test_changed_config_is_not_resumed_silently(ray_session, make_cfg):
 
 def test_a_worker_that_dies_once_is_retried_from_the_last_checkpoint(ray_session, make_cfg):
     # an independent cohort of different architectures: the baseline of a DML run, on the same batches
+    # packed in one Train worker (scale.peers_per_worker): retries and checkpoints work the same
     cfg = make_cfg(models=["mlp", "tiny_cnn"], distill__mode="independent", train__epochs=3, run__name="chaos",
-                   run__max_failures=1, run__fail_once_at_epoch=2)
+                   run__max_failures=1, run__fail_once_at_epoch=2, scale__peers_per_worker=2)
     res = train(cfg, verbose=False)
     h = res.history
     assert h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 0, 2] or \
@@ -71,10 +73,14 @@ def test_a_worker_that_dies_once_is_retried_from_the_last_checkpoint(ray_session
 
 def test_more_workers_than_the_cluster_has_is_refused_before_fit(ray_session, make_cfg):
     cfg = make_cfg(models=["tiny_cnn"] * 3, scale__replicas=2)
-    with pytest.raises(C.ConfigError, match=r"scale: 3 models x scale.replicas=2 = 6 workers .* need 6 CPUs; the cluster has 4"):
+    with pytest.raises(C.ConfigError, match=r"scale: 3 models / scale.peers_per_worker=1 x scale.replicas=2 = 6 workers "
+                                            r".* need 6 CPUs; the cluster has 4.*scale.peers_per_worker: a divisor of 3"):
         check_resources(cfg)
-    with pytest.raises(C.ConfigError, match="scale.use_gpu"):
+    # peers outnumber GPUs: the way out is named
+    with pytest.raises(C.ConfigError, match=r"scale.use_gpu: .* need 2 GPUs; the cluster has 0.*scale.peers_per_worker"):
         check_resources(make_cfg(scale__use_gpu=True))
+    with pytest.raises(C.ConfigError, match=r"scale.cpus_per_worker: got 8; allowed: at most 4"):
+        check_resources(make_cfg(scale__peers_per_worker=2, scale__cpus_per_worker=8))
 
 
 def test_heterogeneous_peers_from_user_model_and_dataset_builders(ray_session, make_cfg):

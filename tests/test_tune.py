@@ -90,6 +90,13 @@ def test_overrides_reach_the_base_config_or_the_sweep():
     assert all(isinstance(t["models"], str) for t in spec.trials())  # lists travel as one Tune value
 
 
+def test_sweeps_can_search_the_loss_form():
+    # null is the convex mix (1 - kd_weight), 1.0 the online papers' CE + T^2 KL
+    spec = load_sweep(TINY, {"space.loss.ce_weight": {"grid": [None, 1.0]}, "space.loss.kd_weight": {"grid": [0.5, 1.0]}})
+    forms = {(c.loss.ce_weight, c.loss.kd_weight) for c in spec.check() if c.distill.mode == "dml"}
+    assert forms == {(None, 0.5), (None, 1.0), (1.0, 0.5), (1.0, 1.0)}
+
+
 def test_concurrency_fits_whole_cohorts_into_the_cluster(make_cfg):
     two, three = make_cfg(), make_cfg(models=["tiny_cnn"] * 3)
     assert concurrency([two], {"CPU": 4}) == 2
