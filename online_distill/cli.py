@@ -15,6 +15,8 @@ from .config import ConfigError
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve and check the config, print what would run and what it asks for; start nothing")
     p.add_argument("--set", dest="sets", action="append", metavar="SECTION.KEY=VALUE", default=[],
                    help="override a config field, e.g. --set loss.temperature=4 (repeatable; values are YAML)")
 
@@ -23,12 +25,17 @@ def cmd_train(args) -> int:
     from . import config
 
     cfg, source = config.load_checked(args.config, args.sets)  # before torch and Ray: a refusal is quick
-    from .launch import train  # torch, torchvision, Ray
-
     try:
-        cfg.check_names()  # model and dataset names, what the teacher source needs
+        cfg.check_names()  # model and dataset names, what the teacher source needs (imports torch)
     except ConfigError as e:
         raise source.locate(e) from None
+    if args.dry_run:
+        from .dry_run import describe_run
+
+        print(describe_run(cfg))
+        return 0
+    from .launch import train  # Ray
+
     train(cfg)
     return 0
 
@@ -63,12 +70,17 @@ def cmd_tune(args) -> int:
                                       overrides=overrides, names=False)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}", e.field) from None
-    from .tune import run_sweep  # torch, Ray
-
     try:
-        spec.check()
+        spec.check()  # the registry names (imports torch)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}", e.field) from None
+    if args.dry_run:
+        from .dry_run import describe_sweep
+
+        print(describe_sweep(spec))
+        return 0
+    from .tune import run_sweep  # Ray
+
     result = run_sweep(spec, retry_errored=args.retry_errored)
     return 0 if result.complete else 130  # Tune handled Ctrl+C itself: the sweep is resumable, not done
 
@@ -89,7 +101,7 @@ def cmd_export(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="online-distill", description="Online and self-distillation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -133,8 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quantize", action="store_true", help="also apply dynamic int8 quantization and report it")
     p.add_argument("--out", default=None, help="output file (default: inside the run directory)")
     p.set_defaults(fn=cmd_export)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except ConfigError as e:

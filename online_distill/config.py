@@ -287,6 +287,11 @@ class Config:
         """Ray Train workers of the cohort: peers / peers_per_worker slots, times replicas."""
         return self.num_peers // self.scale.peers_per_worker * self.scale.replicas
 
+    @property
+    def worker_resources(self) -> dict[str, float]:
+        """What each Ray Train worker asks for."""
+        return {"CPU": self.scale.cpus_per_worker, **({"GPU": self.scale.gpus_per_worker} if self.scale.use_gpu else {})}
+
     def check(self, models: Mapping[str, Any] | None = None, datasets: Mapping[str, Any] | None = None) -> "Config":
         """Validate every field; `models`/`datasets` are the builders available by name."""
         return self.check_fields().check_names(models, datasets)

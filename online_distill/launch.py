@@ -163,13 +163,12 @@ def make_trainer(cfg: Config, *, models=None, datasets=None, callbacks=None, res
         raise ValueError(f"Train's local mode runs one worker; this cohort has {cfg.world_size}")
     # ScalingConfig announces local mode at INFO on every trial; that it runs so is our design
     logging.getLogger("ray.train.v2.api.config").setLevel(logging.WARNING)
-    resources = {"CPU": cfg.scale.cpus_per_worker, **({"GPU": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg, "models": models, "datasets": datasets, "resume_from": resume_from_checkpoint,
                            "reporter": local_reporter},
         scaling_config=ray.train.ScalingConfig(num_workers=0 if local else cfg.world_size, use_gpu=cfg.scale.use_gpu,
-                                               resources_per_worker=None if local else resources),
+                                               resources_per_worker=None if local else cfg.worker_resources),
         torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=cfg.run.name, storage_path=cfg.run.storage,

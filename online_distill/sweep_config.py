@@ -405,3 +405,14 @@ def load(path: str, overrides: Mapping[str, Any] | None = None, *, models=None, 
 
 def dump(spec: SweepSpec) -> str:
     return yaml.safe_dump(spec.to_dict(), sort_keys=False)
+
+
+def trial_resources(cfg: Config) -> dict:
+    """What a trial's actor asks Ray for. A cohort of one worker trains in the trial's own process
+    (Train's local mode), so the trial holds that worker's CPUs and its GPU share. Otherwise the
+    driver only waits on its TorchTrainer, whose workers hold the real resources: Ray 2.60 refuses
+    an all-zero request ({"cpu": 0}), and any CPU slice would make the last trial's workers miss
+    their CPUs by that slice; one byte of memory reserves nothing real."""
+    if cfg.world_size == 1:
+        return {"cpu": cfg.scale.cpus_per_worker, **({"gpu": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {})}
+    return {"cpu": 0, "memory": 1}

@@ -34,7 +34,7 @@ from ray.train.v2.api.callback import UserCallback
 from . import storage
 from . import sweep_config
 from .config import Config, ConfigError
-from .sweep_config import SweepSpec
+from .sweep_config import SweepSpec, trial_resources
 
 
 def load_sweep(path: str, overrides: Mapping[str, Any] | None = None, *, models=None, datasets=None) -> SweepSpec:
@@ -263,17 +263,6 @@ def concurrency(configs: list[Config], resources: Mapping[str, float]) -> int:
     if gpu:
         n = min(n, math.floor(resources.get("GPU", 0) / gpu + 1e-9))
     return max(1, n)
-
-
-def trial_resources(cfg: Config) -> dict:
-    """What a trial's actor asks Ray for. A cohort of one worker trains in the trial's own process
-    (Train's local mode), so the trial holds that worker's CPUs and its GPU share. Otherwise the
-    driver only waits on its TorchTrainer, whose workers hold the real resources: Ray 2.60 refuses
-    an all-zero request ({"cpu": 0}), and any CPU slice would make the last trial's workers miss
-    their CPUs by that slice; one byte of memory reserves nothing real."""
-    if cfg.world_size == 1:
-        return {"cpu": cfg.scale.cpus_per_worker, **({"gpu": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {})}
-    return {"cpu": 0, "memory": 1}
 
 
 def _check_same_sweep(spec: SweepSpec, sweep_dir: str) -> None:
