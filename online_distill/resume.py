@@ -182,7 +182,8 @@ def check_resume(cfg: Config, run_dir: str) -> str | None:
 
 def _start_over(run_dir: str, name: str | None = None) -> str:
     new = f"--set run.name={name}-2" if name else "--set run.name=<a new name>"
-    return f"start over under a new run.name ({new}), or move {run_dir} away and rerun the same command"
+    # moving it away comes first: it is also right for a born-again generation, whose name the user did not choose
+    return f"move {run_dir} away and rerun the same command, or start over under a new run.name ({new})"
 
 
 def _is_manifest(name: str) -> bool:
