@@ -2,6 +2,8 @@
 replica 0 of each worker writes `peer{p}.pt` for each peer it holds (model, optimizer, schedule, teacher), every rank
 writes `rng_rank{r}.pt`, and rank 0 writes `history.json` (the metrics table so far).
 Loaded only with torch.load(weights_only=True): a checkpoint is data, never code.
+Each rank's last file is `manifest_rank{r}.json`, the names and sizes of the files beside it:
+a file it lists that is missing or of another size marks the checkpoint damaged (resume.verify).
 """
 from __future__ import annotations
 
@@ -18,6 +20,12 @@ def _atomic_save(obj, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
+def _atomic_write_json(obj, path: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
+
+
 def save(directory: str, topo: Topology, epoch: int, peers: list, teacher, history: list[dict]) -> None:
     """`peers` holds (model, optimizer, scheduler) for each peer of topo.peers, in order."""
     if topo.replica == 0:
@@ -30,8 +38,8 @@ def save(directory: str, topo: Topology, epoch: int, peers: list, teacher, histo
         rng["cuda"] = torch.cuda.get_rng_state()
     _atomic_save(rng, os.path.join(directory, f"rng_rank{topo.rank}.pt"))
     if topo.rank == 0:
-        with open(os.path.join(directory, "history.json"), "w") as f:
-            json.dump({"epoch": epoch, "history": history}, f)
+        _atomic_write_json({"epoch": epoch, "history": history}, os.path.join(directory, "history.json"))
+    write_manifest(directory, topo.rank)
 
 
 def restore(checkpoint, topo: Topology, peers: list, teacher) -> tuple[int, list[dict]]:
@@ -67,3 +75,17 @@ def read_history(directory: str) -> list[dict]:
         return []
     with open(path) as f:
         return json.load(f)["history"]
+
+
+# --- completeness: resume.verify checks a checkpoint against its ranks' manifests ---------------
+
+MANIFEST = "manifest_rank{rank}.json"
+
+
+def write_manifest(directory: str, rank: int) -> None:
+    """A rank's last file in a checkpoint: every file beside it (its own, as each rank saves into
+    a directory of its own before Ray gathers them) with its size. Written last and atomically,
+    so a rank that died while saving leaves no manifest, and a file cut short later is caught."""
+    files = {n: os.path.getsize(os.path.join(directory, n)) for n in sorted(os.listdir(directory))
+             if not n.endswith(".tmp") and not (n.startswith("manifest_rank") and n.endswith(".json"))}
+    _atomic_write_json({"rank": rank, "files": files}, os.path.join(directory, MANIFEST.format(rank=rank)))

@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,7 @@ from . import compression
 from . import config as config_mod
 from . import storage
 from .config import Config, ConfigError
+from .resume import check_resume
 from .results import final_table, format_table, history_frame, write_run_tables
 from .teachers.frozen import with_absolute_checkpoint
 
@@ -202,6 +204,9 @@ def train(cfg: Config, *, models: dict | None = None, datasets: dict | None = No
     if not os.environ.get("RAY_ADDRESS"):
         preflight_data(cfg, datasets)
     resuming = prepare_run_dir(cfg, run_dir)
+    fallback = check_resume(cfg, run_dir)  # the checkpoint Ray will resume from loads, or an older one
+    if fallback:
+        print(fallback, file=sys.stderr, flush=True)
     if verbose:
         print(f"{'resuming' if resuming else 'starting'} run {cfg.run.name!r}: {cfg.distill.mode} cohort of "
               f"{cfg.num_peers} peers ({', '.join(cfg.models)}) x {cfg.scale.replicas} replica(s) on "
