@@ -118,7 +118,7 @@ def load_trained(run_dir: str, peer: int, *, models=None, datasets=None):
         raise ConfigError(f"RUN_DIR: {run_dir!r} holds no checkpoint_* directory; allowed: a run with at least "
                           "one epoch done")
     data = load_data(cfg.data, datasets)
-    model = build_model(cfg.models[peer], data.in_channels, data.num_classes, data.image_size, models)
+    model = build_model(cfg.models[peer], data.sample, data.num_classes, models)
     model.load_state_dict(load_peer(ckpt, peer)["model"])
     return cfg, ckpt, model.eval(), data
 
@@ -162,7 +162,7 @@ def export(run_dir: str, *, peer: int = 0, fmt: str = "torchscript", quantize: b
         int8, int8_fields = _quantized(model, out, example, test, fp32_bytes=len(fp32_file.getvalue()))
         fields.update(int8_fields)
         measured.append(int8)
-    speed = cpu_latency(measured, tuple(example.shape[1:]))
+    speed = cpu_latency(measured, example)
     fields["latency_ms"] = speed[0]["latency_ms"]
     if quantize:
         fields["int8_latency_ms"] = speed[1]["latency_ms"]

@@ -67,10 +67,10 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
     # --- this rank's peer: distinct init per peer, identical across its replicas
     def build_peer(p: int) -> nn.Module:
         torch.manual_seed(cfg.train.seed * 1000 + p)
-        return build_model(cfg.models[p], data.in_channels, data.num_classes, data.image_size, model_builders)
+        return build_model(cfg.models[p], data.sample, data.num_classes, model_builders)
 
     def build_named(name: str) -> nn.Module:  # any model for this dataset (a frozen teacher's)
-        return build_model(name, data.in_channels, data.num_classes, data.image_size, model_builders)
+        return build_model(name, data.sample, data.num_classes, model_builders)
 
     model = build_peer(topo.peer).to(device)
     train_model = _data_parallel(model, topo, device)
