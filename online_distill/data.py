@@ -10,6 +10,7 @@ depends only on (seed, epoch) and the replica index, never on the peer.
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
 import os
 import struct
@@ -209,7 +210,7 @@ WORD_LISTS = {  # language -> (Debian word list, the apt package that installs i
     "italian": ("/usr/share/dict/italian", "witalian"),
 }
 WORD_BYTES = 24
-"""Words are cut to this many UTF-8 bytes (all but a few hundred of 440k fit) and 0-padded."""
+"""Words are cut to this many UTF-8 bytes (all but 0.1% fit) and 0-padded."""
 BYTE_VOCAB = 256
 """Token ids of the text datasets: a word's UTF-8 bytes (1..255; 0 is padding). A fixed
 vocabulary: any text maps into it, and the built-in char_* models embed exactly these ids."""
@@ -228,8 +229,8 @@ def lang_words(cfg: DataConfig) -> Splits:
     """Which of five languages a word is: characters in (UTF-8 byte ids), language out.
 
     From Debian's word lists (packages wbritish wfrench wngerman wspanish witalian): words are
-    lower-cased; words with an apostrophe (English possessives, Italian elisions give the
-    answer away) and words found in more than one list are dropped. Each language keeps as many
+    lower-cased and cut to WORD_BYTES bytes; words with an apostrophe (English possessives,
+    Italian elisions give the answer away) and words found in more than one list are dropped. Each language keeps as many
     words as the smallest list has left (balanced classes: chance is 0.2), picked by a CRC32 of
     the word, and every 10th of them in that order is a test word. The split depends on the
     words alone, never on the lists' order or on a seed: the same lists give the same split.
@@ -238,10 +239,19 @@ def lang_words(cfg: DataConfig) -> Splits:
     if missing:
         raise ConfigError(f"data.dataset: 'lang_words' reads Debian's word lists in /usr/share/dict, and "
                           f"{len(missing)} of them are missing; install them: apt-get install {' '.join(missing)}")
+    # a few seconds to read 1M words: kept per process (the driver checks the data more than once)
+    key = tuple((path, os.path.getmtime(path)) for path, _ in WORD_LISTS.values())
+    return _lang_words(key)
+
+
+@functools.lru_cache(maxsize=1)
+def _lang_words(lists: tuple[tuple[str, float], ...]) -> Splits:
     words: dict[str, set[str]] = {}
-    for lang, (path, _) in WORD_LISTS.items():
+    for lang, (path, _) in zip(WORD_LISTS, lists):
         with open(path, encoding="utf-8") as f:
-            words[lang] = {w for w in (line.strip().lower() for line in f) if len(w) >= 2 and "'" not in w}
+            # cut to WORD_BYTES first, so that two long words the model cannot tell apart are one word
+            words[lang] = {w.encode()[:WORD_BYTES].decode("utf-8", "ignore")
+                           for w in (line.strip().lower() for line in f) if len(w) >= 2 and "'" not in w}
     seen: dict[str, int] = {}
     for ws in words.values():
         for w in ws:

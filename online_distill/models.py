@@ -144,19 +144,19 @@ def _tokens(input_shape: Shape) -> None:
 
 
 def char_cnn(input_shape: Shape, num_classes: int) -> nn.Module:
-    """About 20k parameters: token ids (L,) in [0, 256), e.g. lang_words."""
+    """About 27k parameters: token ids (L,) in [0, 256), e.g. lang_words; trains in seconds on a CPU."""
     _tokens(input_shape)
     return CharCNN(num_classes)
 
 
 def char_cnn_wide(input_shape: Shape, num_classes: int) -> nn.Module:
-    """About 150k parameters: a wider CharCNN."""
+    """About 165k parameters: a wider CharCNN."""
     _tokens(input_shape)
     return CharCNN(num_classes, dim=64, width=192)
 
 
 def char_gru(input_shape: Shape, num_classes: int) -> nn.Module:
-    """About 170k parameters: a bidirectional GRU over token ids, the text teacher."""
+    """About 183k parameters: a bidirectional GRU over token ids, a text teacher (3x slower than char_cnn)."""
     _tokens(input_shape)
     return CharGRU(num_classes)
 
