@@ -240,8 +240,21 @@ def test_a_token_batch_given_to_an_image_model_is_refused(no_ray, make_cfg):
 
 # ---- end to end: DML on a 1-D data set and on token sequences, through the Python API ----------
 
+@pytest.fixture
+def by_value():
+    """The builders above live in this test module, which Ray's workers cannot import: send them
+    by value, as cloudpickle sends what a user's script defines in __main__."""
+    import sys
+
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    yield
+    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+
+
 @pytest.mark.e2e
-def test_dml_on_1d_signals_with_a_user_conv1d_net(ray_session, make_cfg):
+def test_dml_on_1d_signals_with_a_user_conv1d_net(ray_session, by_value, make_cfg):
     cfg = make_cfg(models=["conv1d", "mlp"], data__dataset="waves", data__val_size=200, data__train_subset=None,
                    data__test_subset=None, train__epochs=2, train__batch_size=32, optim__lr=0.05, run__name="waves")
     res = online_distill.train(cfg, models={"conv1d": conv1d}, datasets={"waves": waves}, verbose=False)
@@ -251,7 +264,7 @@ def test_dml_on_1d_signals_with_a_user_conv1d_net(ray_session, make_cfg):
 
 
 @pytest.mark.e2e
-def test_dml_on_token_sequences_with_a_user_net_and_a_hugging_face_bert(ray_session, make_cfg):
+def test_dml_on_token_sequences_with_a_user_net_and_a_hugging_face_bert(ray_session, by_value, make_cfg):
     cfg = make_cfg(models=["bigrams", "bert", "char_cnn"], data__dataset="three_languages", data__val_size=300,
                    data__train_subset=1536, data__test_subset=600, train__epochs=2, train__batch_size=64,
                    optim__name="adamw", optim__lr=0.003, optim__weight_decay=0.0, run__name="tokens")
