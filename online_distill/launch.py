@@ -133,9 +133,14 @@ def preflight_data(cfg: Config, datasets=None, models=None) -> None:
     if cfg.train.batch_size > shard:
         raise ConfigError(f"train.batch_size: got {cfg.train.batch_size}; allowed: at most {shard}, "
                           f"the training examples per {'worker' if disjoint else 'replica'}")
+    from .models import MODELS
+
+    known = {**MODELS, **(models or {})}
     checked = set()
     for i, name in enumerate(cfg.models):
-        if name not in checked:  # one build per architecture: a resnet costs a second
+        # one build per architecture (a resnet costs a second); a caller that did not pass the
+        # user's builders (cfg.check has seen them) leaves those to the workers
+        if name not in checked and name in known:
             checked.add(name)
             with torch.random.fork_rng():  # the driver's RNG is not the workers' business
                 build_model(name, data.sample, data.num_classes, models, field=f"models[{i}]")

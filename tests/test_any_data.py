@@ -273,3 +273,11 @@ def test_dml_on_token_sequences_with_a_user_net_and_a_hugging_face_bert(ray_sess
     final = res.final.set_index("member")
     assert (final["test_acc"] > 0.45).all(), final  # chance is 1/3
     assert all(res.metrics[f"peer{p}/train_kd"] > 0 for p in range(3))
+
+
+def test_preflight_without_the_user_builders_leaves_their_models_to_the_workers(make_cfg):
+    # a caller that checked the names but did not pass the builders (a sweep's driver) still runs
+    launch.preflight_data(make_cfg(models=["users_own", "tiny_cnn"]), None)
+    with pytest.raises(ConfigError, match=r"^models\[1\]: model 'five'"):
+        launch.preflight_data(make_cfg(models=["tiny_cnn", "five"]), None,
+                              {"five": lambda shape, k: nn.Sequential(nn.Flatten(), nn.LazyLinear(5))})
