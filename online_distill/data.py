@@ -366,8 +366,9 @@ def _check_labels(ds: Dataset, first: torch.Tensor | None, num_classes: int, who
     y = ds.labels if isinstance(ds, Tensors) else first
     if y is None or len(y) == 0:
         return
-    if y.is_floating_point() or y.is_complex() or y.dim() != 1:
-        raise ConfigError(f"{who}: labels batch to {describe(y)}; allowed: one integer class index per example")
+    if y.dtype != torch.int64 or y.dim() != 1:  # what cross_entropy takes as class indices
+        raise ConfigError(f"{who}: labels batch to {describe(y)}; allowed: one int64 class index per example "
+                          "(Python ints or torch.long)")
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= num_classes:
         raise ConfigError(f"{who}: labels range over [{lo}, {hi}], but num_classes={num_classes}; allowed: class "

@@ -215,6 +215,14 @@ def test_labels_outside_the_classes_are_refused_naming_the_dataset_builder(no_ra
     assert msg.startswith("data.dataset: the dataset builder 'off' (")
     assert "train split: labels range over [1, 4], but num_classes=4; allowed: class indices in [0, 3]" in msg
 
+    def float_labels(cfg):  # any torch Dataset: its first batch is checked
+        s = waves(cfg)
+        return Splits(torch.utils.data.TensorDataset(s.train.x, s.train.labels.float()), s.test, num_classes=4)
+
+    msg = refused(make_cfg, datasets={"floats": float_labels},
+                  **{"models": ["mlp", "mlp"], "data.dataset": "floats", "data.val_size": 100})
+    assert "train split: labels batch to (2,) float32; allowed: one int64 class index per example" in msg
+
 
 def test_a_dataset_builder_that_raises_or_breaks_its_promise_is_refused(no_ray, make_cfg):
     def broken(cfg):
@@ -259,7 +267,7 @@ def test_dml_on_1d_signals_with_a_user_conv1d_net(ray_session, by_value, make_cf
                    data__test_subset=None, train__epochs=2, train__batch_size=32, optim__lr=0.05, run__name="waves")
     res = online_distill.train(cfg, models={"conv1d": conv1d}, datasets={"waves": waves}, verbose=False)
     final = res.final.set_index("member")
-    assert final.loc["peer0", "test_acc"] > 0.6, final  # chance is 0.25
+    assert (final["test_acc"] > 0.5).all(), final  # chance is 0.25 (measured: conv1d 0.735, mlp 1.0)
     assert res.metrics["peer0/train_kd"] > 0 and res.metrics["peer1/train_kd"] > 0
 
 
@@ -271,7 +279,7 @@ def test_dml_on_token_sequences_with_a_user_net_and_a_hugging_face_bert(ray_sess
     res = online_distill.train(cfg, models={"bigrams": bigrams, "bert": tiny_bert()},
                                datasets={"three_languages": three_languages}, verbose=False)
     final = res.final.set_index("member")
-    assert (final["test_acc"] > 0.45).all(), final  # chance is 1/3
+    assert (final["test_acc"] > 0.42).all(), final  # chance is 1/3 (measured: 0.53, 0.73, 0.79)
     assert all(res.metrics[f"peer{p}/train_kd"] > 0 for p in range(3))
 
 
