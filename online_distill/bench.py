@@ -57,7 +57,7 @@ def _plain_worker(cfg: config_mod.Config, peer: int, rendezvous: str, out: mp.Qu
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=peer, world_size=cfg.num_peers)
     data = load_data(cfg.data)
     torch.manual_seed(cfg.train.seed * 1000 + peer)
-    model = build_model(cfg.models[peer], data.in_channels, data.num_classes, data.image_size)
+    model = build_model(cfg.models[peer], data.sample, data.num_classes)
     opt = make_optimizer(cfg.optim, model)
     batches = Batches(data.train, cfg.train.batch_size, torch.device("cpu"), seed=cfg.train.seed,
                       max_batches=cfg.train.max_steps_per_epoch)

@@ -66,7 +66,7 @@ def _timed(step, steps: int, device: torch.device) -> float:
 def measure_stacked(model: str, peers: int, batch_size: int, steps: int, repeats: int, device: torch.device) -> dict:
     x = torch.randn(batch_size, 1, 28, 28, device=device)
     y = torch.randint(0, 10, (batch_size,), device=device)
-    nets = [build_model(model, 1, 10, 28).to(device) for _ in range(peers)]
+    nets = [build_model(model, torch.zeros(2, 1, 28, 28), 10).to(device) for _ in range(peers)]
     opts = [torch.optim.SGD(n.parameters(), lr=0.01) for n in nets]
 
     def sequential() -> None:  # what the loop does with packed peers

@@ -57,11 +57,13 @@ class _OneThread:
 
 
 @torch.no_grad()
-def cpu_latency(models: list[nn.Module], sample_shape: tuple[int, ...], rounds: int = 3) -> list[dict[str, float]]:
-    """Per-sample CPU time of each model at batch 1 and batch 256, on one thread. The models
-    are measured side by side in alternating rounds and each keeps its fastest round: on a
-    shared machine, other processes only ever add time."""
-    one, many = torch.randn(1, *sample_shape), torch.randn(256, *sample_shape)
+def cpu_latency(models: list[nn.Module], sample: torch.Tensor, rounds: int = 3) -> list[dict[str, float]]:
+    """Per-sample CPU time of each model at batch 1 and batch 256, on one thread, on real
+    examples (`sample`: a batch of the dataset, repeated to 256 rows; token ids stay ids). The
+    models are measured side by side in alternating rounds and each keeps its fastest round: on
+    a shared machine, other processes only ever add time."""
+    sample = sample.cpu()
+    one, many = sample[:1], sample[torch.arange(256) % len(sample)]
     models = [m.cpu().eval() for m in models]
     best = [{"latency_ms": float("inf"), "us_per_sample_b256": float("inf")} for _ in models]
     with _OneThread():
@@ -92,7 +94,7 @@ def compression_table(cfg: Config, checkpoint_dir: str, *, models=None, datasets
     data = load_data(cfg.data, datasets)
 
     def build(name: str, state: dict) -> nn.Module:
-        m = build_model(name, data.in_channels, data.num_classes, data.image_size, models)
+        m = build_model(name, data.sample, data.num_classes, models)
         m.load_state_dict(state)
         return m.eval()
 
@@ -106,7 +108,7 @@ def compression_table(cfg: Config, checkpoint_dir: str, *, models=None, datasets
             role = f"teacher ({cfg.distill.mode})"
             rows.append({"member": f"peer{p}/teacher", "role": role, "model": t["model_name"]})
             nets.append(build(t["model_name"], t["model"]))
-    speed = cpu_latency(nets, (data.in_channels, data.image_size, data.image_size))
+    speed = cpu_latency(nets, data.sample)
     for row, net, sp in zip(rows, nets, speed):
         row.update(params=sum(p.numel() for p in net.parameters()), size_kb=size_bytes(net) / 1024, **sp,
                    test_acc=accuracy(net, Batches(data.test, 512, torch.device("cpu"), shuffle=False, drop_last=False)))

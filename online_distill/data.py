@@ -9,9 +9,12 @@ depends only on (seed, epoch) and the replica index, never on the peer.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import gzip
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -24,27 +27,28 @@ from .config import ConfigError, DataConfig
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
 
-class ImageTensors(Dataset):
-    """Images as a uint8 (N, C, H, W) tensor with int64 labels; normalised when batched."""
+class Tensors(Dataset):
+    """Examples as one in-memory tensor (N, ...) with int64 labels. A batch costs an index and a
+    copy; `convert` turns the stored rows into what the model takes (floats, token ids)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]):
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError("images must be a uint8 tensor of shape (N, C, H, W)")
-        self.images, self.labels = images, labels.long()
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255.0
-        self.std = torch.tensor(std).view(1, -1, 1, 1) * 255.0
+    def __init__(self, x: torch.Tensor, labels: torch.Tensor):
+        if len(x) != len(labels):
+            raise ValueError(f"{len(x)} examples but {len(labels)} labels")
+        self.x, self.labels = x, labels.long()
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def convert(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
     def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.images[idx].to(device, non_blocking=True).float()
-        x = (x - self.mean.to(device)) / self.std.to(device)
+        x = self.convert(self.x[idx].to(device, non_blocking=True))
         return x, self.labels[idx].to(device, non_blocking=True)
 
-    def subset(self, idx: torch.Tensor) -> "ImageTensors":
-        out = ImageTensors.__new__(ImageTensors)
-        out.images, out.labels, out.mean, out.std = self.images[idx], self.labels[idx], self.mean, self.std
+    def subset(self, idx: torch.Tensor) -> "Tensors":
+        out = copy.copy(self)
+        out.x, out.labels = self.x[idx], self.labels[idx]
         return out
 
     def __getitem__(self, i: int):
@@ -52,15 +56,50 @@ class ImageTensors(Dataset):
         return x[0], y[0]
 
 
-@dataclass
+class ImageTensors(Tensors):
+    """Images as a uint8 (N, C, H, W) tensor with int64 labels; normalised when batched."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError("images must be a uint8 tensor of shape (N, C, H, W)")
+        super().__init__(images, labels)
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(std).view(1, -1, 1, 1) * 255.0
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.x
+
+    def convert(self, x: torch.Tensor) -> torch.Tensor:
+        return (x.float() - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+class TokenTensors(Tensors):
+    """Token sequences as an (N, L) tensor of ids, 0 for padding (stored small, e.g. uint8);
+    batches are int64 ids, what nn.Embedding takes."""
+
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor):
+        if tokens.dim() != 2 or tokens.is_floating_point():
+            raise ValueError("tokens must be an integer tensor of shape (N, L)")
+        super().__init__(tokens, labels)
+
+    def convert(self, x: torch.Tensor) -> torch.Tensor:
+        return x.long()
+
+
+@dataclass(frozen=True)
 class Splits:
-    """What a dataset builder returns. `train` is split into train/validation by us."""
+    """What a dataset builder returns. `train` is split into train/validation by us.
+
+    A model is built and checked with a real sample of `train` (its first examples), so any
+    input works: images (C, H, W), 1-D signals (C, L), tables (F,), token ids (L,).
+    `input_shape`, when given, is the shape of one example (without the batch dimension) that the
+    builder promises; the first example is checked against it. None: whatever the data holds."""
 
     train: Dataset
     test: Dataset
     num_classes: int
-    in_channels: int
-    image_size: int
+    input_shape: tuple[int, ...] | None = None
 
 
 DatasetBuilder = Callable[[DataConfig], Splits]
@@ -108,7 +147,7 @@ def fashion_mnist(cfg: DataConfig) -> Splits:
     return Splits(
         train=ImageTensors(xtr.unsqueeze(1), ytr, mean, std),
         test=ImageTensors(xte.unsqueeze(1), yte, mean, std),
-        num_classes=10, in_channels=1, image_size=28,
+        num_classes=10, input_shape=(1, 28, 28),
     )
 
 
@@ -140,7 +179,7 @@ def _cifar(cls_name: str, num_classes: int, mean, std) -> DatasetBuilder:
             x = torch.from_numpy(np.asarray(ds.data)).permute(0, 3, 1, 2).contiguous()
             return ImageTensors(x, torch.tensor(ds.targets), mean, std)
 
-        return Splits(tensors(tr), tensors(te), num_classes=num_classes, in_channels=3, image_size=32)
+        return Splits(tensors(tr), tensors(te), num_classes=num_classes, input_shape=(3, 32, 32))
 
     return build
 
@@ -158,7 +197,76 @@ def synthetic(cfg: DataConfig, n_train: int = 4000, n_test: int = 1000, num_clas
         x = 0.6 * protos[y] + 0.4 * torch.rand(n, 1, 28, 28, generator=gg)
         return ImageTensors((x * 255).to(torch.uint8), y, (0.5,), (0.25,))
 
-    return Splits(make(n_train, 1), make(n_test, 2), num_classes=num_classes, in_channels=1, image_size=28)
+    return Splits(make(n_train, 1), make(n_test, 2), num_classes=num_classes, input_shape=(1, 28, 28))
+
+
+# ---- language of a word (text) -----------------------------------------------------------------
+
+WORD_LISTS = {  # language -> (Debian word list, the apt package that installs it)
+    "english": ("/usr/share/dict/british-english", "wbritish"),
+    "french": ("/usr/share/dict/french", "wfrench"),
+    "german": ("/usr/share/dict/ngerman", "wngerman"),
+    "spanish": ("/usr/share/dict/spanish", "wspanish"),
+    "italian": ("/usr/share/dict/italian", "witalian"),
+}
+WORD_BYTES = 24
+"""Words are cut to this many UTF-8 bytes (all but 0.1% fit) and 0-padded."""
+BYTE_VOCAB = 256
+"""Token ids of the text datasets: a word's UTF-8 bytes (1..255; 0 is padding). A fixed
+vocabulary: any text maps into it, and the built-in char_* models embed exactly these ids."""
+
+
+def encode_bytes(words: list[str], length: int = WORD_BYTES) -> torch.Tensor:
+    """(N, length) uint8 token ids: each word's UTF-8 bytes, cut to `length`, 0-padded."""
+    buf = bytearray(len(words) * length)
+    for i, w in enumerate(words):
+        b = w.encode("utf-8")[:length]
+        buf[i * length: i * length + len(b)] = b
+    return torch.frombuffer(buf, dtype=torch.uint8).view(len(words), length).clone()
+
+
+def lang_words(cfg: DataConfig) -> Splits:
+    """Which of five languages a word is: characters in (UTF-8 byte ids), language out.
+
+    From Debian's word lists (packages wbritish wfrench wngerman wspanish witalian): words are
+    lower-cased and cut to WORD_BYTES bytes; words with an apostrophe (English possessives,
+    Italian elisions give the answer away) and words found in more than one list are dropped. Each language keeps as many
+    words as the smallest list has left (balanced classes: chance is 0.2), picked by a CRC32 of
+    the word, and every 10th of them in that order is a test word. The split depends on the
+    words alone, never on the lists' order or on a seed: the same lists give the same split.
+    """
+    missing = [pkg for path, pkg in WORD_LISTS.values() if not os.path.exists(path)]
+    if missing:
+        raise ConfigError(f"data.dataset: 'lang_words' reads Debian's word lists in /usr/share/dict, and "
+                          f"{len(missing)} of them are missing; install them: apt-get install {' '.join(missing)}")
+    # a few seconds to read 1M words: kept per process (the driver checks the data more than once)
+    key = tuple((path, os.path.getmtime(path)) for path, _ in WORD_LISTS.values())
+    return _lang_words(key)
+
+
+@functools.lru_cache(maxsize=1)
+def _lang_words(lists: tuple[tuple[str, float], ...]) -> Splits:
+    words: dict[str, set[str]] = {}
+    for lang, (path, _) in zip(WORD_LISTS, lists):
+        with open(path, encoding="utf-8") as f:
+            # cut to WORD_BYTES first, so that two long words the model cannot tell apart are one word
+            words[lang] = {w.encode()[:WORD_BYTES].decode("utf-8", "ignore")
+                           for w in (line.strip().lower() for line in f) if len(w) >= 2 and "'" not in w}
+    seen: dict[str, int] = {}
+    for ws in words.values():
+        for w in ws:
+            seen[w] = seen.get(w, 0) + 1
+    kept = {lang: sorted((w for w in ws if seen[w] == 1), key=lambda w: (zlib.crc32(w.encode()), w))
+            for lang, ws in words.items()}
+    per_class = min(len(ws) for ws in kept.values())
+    train_words, train_y, test_words, test_y = [], [], [], []
+    for label, ws in enumerate(kept.values()):
+        for i, w in enumerate(ws[:per_class]):
+            (test_words if i % 10 == 0 else train_words).append(w)
+            (test_y if i % 10 == 0 else train_y).append(label)
+    return Splits(TokenTensors(encode_bytes(train_words), torch.tensor(train_y)),
+                  TokenTensors(encode_bytes(test_words), torch.tensor(test_y)),
+                  num_classes=len(WORD_LISTS), input_shape=(WORD_BYTES,))
 
 
 DATASETS: dict[str, DatasetBuilder] = {
@@ -166,6 +274,7 @@ DATASETS: dict[str, DatasetBuilder] = {
     "cifar10": _cifar("CIFAR10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": _cifar("CIFAR100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "synthetic": synthetic,
+    "lang_words": lang_words,
 }
 
 
@@ -177,17 +286,49 @@ class Data:
     val: Dataset
     test: Dataset
     num_classes: int
-    in_channels: int
-    image_size: int
+    sample: torch.Tensor
+    """The first SAMPLE_ROWS examples of the training split, batched as the loop batches them:
+    every model is built and checked with it (lazy layers take their shapes from it)."""
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.sample.shape[1:])
+
+
+SAMPLE_ROWS = 2
+
+
+def describe(x: torch.Tensor) -> str:
+    """'(2, 1, 28, 28) float32': how error messages name a batch."""
+    return f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
 
 
 def _take(ds: Dataset, idx: torch.Tensor) -> Dataset:
-    return ds.subset(idx) if isinstance(ds, ImageTensors) else Subset(ds, idx.tolist())
+    return ds.subset(idx) if isinstance(ds, Tensors) else Subset(ds, idx.tolist())
+
+
+def _builder_name(builder) -> str:
+    return getattr(builder, "__qualname__", None) or repr(builder)
 
 
 def load_data(cfg: DataConfig, builders: dict[str, DatasetBuilder] | None = None) -> Data:
-    """Build the dataset and hold a validation split out of its training set."""
-    splits = {**DATASETS, **(builders or {})}[cfg.dataset](cfg)
+    """Build the dataset, hold a validation split out of its training set, and check its first
+    examples: a builder that fails, a label outside [0, num_classes), examples unlike the
+    promised input_shape, or data.augment on data that are not images are a ConfigError
+    naming the builder and what it returned."""
+    builder = {**DATASETS, **(builders or {})}[cfg.dataset]
+    who = f"data.dataset: the dataset builder {cfg.dataset!r} ({_builder_name(builder)})"
+    try:
+        splits = builder(cfg)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"{who} raised {type(e).__name__}: {e}") from e
+    if not isinstance(splits, Splits):
+        raise ConfigError(f"{who} returned {type(splits).__name__}; allowed: an online_distill.data.Splits"
+                          "(train, test, num_classes, input_shape=None)")
+    if not isinstance(splits.num_classes, int) or splits.num_classes < 2:
+        raise ConfigError(f"{who} returned num_classes={splits.num_classes!r}; allowed: an integer >= 2")
     n = len(splits.train)
     if cfg.val_size >= n:
         raise ConfigError(f"data.val_size: got {cfg.val_size}; allowed: fewer than the {n} training examples")
@@ -199,8 +340,39 @@ def load_data(cfg: DataConfig, builders: dict[str, DatasetBuilder] | None = None
     if cfg.test_subset is not None and cfg.test_subset < len(test):
         test_perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.split_seed))
         test = _take(test, test_perm[: cfg.test_subset])
-    return Data(_take(splits.train, train_idx), _take(splits.train, val_idx), test,
-                splits.num_classes, splits.in_channels, splits.image_size)
+    train = _take(splits.train, train_idx)
+    try:
+        sample, labels = next(iter(Batches(train, SAMPLE_ROWS, torch.device("cpu"), shuffle=False, drop_last=False)))
+    except Exception as e:
+        raise ConfigError(f"{who}: batching its first {SAMPLE_ROWS} training examples raised {type(e).__name__}: "
+                          f"{e}; allowed: a Dataset whose items are (input tensor, integer label)") from e
+    if not isinstance(sample, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise ConfigError(f"{who}: its examples batch to ({type(sample).__name__}, {type(labels).__name__}); "
+                          "allowed: (input tensor, integer label) pairs")
+    if splits.input_shape is not None and tuple(sample.shape[1:]) != tuple(splits.input_shape):
+        raise ConfigError(f"{who} promised input_shape={tuple(splits.input_shape)}, but its first training examples "
+                          f"batch to {describe(sample)}; allowed: examples of the promised shape, or input_shape=None")
+    for split, ds in (("train", splits.train), ("test", splits.test)):
+        _check_labels(ds, labels if split == "train" else None, splits.num_classes, f"{who}, {split} split")
+    if cfg.augment and not (sample.dim() == 4 and sample.is_floating_point()):
+        raise ConfigError(f"data.augment: got true; allowed: false for dataset {cfg.dataset!r}, whose examples batch "
+                          f"to {describe(sample)}: the built-in random crop and flip are for images (B, C, H, W)")
+    return Data(train, _take(splits.train, val_idx), test, splits.num_classes, sample)
+
+
+def _check_labels(ds: Dataset, first: torch.Tensor | None, num_classes: int, who: str) -> None:
+    """Labels are class indices in [0, num_classes): all of them for in-memory tensors, the
+    first batch's for any other Dataset (reading all of a user's dataset could take long)."""
+    y = ds.labels if isinstance(ds, Tensors) else first
+    if y is None or len(y) == 0:
+        return
+    if y.dtype != torch.int64 or y.dim() != 1:  # what cross_entropy takes as class indices
+        raise ConfigError(f"{who}: labels batch to {describe(y)}; allowed: one int64 class index per example "
+                          "(Python ints or torch.long)")
+    lo, hi = int(y.min()), int(y.max())
+    if lo < 0 or hi >= num_classes:
+        raise ConfigError(f"{who}: labels range over [{lo}, {hi}], but num_classes={num_classes}; allowed: class "
+                          f"indices in [0, {num_classes - 1}] (set num_classes to the number of classes)")
 
 
 def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
@@ -254,7 +426,7 @@ class Batches:
         idx = self._indices()
         chunks = list(idx.split(self.batch_size))[: len(self)]
         g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 31 + self.shard)
-        if isinstance(self.ds, ImageTensors):
+        if isinstance(self.ds, Tensors):
             batches = (self.ds.batch(c, self.device) for c in chunks)
         else:
             loader = DataLoader(self.ds, batch_sampler=[c.tolist() for c in chunks], num_workers=self.num_workers,

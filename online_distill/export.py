@@ -1,7 +1,7 @@
 """`online-distill export RUN_DIR --peer P --format torchscript|onnx [--quantize] [--out F]`
 
 Writes one trained peer (or student) of a finished run for deployment, then loads the written
-file back and checks that its outputs match the trained model's on real test images. With
+file back and checks that its outputs match the trained model's on real test examples. With
 --quantize, a dynamically quantized int8 copy (weights of nn.Linear/LSTM/GRU layers in int8,
 activations quantized on the fly) is written too, and its accuracy, size and CPU latency are
 reported next to the fp32 model's: distillation combined with quantization. Dynamic
@@ -50,7 +50,7 @@ class ExportReport:
     """Layers dynamic quantization replaced (0: the model has none it can quantize)."""
     int8_test_acc: float | None = None
     int8_agreement: float | None = None
-    """Share of test images where the int8 model predicts the fp32 model's class."""
+    """Share of test examples where the int8 model predicts the fp32 model's class."""
     int8_size_kb: float | None = None
     int8_size_ratio: float | None = None
     """int8 TorchScript bytes / fp32 TorchScript bytes (like for like, whatever --format is)."""
@@ -93,7 +93,7 @@ def _save_onnx(model: nn.Module, example: Tensor, path: str):
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         return lambda x: torch.from_numpy(session.run(None, {name: x.numpy()})[0])
     except ImportError:  # the reference evaluator of the onnx package needs nothing else, but is slow:
-        from onnx.reference import ReferenceEvaluator  # numpy convolutions, so it checks 32 images
+        from onnx.reference import ReferenceEvaluator  # numpy convolutions, so it checks 32 examples
 
         ref = ReferenceEvaluator(proto)
         return lambda x: torch.from_numpy(ref.run(None, {name: x[:32].numpy()})[0])
@@ -118,7 +118,7 @@ def load_trained(run_dir: str, peer: int, *, models=None, datasets=None):
         raise ConfigError(f"RUN_DIR: {run_dir!r} holds no checkpoint_* directory; allowed: a run with at least "
                           "one epoch done")
     data = load_data(cfg.data, datasets)
-    model = build_model(cfg.models[peer], data.in_channels, data.num_classes, data.image_size, models)
+    model = build_model(cfg.models[peer], data.sample, data.num_classes, models)
     model.load_state_dict(load_peer(ckpt, peer)["model"])
     return cfg, ckpt, model.eval(), data
 
@@ -150,7 +150,7 @@ def export(run_dir: str, *, peer: int = 0, fmt: str = "torchscript", quantize: b
     # an fp32 export reproduces the trained model up to float rounding; anything more is a broken export
     if not torch.allclose(got, expected, rtol=1e-4, atol=1e-4):
         raise RuntimeError(f"export check failed: {out} differs from the trained model by up to {diff:.3g} "
-                           f"(argmax agreement {agree:.4f} on {len(x_check)} test images)")
+                           f"(argmax agreement {agree:.4f} on {len(x_check)} test examples)")
     fields = dict(path=out, format=fmt, model=cfg.models[peer], peer=peer, checkpoint=ckpt, check_samples=len(x_check),
                   max_abs_diff=diff, argmax_agreement=agree, test_acc=accuracy(model, test()),
                   size_kb=os.path.getsize(out) / 1024)
@@ -162,7 +162,7 @@ def export(run_dir: str, *, peer: int = 0, fmt: str = "torchscript", quantize: b
         int8, int8_fields = _quantized(model, out, example, test, fp32_bytes=len(fp32_file.getvalue()))
         fields.update(int8_fields)
         measured.append(int8)
-    speed = cpu_latency(measured, tuple(example.shape[1:]))
+    speed = cpu_latency(measured, example)
     fields["latency_ms"] = speed[0]["latency_ms"]
     if quantize:
         fields["int8_latency_ms"] = speed[1]["latency_ms"]
@@ -197,7 +197,7 @@ def _quantized(model: nn.Module, out: str, example: Tensor, test, *, fp32_bytes:
 def format_export(r: ExportReport) -> str:
     lines = [f"exported peer{r.peer} ({r.model}) from {r.checkpoint}",
              f"  {r.format}: {r.path}  {r.size_kb:.1f} KiB",
-             f"  check: max |exported - trained| = {r.max_abs_diff:.2e} over {r.check_samples} test images, "
+             f"  check: max |exported - trained| = {r.max_abs_diff:.2e} over {r.check_samples} test examples, "
              f"argmax agreement {r.argmax_agreement:.4f}",
              f"  fp32: test acc {r.test_acc:.4f}, latency {r.latency_ms:.3f} ms/sample "
              "(TorchScript, batch 1, 1 thread)"]

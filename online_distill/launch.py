@@ -134,10 +134,15 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def preflight_data(cfg: Config, datasets=None) -> None:
-    """Load the data once on the driver of a local run: a missing dataset or a split that does
-    not fit is an error now, not a worker retry later (and downloads happen once)."""
+def preflight_data(cfg: Config, datasets=None, models=None) -> None:
+    """Load the data once on the driver of a local run and build every model of the cohort on
+    its real first examples: a missing dataset, a split that does not fit, labels outside
+    [0, num_classes), or a model builder that fails or returns logits of the wrong shape is a
+    ConfigError now, not a worker retry later (and downloads happen once)."""
+    import torch
+
     from .data import load_data
+    from .models import build_model
 
     data = load_data(cfg.data, datasets)
     disjoint = cfg.distill.peer_data == "disjoint"  # codistilling peers may each take their own shard
@@ -145,6 +150,17 @@ def preflight_data(cfg: Config, datasets=None) -> None:
     if cfg.train.batch_size > shard:
         raise ConfigError(f"train.batch_size: got {cfg.train.batch_size}; allowed: at most {shard}, "
                           f"the training examples per {'worker' if disjoint else 'replica'}")
+    from .models import MODELS
+
+    known = {**MODELS, **(models or {})}
+    checked = set()
+    for i, name in enumerate(cfg.models):
+        # one build per architecture (a resnet costs a second); a caller that did not pass the
+        # user's builders (cfg.check has seen them) leaves those to the workers
+        if name not in checked and name in known:
+            checked.add(name)
+            with torch.random.fork_rng():  # the driver's RNG is not the workers' business
+                build_model(name, data.sample, data.num_classes, models, field=f"models[{i}]")
 
 
 def make_trainer(cfg: Config, *, models=None, datasets=None, callbacks=None, resume_from_checkpoint=None,
@@ -199,10 +215,10 @@ def train(cfg: Config, *, models: dict | None = None, datasets: dict | None = No
 
         return train_generations(cfg, models=models, datasets=datasets, verbose=verbose)
     run_dir = storage.join(cfg.run.storage, cfg.run.name)
+    if not os.environ.get("RAY_ADDRESS"):  # a cluster's data may live only where its workers run
+        preflight_data(cfg, datasets, models)  # before Ray starts: bad data or models cost no start-up, no retry
     init_ray()
     check_resources(cfg)
-    if not os.environ.get("RAY_ADDRESS"):
-        preflight_data(cfg, datasets)
     resuming = prepare_run_dir(cfg, run_dir)
     fallback = check_resume(cfg, run_dir)  # the checkpoint Ray will resume from loads, or an older one
     if fallback:

@@ -75,10 +75,10 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
     # --- this rank's peers: distinct init per peer, identical across a peer's replicas and layouts
     def build_peer(p: int) -> nn.Module:
         torch.manual_seed(cfg.train.seed * 1000 + p)
-        return build_model(cfg.models[p], data.in_channels, data.num_classes, data.image_size, model_builders)
+        return build_model(cfg.models[p], data.sample, data.num_classes, model_builders)
 
     def build_named(name: str) -> nn.Module:  # any model for this dataset (a frozen teacher's)
-        return build_model(name, data.in_channels, data.num_classes, data.image_size, model_builders)
+        return build_model(name, data.sample, data.num_classes, model_builders)
 
     models = [build_peer(p).to(device) for p in topo.peers]
     train_models = [_data_parallel(m, topo, device) for m in models]

@@ -1,8 +1,16 @@
-"""Model builders: a plain dict from name to `builder(in_channels, num_classes) -> nn.Module`.
+"""Model builders: a plain dict from name to `builder(input_shape, num_classes) -> nn.Module`.
+
+`input_shape` is the shape of one example without the batch dimension, read from the real
+first examples of the run's dataset: (C, H, W) for images, (C, L) for 1-D signals, (F,) for
+tables, (L,) for token ids. An image model takes its channels from `input_shape[0]`. Every
+model is then run on those real examples (so lazy layers get their shapes) and must return
+logits of shape (batch, num_classes); a builder that fails is a ConfigError naming it.
 
 torchvision classification models are adapted to small images (28x28, 32x32): a 3x3 stride-1
 stem and no early max-pool, as is usual for CIFAR. The small nets train in seconds on a CPU.
-Users add their own builders through the Python API (`train(cfg, models={...})`).
+The char_* models read token ids in [0, 256) (data.BYTE_VOCAB: the UTF-8 bytes of a text, 0
+for padding), e.g. the built-in lang_words dataset. Users add their own builders through the
+Python API (`train(cfg, models={...})`); online_distill.hf wraps Hugging Face models.
 """
 from __future__ import annotations
 
@@ -12,13 +20,25 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-Builder = Callable[[int, int], nn.Module]
+from .config import ConfigError
+
+Shape = tuple[int, ...]
+Builder = Callable[[Shape, int], nn.Module]
+BYTE_VOCAB = 256  # as data.BYTE_VOCAB; kept here so models.py does not import the datasets
 
 
-def mlp(in_channels: int, num_classes: int, hidden: int = 256) -> nn.Module:
+def mlp(input_shape: Shape, num_classes: int, hidden: int = 256) -> nn.Module:
+    """Any float input: flattened, two hidden layers (the first one lazy: it reads the input size)."""
     return nn.Sequential(
         nn.Flatten(), nn.LazyLinear(hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
     )
+
+
+def _channels(input_shape: Shape) -> int:
+    """The channels of an image (C, H, W); anything else is not an image."""
+    if len(input_shape) != 3:
+        raise ValueError(f"an image model takes images of shape (C, H, W); got examples of shape {tuple(input_shape)}")
+    return input_shape[0]
 
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
@@ -34,51 +54,111 @@ def _cnn(in_channels: int, num_classes: int, width: int) -> nn.Module:
     )
 
 
-def tiny_cnn(in_channels: int, num_classes: int) -> nn.Module:
+def tiny_cnn(input_shape: Shape, num_classes: int) -> nn.Module:
     """About 6k parameters: the student of choice for fast tests and CPU demos."""
-    return _cnn(in_channels, num_classes, width=8)
+    return _cnn(_channels(input_shape), num_classes, width=8)
 
 
-def small_cnn(in_channels: int, num_classes: int) -> nn.Module:
+def small_cnn(input_shape: Shape, num_classes: int) -> nn.Module:
     """About 94k parameters; a couple of epochs on Fashion-MNIST on a laptop CPU."""
-    return _cnn(in_channels, num_classes, width=32)
+    return _cnn(_channels(input_shape), num_classes, width=32)
 
 
-def wide_cnn(in_channels: int, num_classes: int) -> nn.Module:
+def wide_cnn(input_shape: Shape, num_classes: int) -> nn.Module:
     """About 370k parameters: a larger CPU-sized teacher for small_cnn / tiny_cnn."""
-    return _cnn(in_channels, num_classes, width=64)
+    return _cnn(_channels(input_shape), num_classes, width=64)
 
 
 def _small_image_stem(conv: nn.Conv2d, in_channels: int) -> nn.Conv2d:
     return nn.Conv2d(in_channels, conv.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
 
 
-def resnet18(in_channels: int, num_classes: int) -> nn.Module:
+def resnet18(input_shape: Shape, num_classes: int) -> nn.Module:
+    in_channels = _channels(input_shape)
     m = tvm.resnet18(weights=None, num_classes=num_classes)
     m.conv1 = _small_image_stem(m.conv1, in_channels)
     m.maxpool = nn.Identity()
     return m
 
 
-def resnet34(in_channels: int, num_classes: int) -> nn.Module:
+def resnet34(input_shape: Shape, num_classes: int) -> nn.Module:
+    in_channels = _channels(input_shape)
     m = tvm.resnet34(weights=None, num_classes=num_classes)
     m.conv1 = _small_image_stem(m.conv1, in_channels)
     m.maxpool = nn.Identity()
     return m
 
 
-def mobilenet_v3_small(in_channels: int, num_classes: int) -> nn.Module:
+def mobilenet_v3_small(input_shape: Shape, num_classes: int) -> nn.Module:
+    in_channels = _channels(input_shape)
     m = tvm.mobilenet_v3_small(weights=None, num_classes=num_classes)
     first = m.features[0][0]
     m.features[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, stride=1, padding=1, bias=False)
     return m
 
 
-def shufflenet_v2_x0_5(in_channels: int, num_classes: int) -> nn.Module:
+def shufflenet_v2_x0_5(input_shape: Shape, num_classes: int) -> nn.Module:
+    in_channels = _channels(input_shape)
     m = tvm.shufflenet_v2_x0_5(weights=None, num_classes=num_classes)
     m.conv1[0] = nn.Conv2d(in_channels, m.conv1[0].out_channels, 3, stride=1, padding=1, bias=False)
     m.maxpool = nn.Identity()
     return m
+
+
+# ---- token sequences (characters in) -------------------------------------------------------
+
+class CharCNN(nn.Module):
+    """Embedded token ids, two 1-D convolutions, max over positions: a small, fast text model."""
+
+    def __init__(self, num_classes: int, vocab: int = BYTE_VOCAB, dim: int = 32, width: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.convs = nn.Sequential(nn.Conv1d(dim, width, 3, padding=1), nn.ReLU(inplace=True),
+                                   nn.Conv1d(width, width, 3, padding=1), nn.ReLU(inplace=True))
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.convs(self.embed(tokens).transpose(1, 2))  # (B, width, L)
+        return self.head(h.amax(2))
+
+
+class CharGRU(nn.Module):
+    """Embedded token ids through a bidirectional GRU; the mean of its states over the
+    non-padding positions: a larger, slower text teacher."""
+
+    def __init__(self, num_classes: int, vocab: int = BYTE_VOCAB, dim: int = 48, hidden: int = 128):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim, padding_idx=0)
+        self.gru = nn.GRU(dim, hidden, batch_first=True, bidirectional=True)
+        self.head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h, _ = self.gru(self.embed(tokens))  # (B, L, 2 * hidden)
+        mask = (tokens != 0).unsqueeze(2).to(h.dtype)
+        return self.head((h * mask).sum(1) / mask.sum(1).clamp_min(1.0))
+
+
+def _tokens(input_shape: Shape) -> None:
+    if len(input_shape) != 1:
+        raise ValueError(f"a char_* model takes token ids of shape (L,); got examples of shape {tuple(input_shape)}")
+
+
+def char_cnn(input_shape: Shape, num_classes: int) -> nn.Module:
+    """About 27k parameters: token ids (L,) in [0, 256), e.g. lang_words; trains in seconds on a CPU."""
+    _tokens(input_shape)
+    return CharCNN(num_classes)
+
+
+def char_cnn_wide(input_shape: Shape, num_classes: int) -> nn.Module:
+    """About 165k parameters: a wider CharCNN."""
+    _tokens(input_shape)
+    return CharCNN(num_classes, dim=64, width=192)
+
+
+def char_gru(input_shape: Shape, num_classes: int) -> nn.Module:
+    """About 183k parameters: a bidirectional GRU over token ids, a text teacher (3x slower than char_cnn)."""
+    _tokens(input_shape)
+    return CharGRU(num_classes)
 
 
 MODELS: dict[str, Builder] = {
@@ -90,17 +170,44 @@ MODELS: dict[str, Builder] = {
     "resnet34": resnet34,
     "mobilenet_v3_small": mobilenet_v3_small,
     "shufflenet_v2_x0_5": shufflenet_v2_x0_5,
+    "char_cnn": char_cnn,
+    "char_cnn_wide": char_cnn_wide,
+    "char_gru": char_gru,
 }
 
 
-def build_model(name: str, in_channels: int, num_classes: int, image_size: int, builders: dict[str, Builder] | None = None) -> nn.Module:
-    """Build a model and run one dummy batch so lazy layers get their shapes."""
-    table = {**MODELS, **(builders or {})}
-    model = table[name](in_channels, num_classes)
+def build_model(name: str, sample: torch.Tensor, num_classes: int, builders: dict[str, Builder] | None = None,
+                *, field: str = "models") -> nn.Module:
+    """Build model `name` for examples like `sample` (a real batch of the dataset, a couple of
+    rows) and run it on them: lazy layers take their shapes, and a builder that fails, a
+    forward that raises or logits of the wrong shape are a ConfigError that starts with `field`
+    and names the builder and the batch it got."""
+    builder = {**MODELS, **(builders or {})}[name]
+    shape = tuple(sample.shape[1:])
+    who = f"{field}: model {name!r} ({getattr(builder, '__qualname__', builder)})"
+    got = f"examples of shape {shape}, {str(sample.dtype).removeprefix('torch.')}"
+    try:
+        model = builder(shape, num_classes)
+    except Exception as e:
+        raise ConfigError(f"{who} failed to build, called as builder(input_shape={shape}, num_classes={num_classes}) "
+                          f"for {got}: {type(e).__name__}: {e}. A builder takes (input_shape, num_classes), input_shape "
+                          "being one example's shape without the batch dimension (an image's channels are "
+                          "input_shape[0])") from e
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"{who} returned {type(model).__name__}; allowed: a torch.nn.Module")
     with torch.no_grad():
         model.eval()
-        model(torch.zeros(2, in_channels, image_size, image_size))
+        try:
+            out = model(sample)
+        except Exception as e:
+            raise ConfigError(f"{who}: its forward raised on the dataset's first {len(sample)} training examples, a "
+                              f"batch of shape {tuple(sample.shape)} ({got}): {type(e).__name__}: {e}") from e
         model.train()
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point() or tuple(out.shape) != (len(sample), num_classes):
+        what = f"shape {tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(f"{who}: on a batch of shape {tuple(sample.shape)} ({got}) it returned {what}; allowed: "
+                          f"float logits of shape ({len(sample)}, {num_classes}), one column per class of the dataset "
+                          f"(num_classes={num_classes})")
     return model
 
 

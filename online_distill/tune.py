@@ -304,7 +304,7 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
         check_resources(cfg)
     if not os.environ.get("RAY_ADDRESS"):
         for cfg in {(c.data, c.train.batch_size, c.scale.replicas): c for c in configs}.values():
-            preflight_data(cfg, datasets)
+            preflight_data(cfg, datasets, models)
     n_at_once = spec.max_concurrent or concurrency(configs, ray.cluster_resources())
     trials = spec.trials()
     sweep_dir = spec.sweep_dir

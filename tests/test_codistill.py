@@ -14,6 +14,8 @@ from online_distill.teachers import TeacherContext
 from online_distill.teachers.stale_peers import StalePeerTeacher, is_sync_step, state_bytes
 from online_distill.topology import Topology, build_topology
 
+IMAGES = torch.zeros(2, 1, 28, 28)  # what models are built for: a batch like the 1x28x28 data
+
 PEERS, REPLICAS, B = 2, 2, 8
 MODELS = ("tiny_cnn", "small_cnn")  # peers may differ in architecture
 
@@ -32,7 +34,7 @@ def _cfg(**distill) -> config_mod.Config:
 
 def _build_peer(p: int):
     torch.manual_seed(100 + p)
-    return build_model(MODELS[p], 1, 10, 28)
+    return build_model(MODELS[p], IMAGES, 10)
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
@@ -138,7 +140,7 @@ def test_codistill_cohort_on_disjoint_shards_reports_its_traffic(make_cfg, tmp_p
                    distill__peer_data="disjoint").check()
     spawn_world(_loop_worker, (cfg, str(tmp_path)), cfg.world_size)
     rows = [r for r in json.loads((tmp_path / "history.json").read_text()) if r["member"] != "ensemble"]
-    tiny = state_bytes(build_model("tiny_cnn", 1, 10, 28))
+    tiny = state_bytes(build_model("tiny_cnn", IMAGES, 10))
     assert [r["exchange_bytes_per_step"] for r in rows] == [tiny / 4, tiny / 4]
     # 1024 examples on 2 disjoint shards of 512 = 8 steps of 64; after the first swap (step 2)
     # the stale copies teach: a KD term appears

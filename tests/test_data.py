@@ -7,7 +7,7 @@ from online_distill.data import Batches, augment_batch, load_data, synthetic
 
 def test_fashion_mnist_is_real_and_split_without_overlap():
     data = load_data(DataConfig(dataset="fashion_mnist", val_size=5000))
-    assert (data.in_channels, data.image_size, data.num_classes) == (1, 28, 10)
+    assert (data.input_shape, data.num_classes) == ((1, 28, 28), 10) and data.sample.dtype == torch.float32
     assert len(data.train) == 55000 and len(data.val) == 5000 and len(data.test) == 10000
     assert data.train.images.shape[1:] == (1, 28, 28) and data.train.labels.unique().numel() == 10
     # validation examples are held out of training: no image appears in both

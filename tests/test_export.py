@@ -17,6 +17,8 @@ from online_distill.export import export
 from online_distill.loop import run
 from online_distill.models import build_model
 
+IMAGES = torch.zeros(2, 1, 28, 28)  # what models are built for: a batch like the 1x28x28 data
+
 # TorchScript is deprecated in torch 2.x but still the way to run a model without Python
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*:FutureWarning")
 
@@ -50,7 +52,7 @@ def runs(tmp_path_factory):
 def trained(run_dir: str) -> tuple[torch.nn.Module, torch.Tensor]:
     cfg = C.load(os.path.join(run_dir, "config.yaml"))
     data = load_data(cfg.data)
-    model = build_model(cfg.models[0], 1, 10, 28)
+    model = build_model(cfg.models[0], IMAGES, 10)
     model.load_state_dict(ckpt.load_peer(os.path.join(run_dir, "checkpoint_epoch_0001"), 0)["model"])
     x, _ = data.test.batch(torch.arange(64), torch.device("cpu"))
     return model.eval(), x

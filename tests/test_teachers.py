@@ -20,6 +20,8 @@ from online_distill.teachers.frozen import find_checkpoint_dir, resolve_teacher
 from online_distill.teachers.snapshot import is_cycle_end
 from online_distill.topology import Topology
 
+IMAGES = torch.zeros(2, 1, 28, 28)  # what models are built for: a batch like the 1x28x28 data
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -76,7 +78,7 @@ def train_steps(model, teacher, cfg, steps, steps_per_epoch=4, probe=None):
 
 
 def base_cfg(**over) -> C.Config:
-    raw = {"models": ["tiny_cnn"], "data": {"dataset": "synthetic"}, "optim": {"lr": 0.1, "schedule": "constant"},
+    raw = {"models": ["tiny_cnn"], "data": {"dataset": "synthetic", "val_size": 500}, "optim": {"lr": 0.1, "schedule": "constant"},
            "train": {"epochs": 3, "batch_size": 8}}
     return C.with_overrides(C.from_dict(raw), over)
 
@@ -239,7 +241,7 @@ def teacher_run(tmp_path):
     nets = []
     for p, name in enumerate(cfg.models):
         torch.manual_seed(p)
-        net = build_model(name, 1, 10, 28)
+        net = build_model(name, IMAGES, 10)
         opt = make_optimizer(cfg.optim, net)
         ckpt.save(str(d), Topology(rank=p, num_peers=2, replicas=1), 1, [(net, opt, make_scheduler(cfg.optim, opt, 4, 3))],
                   build_teacher(context(cfg)), [])
@@ -264,7 +266,7 @@ def test_frozen_teacher_from_a_run_directory_reads_the_model_from_its_config(tea
     from online_distill.models import build_model
 
     ctx = context(cfg)
-    ctx.build_model = lambda name: build_model(name, 1, 10, 28)
+    ctx.build_model = lambda name: build_model(name, IMAGES, 10)
     teacher = peer_source(ctx)
     x = torch.randn(3, 1, 28, 28)
     out = teacher.logits(x, None)

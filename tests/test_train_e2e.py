@@ -91,10 +91,10 @@ def test_heterogeneous_peers_from_user_model_and_dataset_builders(ray_session, m
         y = torch.randint(0, 2, (1500,), generator=g)
         x = (y.view(-1, 1, 1, 1) * 120 + torch.randint(0, 100, (1500, 1, 8, 8), generator=g)).to(torch.uint8)
         ds = ImageTensors(x, y, (0.5,), (0.25,))
-        return Splits(ds.subset(torch.arange(1000)), ds.subset(torch.arange(1000, 1500)), 2, 1, 8)
+        return Splits(ds.subset(torch.arange(1000)), ds.subset(torch.arange(1000, 1500)), 2, input_shape=(1, 8, 8))
 
-    def linear(in_ch, k):
-        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(in_ch * 64, k))
+    def linear(input_shape, k):  # builders take the shape of one example, here (1, 8, 8)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(input_shape[0] * 64, k))
 
     # three peers of three architectures (one of them the user's) on the user's dataset
     cfg = make_cfg(models=["linear", "mlp", "tiny_cnn"], data__dataset="blobs", data__val_size=200,

@@ -171,12 +171,13 @@ class FrozenTeacher(PeerSource):
     def check(cfg: Config, models: Mapping, datasets: Mapping) -> None:
         """On the driver: the checkpoint exists, names a known model, and its weights fit that
         model on this dataset (a mismatch found on a worker would cost retries)."""
+        from ..data import load_data
         from ..models import build_model
 
         src = resolve_teacher(cfg.distill, models)
         weights = load_weights(src)
-        splits = datasets[cfg.data.dataset](cfg.data)
-        load_into(build_model(src.model_name, splits.in_channels, splits.num_classes, splits.image_size, models),
+        data = load_data(cfg.data, datasets)  # the teacher is built for the dataset's real first examples
+        load_into(build_model(src.model_name, data.sample, data.num_classes, models, field="distill.teacher_model"),
                   weights, src)
 
     @torch.no_grad()
