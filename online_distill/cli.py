@@ -25,30 +25,32 @@ def cmd_train(args) -> int:
     from . import config
 
     cfg, source = config.load_checked(args.config, args.sets)  # before torch and Ray: a refusal is quick
+    from .checks import check_names  # torch, torchvision
+
     try:
-        cfg.check_names()  # model and dataset names, what the teacher source needs (imports torch)
+        check_names(cfg)  # model and dataset names, what the teacher source needs (imports torch)
     except ConfigError as e:
         raise source.locate(e) from None
     if args.dry_run:
-        from .dry_run import describe_run
+        from .run.dry_run import describe_run
 
         print(describe_run(cfg))
         return 0
-    from .launch import train  # Ray
+    from .run import train  # Ray
 
     train(cfg)
     return 0
 
 
 def cmd_report(args) -> int:
-    from .report import report
+    from .run.report import report
 
     report(args.path)
     return 0
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench
+    from .bench.overhead import bench
 
     for name, low in (("peers", 2), ("batch_size", 1), ("steps", 5), ("repeats", 1)):
         if getattr(args, name) < low:
@@ -58,7 +60,8 @@ def cmd_bench(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from . import config, sweep_config
+    from . import config
+    from .sweep import spec as sweep_config
 
     raw = config.read_yaml(args.config, "sweep file")  # a refusal names the file and line
     overrides = config.parse_sets(args.sets)  # ... or the --set item
@@ -75,18 +78,18 @@ def cmd_tune(args) -> int:
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}", e.field) from None
     if args.dry_run:
-        from .dry_run import describe_sweep
+        from .run.dry_run import describe_sweep
 
         print(describe_sweep(spec))
         return 0
-    from .tune import run_sweep  # Ray
+    from .sweep.driver import run_sweep  # Ray
 
     result = run_sweep(spec, retry_errored=args.retry_errored)
     return 0 if result.complete else 130  # Tune handled Ctrl+C itself: the sweep is resumable, not done
 
 
 def cmd_bench_scale(args) -> int:
-    from .bench_scale import bench_scale
+    from .bench.scale import bench_scale
 
     bench_scale(model=args.model, dataset=args.dataset, batch_size=args.batch_size, steps=args.steps,
                 repeats=args.repeats, device=args.device, precisions=tuple(args.precision.split(",")),
@@ -95,7 +98,7 @@ def cmd_bench_scale(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export
+    from .run.export import export
 
     export(args.run_dir, peer=args.peer, fmt=args.format, quantize=args.quantize, out=args.out)
     return 0

@@ -292,10 +292,6 @@ class Config:
         """What each Ray Train worker asks for."""
         return {"CPU": self.scale.cpus_per_worker, **({"GPU": self.scale.gpus_per_worker} if self.scale.use_gpu else {})}
 
-    def check(self, models: Mapping[str, Any] | None = None, datasets: Mapping[str, Any] | None = None) -> "Config":
-        """Validate every field; `models`/`datasets` are the builders available by name."""
-        return self.check_fields().check_names(models, datasets)
-
     def check_fields(self) -> "Config":
         """The checks that need no registry (types were checked on loading; ranges, choices and
         combinations here): pure Python, so the CLI refuses bad input before importing torch."""
@@ -307,25 +303,6 @@ class Config:
             _fail("models", list(self.models), f"at least 2 peers for distill.mode={self.distill.mode!r}")
         self._check_layout()
         return self
-
-    def check_names(self, models: Mapping[str, Any] | None = None, datasets: Mapping[str, Any] | None = None) -> "Config":
-        """The checks against the registries (model and dataset names, what the chosen teacher
-        source needs): these import torch and torchvision."""
-        from .data import DATASETS
-        from .models import MODELS
-
-        models = {**MODELS, **(models or {})}
-        datasets = {**DATASETS, **(datasets or {})}
-        for i, name in enumerate(self.models):
-            if name not in models:
-                _fail(f"models[{i}]", name, ", ".join(sorted(models)))
-        if self.data.dataset not in datasets:
-            _fail("data.dataset", self.data.dataset, ", ".join(sorted(datasets)))
-        from .teachers import check_teacher  # what only the chosen source needs (a teacher checkpoint, ...)
-
-        check_teacher(self, models, datasets)
-        return self
-
 
     def _check_layout(self) -> None:
         """How peers are laid out over workers (and GPUs); what fits a cluster is checked in launch."""
@@ -639,7 +616,7 @@ def load_checked(path: str, sets: list[str] | None = None) -> tuple[Config, Sour
     """What the CLI runs before anything heavy: read the file, apply the --set items and make
     every check that needs no registry (Config.check_fields). Imports nothing beyond PyYAML, so a
     refusal costs the interpreter's start-up only. Every ConfigError names the file and line, or
-    the --set item, where the value came from; the registry checks (Config.check_names) come
+    the --set item, where the value came from; the registry checks (online_distill.checks) come
     later, and `Source.locate` tells their errors the same way."""
     raw, lines = read_yaml_lines(path, "config file")
     items: dict[str, tuple[Any, str]] = {}  # key -> (value, the item); of one key given twice, the last wins

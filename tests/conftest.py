@@ -19,7 +19,7 @@ def ray_session():
     2-worker Tune trials at once; the tiny models do not mind the oversubscription."""
     import ray
 
-    from online_distill.launch import use_local_ray_env
+    from online_distill.run.launch import use_local_ray_env
 
     use_local_ray_env()  # as an embedded run of online-distill has it
     ray.init(num_cpus=4, num_gpus=0, logging_level=logging.WARNING, include_dashboard=True)

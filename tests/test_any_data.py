@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import online_distill
-from online_distill import launch
+from online_distill.run import launch
 from online_distill.config import ConfigError, DataConfig
 from online_distill.data import BYTE_VOCAB, WORD_BYTES, Splits, Tensors, lang_words, load_data
 from online_distill.models import build_model

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from online_distill import config as C
-from online_distill import sweep_config as S
+from online_distill.sweep import spec as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -120,8 +120,10 @@ def test_refusals_come_before_torch_and_ray_are_imported(tmp_path):
     sweep = put(tmp_path, "name: s\nbase: c.yaml\nspace:\n  loss.temperature: {grid: [1, 2]}\n", "s.yaml")
     code = f"""
 import sys
-from online_distill import config, sweep_config
+from online_distill import config
+from online_distill.sweep import spec as sweep_config
 from online_distill.cli import main
+from online_distill.checks import check
 config.load({path!r}).check_fields()
 config.load_checked({path!r}, ["loss.temperature=2"])
 sweep_config.load({sweep!r}, names=False)
@@ -136,7 +138,7 @@ assert not heavy and rc == rc2 == 2, (heavy, rc, rc2)
 
 
 def test_registry_errors_keep_their_message_and_name_where_the_value_came_from(tmp_path, capsys, monkeypatch):
-    import online_distill.launch as launch
+    import online_distill.run.launch as launch
     from online_distill.cli import main
 
     def no_ray():
@@ -161,7 +163,7 @@ def test_python_api_keeps_its_messages_and_refuses_duplicates(tmp_path):
         C.load(put(tmp_path, "loss: {temperature: 1}\nloss: {temperature: 2}\n"))
     assert "line 2, column 1: duplicate key 'loss'" in str(e.value)
     with pytest.raises(C.ConfigError) as e:
-        C.load(put(tmp_path, "loss: {temperature: -1}\n")).check()
+        check(C.load(put(tmp_path, "loss: {temperature: -1}\n")))
     assert str(e.value).startswith("loss.temperature: got -1.0") and e.value.field == "loss.temperature"
     with pytest.raises(C.ConfigError, match="--set 'x=\\[1': the value is not valid YAML"):
         C.parse_sets(["x=[1"])
@@ -175,7 +177,7 @@ def test_python_api_keeps_its_messages_and_refuses_duplicates(tmp_path):
 
 
 def test_refusal_benchmark_prints_its_median():
-    out = subprocess.run([sys.executable, "-m", "online_distill.bench_refusal", "-n", "2"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "online_distill.bench.refusal", "-n", "2"], capture_output=True,
                          text=True, env=ENV, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1].startswith("median refusal time: ") and "(bar < 2 s)" in out.stdout

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from online_distill import config as config_mod
-from online_distill.cluster import LocalCluster, NodeSpec
+from online_distill.run.cluster import LocalCluster, NodeSpec
 
 pytestmark = pytest.mark.e2e
 

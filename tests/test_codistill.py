@@ -13,6 +13,7 @@ from online_distill.models import build_model
 from online_distill.teachers import TeacherContext
 from online_distill.teachers.stale_peers import StalePeerTeacher, is_sync_step, state_bytes
 from online_distill.topology import Topology, build_topology
+from online_distill.checks import check
 
 IMAGES = torch.zeros(2, 1, 28, 28)  # what models are built for: a batch like the 1x28x28 data
 
@@ -137,7 +138,7 @@ def test_codistill_cohort_on_disjoint_shards_reports_its_traffic(make_cfg, tmp_p
     import json
 
     cfg = make_cfg(train__epochs=1, distill__mode="codistill", distill__sync_every=4, distill__burn_in_steps=2,
-                   distill__peer_data="disjoint").check()
+                   distill__peer_data="disjoint").check(check()
     spawn_world(_loop_worker, (cfg, str(tmp_path)), cfg.world_size)
     rows = [r for r in json.loads((tmp_path / "history.json").read_text()) if r["member"] != "ensemble"]
     tiny = state_bytes(build_model("tiny_cnn", IMAGES, 10))

@@ -6,6 +6,7 @@ import pytest
 
 from online_distill import config as C
 from online_distill.cli import main
+from online_distill.checks import check
 
 
 def write(tmp_path, text: str) -> str:
@@ -15,7 +16,7 @@ def write(tmp_path, text: str) -> str:
 
 
 def test_defaults_are_a_valid_dml_cohort():
-    cfg = C.Config().check()
+    cfg = check(C.Config())
     assert cfg.num_peers == 2 and cfg.distill.mode == "dml" and cfg.world_size == 2
 
 
@@ -55,7 +56,7 @@ def test_overrides_parse_values_as_yaml(tmp_path):
 ])
 def test_bad_values_name_the_field_and_what_is_allowed(tmp_path, text, field, allowed):
     with pytest.raises(C.ConfigError) as e:
-        C.load(write(tmp_path, text)).check()
+        check(C.load(write(tmp_path, text)))
     assert str(e.value).startswith(field + ":") and allowed in str(e.value)
 
 
@@ -78,12 +79,12 @@ def test_unknown_override_is_refused(tmp_path):
 def test_user_builders_extend_the_names():
     cfg = C.Config(models=("mine", "mine"))
     with pytest.raises(C.ConfigError, match=r"models\[0\]"):
-        cfg.check()
-    cfg.check(models={"mine": lambda c, k: None})
+        check(cfg)
+    check(cfg, models={"mine": lambda c, k: None})
 
 
 def test_cli_config_error_exits_2_before_starting_ray(tmp_path, capsys, monkeypatch):
-    import online_distill.launch as launch
+    import online_distill.run.launch as launch
 
     def no_ray():
         raise AssertionError("Ray was started for a config that should have been refused")

@@ -13,7 +13,7 @@ from online_distill import checkpoint as ckpt
 from online_distill import config as C
 from online_distill.cli import main
 from online_distill.data import load_data
-from online_distill.export import export
+from online_distill.run.export import export
 from online_distill.loop import run
 from online_distill.models import build_model
 

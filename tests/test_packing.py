@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from online_distill import config as config_mod
 from online_distill.loop import run
+from online_distill.checks import check
 
 # every number a history row holds about what was learned (timings and layout excluded)
 LEARNED = ["train_ce", "train_kd", "train_acc", "val_acc", "val_nll", "test_acc", "test_nll"]
@@ -36,7 +37,7 @@ def train_history(tmp_path, spawn_world):
     counter = iter(range(100))
 
     def train(cfg: config_mod.Config) -> list[dict]:
-        cfg.check()
+        check(cfg)
         if cfg.world_size == 1:
             before = torch.get_num_threads()
             try:
@@ -92,11 +93,11 @@ def test_four_peers_two_per_worker_exchange_across_workers(make_cfg, train_histo
 
 def test_layout_refusals_name_the_field(make_cfg):
     with pytest.raises(config_mod.ConfigError, match=r"scale.peers_per_worker: got 2; allowed: a divisor of the 3 peers: 1, 3"):
-        make_cfg(models=["tiny_cnn"] * 3, scale__peers_per_worker=2).check()
+        check(make_cfg(models=["tiny_cnn"] * 3, scale__peers_per_worker=2))
     with pytest.raises(config_mod.ConfigError, match="scale.peers_per_worker.*disjoint"):
-        make_cfg(distill__mode="codistill", distill__peer_data="disjoint", scale__peers_per_worker=2).check()
+        check(make_cfg(distill__mode="codistill", distill__peer_data="disjoint", scale__peers_per_worker=2))
     with pytest.raises(config_mod.ConfigError, match="scale.gpus_per_worker.*NCCL"):
-        make_cfg(scale__use_gpu=True, scale__gpus_per_worker=0.5).check()
-    make_cfg(scale__use_gpu=True, scale__gpus_per_worker=0.5, scale__peers_per_worker=2).check()
+        check(make_cfg(scale__use_gpu=True, scale__gpus_per_worker=0.5))
+    check(make_cfg(scale__use_gpu=True, scale__gpus_per_worker=0.5, scale__peers_per_worker=2))
     with pytest.raises(config_mod.ConfigError, match=r"scale.gpus_per_worker: got 1.5; allowed: a number in \(0, 1\]"):
-        make_cfg(scale__gpus_per_worker=1.5).check()
+        check(make_cfg(scale__gpus_per_worker=1.5))

@@ -11,7 +11,7 @@ import torch
 
 from online_distill import checkpoint as ckpt
 from online_distill import config as C
-from online_distill.resume import SNAPSHOT, check_resume, find_resume_point, verify
+from online_distill.run.resume import SNAPSHOT, check_resume, find_resume_point, verify
 from online_distill.topology import Topology
 
 NUM_PEERS = 2

@@ -8,8 +8,9 @@ import pytest
 
 from online_distill import cli
 from online_distill import config as C
-from online_distill import launch
-from online_distill.launch import make_trainer, train
+from online_distill.run import launch
+from online_distill.run import train
+from online_distill.run.launch import make_trainer
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,8 @@ import torch
 
 from online_distill import config as C
 from online_distill.checkpoint import load_peer
-from online_distill.launch import make_trainer, train
+from online_distill.run import train
+from online_distill.run.launch import make_trainer
 from online_distill.teachers.frozen import find_checkpoint_dir
 
 pytestmark = pytest.mark.e2e

@@ -19,6 +19,7 @@ from online_distill.teachers.ema import ema_decay_at
 from online_distill.teachers.frozen import find_checkpoint_dir, resolve_teacher
 from online_distill.teachers.snapshot import is_cycle_end
 from online_distill.topology import Topology
+from online_distill.checks import check
 
 IMAGES = torch.zeros(2, 1, 28, 28)  # what models are built for: a batch like the 1x28x28 data
 
@@ -182,9 +183,9 @@ def test_snapshot_cycle_ends_follow_the_schedule_when_cycles_do_not_divide_the_s
 
 def test_snapshot_needs_a_cyclic_schedule():
     with pytest.raises(C.ConfigError, match=r"optim.schedule: got 'cosine'; allowed: 'cyclic'"):
-        base_cfg(**{"distill.mode": "snapshot", "optim.schedule": "cosine"}).check()
+        check(base_cfg(**{"distill.mode": "snapshot", "optim.schedule": "cosine"}))
     with pytest.raises(C.ConfigError, match=r"optim.cycles: got 1"):
-        base_cfg(**{"distill.mode": "snapshot", "optim.schedule": "cyclic"}).check()
+        check(base_cfg(**{"distill.mode": "snapshot", "optim.schedule": "cyclic"}))
 
 
 # --- DLB -----------------------------------------------------------------------------------------
@@ -262,7 +263,7 @@ def test_frozen_teacher_from_a_run_directory_reads_the_model_from_its_config(tea
     assert find_checkpoint_dir(str(run_dir / "checkpoint_epoch_0002")).endswith("checkpoint_epoch_0002")
     # a student of another architecture learns from it: eval mode, no gradients, the saved weights
     cfg = offline_cfg(run_dir / "checkpoint_epoch_0002", **{"distill.teacher_peer": 1})
-    cfg.check()
+    check(cfg)
     from online_distill.models import build_model
 
     ctx = context(cfg)
@@ -280,35 +281,35 @@ def test_frozen_teacher_from_a_plain_state_dict_needs_the_model_name(tmp_path, t
     path = tmp_path / "user_weights.pt"
     torch.save(nets[0].state_dict(), path)
     with pytest.raises(C.ConfigError, match=r"distill.teacher_model: got None"):
-        offline_cfg(path).check()
+        check(offline_cfg(path))
     with pytest.raises(C.ConfigError, match=r"distill.teacher_model: got 'nonesuch'; allowed: .*small_cnn"):
-        offline_cfg(path, **{"distill.teacher_model": "nonesuch"}).check()
+        check(offline_cfg(path, **{"distill.teacher_model": "nonesuch"}))
     with pytest.raises(C.ConfigError, match=r"distill.teacher_model: the weights .* do not fit model 'small_cnn'"):
-        offline_cfg(path, **{"distill.teacher_model": "small_cnn"}).check()
-    offline_cfg(path, **{"distill.teacher_model": "tiny_cnn"}).check()
+        check(offline_cfg(path, **{"distill.teacher_model": "small_cnn"}))
+    check(offline_cfg(path, **{"distill.teacher_model": "tiny_cnn"}))
 
 
 def test_bad_teacher_checkpoints_are_refused_on_the_driver(tmp_path, teacher_run):
     run_dir, _ = teacher_run
     with pytest.raises(C.ConfigError, match=r"distill.teacher_checkpoint: got None"):
-        base_cfg(**{"distill.mode": "offline"}).check()
+        check(base_cfg(**{"distill.mode": "offline"}))
     with pytest.raises(C.ConfigError, match=r"distill.teacher_checkpoint: .*missing.* does not exist"):
-        offline_cfg(tmp_path / "missing").check()
+        check(offline_cfg(tmp_path / "missing"))
     with pytest.raises(C.ConfigError, match=r"distill.teacher_peer: got 2; allowed: 0..1"):
-        offline_cfg(run_dir, **{"distill.teacher_peer": 2}).check()
+        check(offline_cfg(run_dir, **{"distill.teacher_peer": 2}))
     os.makedirs(tmp_path / "empty")
     with pytest.raises(C.ConfigError, match=r"distill.teacher_checkpoint: .* holds no peer<p>.pt files"):
-        offline_cfg(tmp_path / "empty").check()
+        check(offline_cfg(tmp_path / "empty"))
     torch.save(tiny_net(), tmp_path / "pickled_module.pt")  # code, not data: refused by weights_only
     with pytest.raises(C.ConfigError, match=r"distill.teacher_checkpoint: .* is not a weights-only checkpoint"):
-        offline_cfg(tmp_path / "pickled_module.pt", **{"distill.teacher_model": "tiny_cnn"}).check()
+        check(offline_cfg(tmp_path / "pickled_module.pt", **{"distill.teacher_model": "tiny_cnn"}))
 
 
 def test_born_again_is_refused_without_a_second_generation_or_with_several_models():
     with pytest.raises(C.ConfigError, match=r"distill.generations: got 1; allowed: an integer >= 2"):
-        base_cfg(**{"distill.mode": "born_again", "distill.generations": 1}).check()
+        check(base_cfg(**{"distill.mode": "born_again", "distill.generations": 1}))
     with pytest.raises(C.ConfigError, match=r"models: got \['tiny_cnn', 'tiny_cnn'\]; allowed: one model"):
-        base_cfg(models=["tiny_cnn", "tiny_cnn"], **{"distill.mode": "born_again"}).check()
+        check(base_cfg(models=["tiny_cnn", "tiny_cnn"], **{"distill.mode": "born_again"}))
 
 
 def test_the_kd_term_of_a_teacher_equal_to_the_student_has_no_gradient():

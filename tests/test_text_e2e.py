@@ -5,7 +5,7 @@ import os
 import pytest
 
 from online_distill import config as C
-from online_distill.launch import train
+from online_distill.run import train
 
 pytestmark = pytest.mark.e2e
 CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "lang_dml.yaml")

@@ -15,6 +15,7 @@ from online_distill import config as config_mod
 from online_distill.losses import distill_loss
 from online_distill.optim import make_optimizer
 from online_distill.topology import (Topology, build_topology, exchange_group_ranks, slot_and_replica,
+from online_distill.checks import check
                                      slot_group_ranks, train_shard)
 
 PEERS, REPLICAS, B, STEPS = 2, 2, 16, 2
@@ -62,11 +63,11 @@ def test_packed_workers_hold_consecutive_peers_and_exchange_across_workers():
 
 
 def test_disjoint_peer_data_only_for_codistill(make_cfg):
-    make_cfg(distill__mode="codistill", distill__peer_data="disjoint").check()
+    check(make_cfg(distill__mode="codistill", distill__peer_data="disjoint"))
     with pytest.raises(config_mod.ConfigError, match="distill.peer_data"):
-        make_cfg(distill__mode="dml", distill__peer_data="disjoint").check()
+        check(make_cfg(distill__mode="dml", distill__peer_data="disjoint"))
     with pytest.raises(config_mod.ConfigError, match="distill.peer_data"):
-        make_cfg(distill__peer_data="mine").check()
+        check(make_cfg(distill__peer_data="mine"))
 
 
 # --- a real gloo world -------------------------------------------------------------------------

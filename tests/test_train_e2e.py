@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from online_distill import config as C
-from online_distill.launch import check_resources, make_trainer, train
+from online_distill.run import train
+from online_distill.run.launch import check_resources, make_trainer
 
 pytestmark = pytest.mark.e2e
 
@@ -48,7 +49,7 @@ def test_interrupted_run_resumes_where_it_stopped_and_matches_an_uninterrupted_o
 
 def test_changed_config_is_not_resumed_silently(ray_session, make_cfg):
     cfg = make_cfg(train__epochs=2, run__name="changed")
-    from online_distill.launch import prepare_run_dir
+    from online_distill.run.launch import prepare_run_dir
 
     prepare_run_dir(cfg, os.path.join(cfg.run.storage, "changed"))
     with pytest.raises(C.ConfigError, match=r"loss.temperature: 3.0 -> 5.0"):

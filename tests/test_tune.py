@@ -15,10 +15,10 @@ import yaml
 from ray.tune import Callback
 
 from online_distill import config as C
-from online_distill import sweep_config as S
+from online_distill.sweep import spec as S
 from online_distill.config import ConfigError
-from online_distill.report import report
-from online_distill.tune import concurrency, load_sweep, run_sweep
+from online_distill.run.report import report
+from online_distill.sweep.driver import concurrency, load_sweep, run_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tune_configs", "tiny.yaml")
@@ -111,7 +111,7 @@ def test_concurrency_fits_whole_cohorts_into_the_cluster(make_cfg):
 
 
 def test_a_trial_holds_its_cohorts_resources_only_in_local_mode(make_cfg):
-    from online_distill.tune import trial_resources
+    from online_distill.sweep.driver import trial_resources
 
     packed = make_cfg(scale__peers_per_worker=2, scale__cpus_per_worker=2, scale__use_gpu=True,
                       scale__gpus_per_worker=0.5)
@@ -122,7 +122,7 @@ def test_a_trial_holds_its_cohorts_resources_only_in_local_mode(make_cfg):
 def test_asha_never_stops_the_baseline_and_the_baseline_sets_no_cutoff():
     from ray.tune.experiment import Trial
 
-    from online_distill.tune import _scheduler
+    from online_distill.sweep.driver import _scheduler
 
     spec = load_sweep(TINY, {"train.epochs": 4})
     asha = _scheduler(spec, 4, n_trials=6, n_at_once=2)

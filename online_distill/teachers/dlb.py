@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import PeerSource, TeacherContext
+from .base import PeerSource, TeacherContext
 
 
 class LastBatchTeacher(PeerSource):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from . import PeerSource, TeacherContext
+from .base import PeerSource, TeacherContext
 
 
 def ema_decay_at(step: int, decay: float, warmup_steps: int) -> float:

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from .. import storage
 from ..config import Config, ConfigError, DistillConfig
-from . import PeerSource, TeacherContext
+from .base import PeerSource, TeacherContext
 
 _PEER_FILE = re.compile(r"^peer(\d+)\.pt$")
 _FIELD = "distill.teacher_checkpoint"

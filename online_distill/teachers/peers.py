@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import Teacher, TeacherContext
+from .base import Teacher, TeacherContext
 
 
 class PeerTeacher(Teacher):

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import Config, ConfigError
 from ..optim import cycle_index
-from . import PeerSource, TeacherContext
+from .base import PeerSource, TeacherContext
 
 
 def is_cycle_end(step: int, cfg: Config, steps_per_epoch: int) -> bool:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from . import Teacher, TeacherContext
+from .base import Teacher, TeacherContext
 
 
 class StalePeerTeacher(Teacher):

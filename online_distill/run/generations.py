@@ -20,8 +20,8 @@ import json
 
 import pandas as pd
 
-from . import storage
-from .config import Config, with_overrides
+from .. import storage
+from ..config import Config, with_overrides
 
 
 def generation_config(cfg: Config, g: int, run_dir: str) -> Config:
@@ -45,9 +45,9 @@ def train_generations(cfg: Config, *, models=None, datasets=None, verbose: bool 
     history has one member per generation (gen0, gen1, ...) and a `generation` column."""
     import ray.train
 
-    from .launch import RunResult, prepare_run_dir, train
+    from .launch import RunResult, prepare_run_dir, train_cohort
     from .results import final_table, format_table, plot_curves
-    from .teachers.frozen import find_checkpoint_dir
+    from ..teachers.frozen import find_checkpoint_dir
 
     run_dir = storage.join(cfg.run.storage, cfg.run.name)
     prepare_run_dir(cfg, run_dir)  # refuses a finished run or a changed config; keeps config.yaml
@@ -62,7 +62,7 @@ def train_generations(cfg: Config, *, models=None, datasets=None, verbose: bool 
             if verbose:
                 teacher = "labels only" if g == 0 else f"taught by frozen generation {g - 1}"
                 print(f"\n=== born-again generation {g}/{cfg.distill.generations - 1}: {teacher}", flush=True)
-            train(child, models=models, datasets=datasets, verbose=verbose)
+            train_cohort(child, models=models, datasets=datasets, verbose=verbose)
         histories.append(_read_csv(storage.join(child_dir, "metrics.csv")).assign(generation=g))
         reports.append(_read_csv(storage.join(child_dir, "compression.csv")).assign(generation=g))
         metrics = json.loads(storage.read_text(storage.join(child_dir, "result.json")))["metrics"]

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import pyarrow.fs as pafs
 import torch
 
-from . import storage
-from .checkpoint import MANIFEST
-from .config import Config, ConfigError
+from .. import storage
+from ..checkpoint import MANIFEST
+from ..config import Config, ConfigError
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 # Prefixes for directories moved aside. Not "checkpoint_...": our tools (export, a frozen teacher,

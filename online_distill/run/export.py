@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from . import config as config_mod
+from .. import config as config_mod
 from .compression import accuracy, cpu_latency
-from .config import ConfigError
+from ..config import ConfigError
 
 FORMATS = ("torchscript", "onnx")
 QUANTIZABLE = {nn.Linear, nn.LSTM, nn.GRU}
@@ -101,10 +101,10 @@ def _save_onnx(model: nn.Module, example: Tensor, path: str):
 
 def load_trained(run_dir: str, peer: int, *, models=None, datasets=None):
     """(config, checkpoint directory, the peer's trained model in eval mode, data) of a run."""
-    from .checkpoint import load_peer
-    from .data import load_data
-    from .models import build_model
-    from .teachers.frozen import find_checkpoint_dir
+    from ..checkpoint import load_peer
+    from ..data import load_data
+    from ..models import build_model
+    from ..teachers.frozen import find_checkpoint_dir
 
     if not os.path.exists(os.path.join(run_dir, "config.yaml")):
         raise ConfigError(f"RUN_DIR: {run_dir!r} has no config.yaml; allowed: a run directory made by "
@@ -127,7 +127,7 @@ def export(run_dir: str, *, peer: int = 0, fmt: str = "torchscript", quantize: b
            check_samples: int = 256, models=None, datasets=None, verbose: bool = True) -> ExportReport:
     """Write peer `peer` of the run in `run_dir` as `fmt`, load it back and check it; with
     `quantize`, also an int8 copy. `models` / `datasets`: user builders, as for train()."""
-    from .data import Batches
+    from ..data import Batches
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format: got {fmt!r}; allowed: {', '.join(FORMATS)}")

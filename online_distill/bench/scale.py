@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from . import config as config_mod
-from .config import Config, ConfigError
+from .. import config as config_mod
+from ..checks import check
+from ..config import Config, ConfigError
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def setting_config(base: Config, s: Setting) -> Config:
     overrides = dict(s.overrides)
     if "models" in overrides:
         overrides["models"] = [base.models[0]]
-    return config_mod.with_overrides(base, overrides).check()
+    return check(config_mod.with_overrides(base, overrides))
 
 
 def measure(cfg: Config, device: str) -> dict:
@@ -90,7 +91,7 @@ def measure(cfg: Config, device: str) -> dict:
 def _rank_main(rank: int, cfg: Config, tmp: str, device: str) -> None:
     import torch.distributed as dist
 
-    from .loop import run
+    from ..loop import run
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=cfg.world_size)
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")

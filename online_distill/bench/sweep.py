@@ -1,7 +1,7 @@
 """ASHA against the same sweep without early stopping, side by side in one run, and what Tune
 costs on top of its trials.
 
-    python -m online_distill.sweep_bench tune_configs/fmnist_dml.yaml --set data.train_subset=4000
+    python -m online_distill.bench.sweep tune_configs/fmnist_dml.yaml --set data.train_subset=4000
 
 Both sweeps run the same trials (same settings, same seeds), one trial at a time, one sweep
 after the other on the same Ray; the second differs only in `scheduler.name: none`. Printed per sweep: trials, training
@@ -22,8 +22,8 @@ import time
 
 import pandas as pd
 
-from . import config as config_mod
-from .sweep_config import SchedulerSpec
+from .. import config as config_mod
+from ..sweep.spec import SchedulerSpec
 
 
 def _trial_times(sweep_dir: str, trial_id: str) -> tuple[float, float, float, int]:
@@ -50,9 +50,9 @@ def measure(result, spec) -> dict:
 
 
 def main(argv=None) -> int:
-    from .tune import load_sweep, run_sweep
+    from ..sweep.driver import load_sweep, run_sweep
 
-    p = argparse.ArgumentParser(prog="python -m online_distill.sweep_bench", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m online_distill.bench.sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("config")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)

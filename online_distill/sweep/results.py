@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from . import config as config_mod
-from . import storage
-from .results import format_table
-from .sweep_config import OBJECTIVES, SweepSpec
+from .. import config as config_mod
+from .. import storage
+from ..run.results import format_table
+from .spec import OBJECTIVES, SweepSpec
 
 SEED, BASELINE = "train.seed", "baseline"
 

@@ -21,8 +21,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import storage
-from .config import Config
+from .. import storage
+from ..config import Config
 
 
 def size_bytes(model: nn.Module) -> int:
@@ -87,9 +87,9 @@ def accuracy(model: nn.Module, batches) -> float:
 
 def compression_table(cfg: Config, checkpoint_dir: str, *, models=None, datasets=None) -> pd.DataFrame:
     """One row per student (each peer) and per teacher that holds a model, from a checkpoint."""
-    from .checkpoint import load_peer
-    from .data import Batches, load_data
-    from .models import build_model
+    from ..checkpoint import load_peer
+    from ..data import Batches, load_data
+    from ..models import build_model
 
     data = load_data(cfg.data, datasets)
 

@@ -5,7 +5,7 @@ import io
 
 import pandas as pd
 
-from . import storage
+from .. import storage
 
 
 def history_frame(history: list[dict]) -> pd.DataFrame:

@@ -12,8 +12,8 @@ import posixpath
 import pyarrow.fs as pafs
 import yaml
 
-from . import storage
-from .config import ConfigError
+from .. import storage
+from ..config import ConfigError
 
 
 def _fs(path: str) -> tuple[pafs.FileSystem, str]:
@@ -62,7 +62,8 @@ def report_run(run_dir: str, verbose: bool = True) -> dict[str, str]:
 
 
 def report_sweep(sweep_dir: str, verbose: bool = True):
-    from . import sweep_config, sweep_results
+    from ..sweep import spec as sweep_config
+    from ..sweep import results as sweep_results
 
     raw = yaml.safe_load(storage.read_text(storage.join(sweep_dir, "sweep.yaml")))
     # the sweep is where it is now, whatever storage_path it was started with

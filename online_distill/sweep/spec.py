@@ -19,8 +19,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from . import config as config_mod
-from .config import Config, ConfigError
+from .. import config as config_mod
+from ..config import Config, ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid")
 OBJECTIVES = {"best_peer": "best_peer/val_acc", "mean": "mean/val_acc", "ensemble": "ensemble/val_acc"}
@@ -158,7 +158,7 @@ class SweepSpec:
 
     @property
     def sweep_dir(self) -> str:
-        from . import storage
+        from .. import storage
 
         return storage.join(self.storage_root, self.name)
 
@@ -254,7 +254,11 @@ class SweepSpec:
 
 
 def _check_config(cfg: Config, models, datasets, names: bool) -> Config:
-    return cfg.check(models, datasets) if names else cfg.check_fields()
+    if not names:
+        return cfg.check_fields()
+    from ..checks import check  # the registries: torch
+
+    return check(cfg, models, datasets)
 
 
 def _check_value(base: Config, where: str, key: str | None, value: Any, models, datasets, names: bool = True) -> None:

@@ -13,12 +13,13 @@ from typing import Any
 import pandas as pd
 
 from . import compression
-from . import config as config_mod
-from . import storage
-from .config import Config, ConfigError
+from .. import config as config_mod
+from .. import storage
+from ..checks import check
+from ..config import Config, ConfigError
 from .resume import check_resume
 from .results import final_table, format_table, history_frame, write_run_tables
-from .teachers.frozen import with_absolute_checkpoint
+from ..teachers.frozen import with_absolute_checkpoint
 
 # Fields that may change when a run is resumed; any other change would make the resumed
 # run a different experiment than the one its checkpoints came from.
@@ -141,8 +142,8 @@ def preflight_data(cfg: Config, datasets=None, models=None) -> None:
     ConfigError now, not a worker retry later (and downloads happen once)."""
     import torch
 
-    from .data import load_data
-    from .models import build_model
+    from ..data import load_data
+    from ..models import build_model
 
     data = load_data(cfg.data, datasets)
     disjoint = cfg.distill.peer_data == "disjoint"  # codistilling peers may each take their own shard
@@ -150,7 +151,7 @@ def preflight_data(cfg: Config, datasets=None, models=None) -> None:
     if cfg.train.batch_size > shard:
         raise ConfigError(f"train.batch_size: got {cfg.train.batch_size}; allowed: at most {shard}, "
                           f"the training examples per {'worker' if disjoint else 'replica'}")
-    from .models import MODELS
+    from ..models import MODELS
 
     known = {**MODELS, **(models or {})}
     checked = set()
@@ -174,7 +175,7 @@ def make_trainer(cfg: Config, *, models=None, datasets=None, callbacks=None, res
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .loop import train_loop_per_worker
+    from ..loop import train_loop_per_worker
 
     local = local_reporter is not None
     if local and cfg.world_size != 1:
@@ -200,20 +201,21 @@ def make_trainer(cfg: Config, *, models=None, datasets=None, callbacks=None, res
 
 
 def history_from_checkpoint(checkpoint) -> list[dict]:
-    from .checkpoint import read_history
+    from ..checkpoint import read_history
 
     with checkpoint.as_directory() as d:
         return read_history(d)
 
 
-def train(cfg: Config, *, models: dict | None = None, datasets: dict | None = None, verbose: bool = True) -> RunResult:
-    """Train one cohort. `models` / `datasets` add user builders by name (Python API)."""
-    cfg.check(models, datasets)
+def train_cohort(cfg: Config, *, models: dict | None = None, datasets: dict | None = None,
+                 verbose: bool = True) -> RunResult:
+    """Train one cohort with a TorchTrainer (`online_distill.train` also runs born-again chains
+    of them). `models` / `datasets` add user builders by name (Python API)."""
+    check(cfg, models, datasets)
     cfg = with_absolute_checkpoint(cfg)  # workers do not share the driver's working directory
-    if cfg.distill.mode == "born_again":  # a chain of ordinary runs, one per generation
-        from .generations import train_generations
-
-        return train_generations(cfg, models=models, datasets=datasets, verbose=verbose)
+    if cfg.distill.mode == "born_again":
+        raise ConfigError("distill.mode: got 'born_again'; allowed: a mode of one run (online_distill.train runs "
+                          "born-again generations as a chain of runs)", "distill.mode")
     run_dir = storage.join(cfg.run.storage, cfg.run.name)
     if not os.environ.get("RAY_ADDRESS"):  # a cluster's data may live only where its workers run
         preflight_data(cfg, datasets, models)  # before Ray starts: bad data or models cost no start-up, no retry

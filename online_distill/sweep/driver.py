@@ -31,10 +31,10 @@ import ray
 from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.train.v2.api.callback import UserCallback
 
-from . import storage
-from . import sweep_config
-from .config import Config, ConfigError
-from .sweep_config import SweepSpec, trial_resources
+from .. import storage
+from . import spec as sweep_config
+from ..config import Config, ConfigError
+from .spec import SweepSpec, trial_resources
 
 
 def load_sweep(path: str, overrides: Mapping[str, Any] | None = None, *, models=None, datasets=None) -> SweepSpec:
@@ -128,7 +128,7 @@ def _report_to_tune(metrics, cfg, topo, epoch, peers, teacher, history) -> None:
     before it returns, so the temporary directory may go then."""
     import ray.tune
 
-    from . import checkpoint as ckpt
+    from .. import checkpoint as ckpt
 
     with tempfile.TemporaryDirectory(prefix="od-trial-") as tmp:
         ckpt.save(tmp, topo, epoch, peers, teacher, history)
@@ -143,7 +143,7 @@ def _trial_driver(params: dict, *, spec: SweepSpec, models=None, datasets=None) 
     import ray.tune
     from ray.util.queue import Empty, Queue
 
-    from .launch import make_trainer
+    from ..run.launch import make_trainer
 
     # Tune logs every checkpoint it persists at INFO ("Checkpoint successfully created at ..."),
     # a line per trial and epoch; the epoch lines and Tune's status table say it better
@@ -291,10 +291,10 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
     from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from . import sweep_results
-    from .launch import check_resources, init_ray, preflight_data
+    from . import results as sweep_results
+    from ..run.launch import check_resources, init_ray, preflight_data
 
-    from .teachers.frozen import with_absolute_checkpoint
+    from ..teachers.frozen import with_absolute_checkpoint
 
     # trials run in their own working directories: paths are made absolute here, where they were written
     spec = dataclasses.replace(spec, storage_path=spec.storage_root, base=with_absolute_checkpoint(spec.base))

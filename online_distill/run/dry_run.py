@@ -6,7 +6,7 @@ resources printed are what the run will ask for, not whether a cluster has them.
 """
 from __future__ import annotations
 
-from .config import Config, dump
+from ..config import Config, dump
 
 
 def _fmt(resources: dict) -> str:
@@ -29,7 +29,7 @@ def describe_run(cfg: Config) -> str:
 
 def describe_sweep(spec) -> str:
     """Every trial with its values and what it asks Ray for; the sweep's settings."""
-    from .sweep_config import trial_resources
+    from ..sweep.spec import trial_resources
 
     trials = spec.trials()
     configs = [spec.trial_config(t) for t in trials]

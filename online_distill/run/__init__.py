@@ -1,0 +1,18 @@
+"""The driver side of one run: find or start Ray, check everything before a worker starts, fit
+the cohort's TorchTrainer (launch), chains of runs (generations: born-again), what a run leaves
+(results, compression, export, report), resuming (resume), a local multi-node Ray (cluster) and
+`--dry-run` (dry_run)."""
+
+
+def train(cfg, *, models: dict | None = None, datasets: dict | None = None, verbose: bool = True):
+    """Train one cohort, or for distill.mode 'born_again' one generation after another (each an
+    ordinary run). `models` / `datasets` add user builders by name. Returns a RunResult."""
+    from ..checks import check
+    from ..teachers.frozen import with_absolute_checkpoint
+    from .generations import train_generations
+    from .launch import train_cohort
+
+    if cfg.distill.mode != "born_again":
+        return train_cohort(cfg, models=models, datasets=datasets, verbose=verbose)
+    check(cfg, models, datasets)
+    return train_generations(with_absolute_checkpoint(cfg), models=models, datasets=datasets, verbose=verbose)

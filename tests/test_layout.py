@@ -1,0 +1,93 @@
+"""The package's layout shows its design: no module imports one that imports it back (a walk of
+every import statement, function-level ones included), and the public API is at the top."""
+from __future__ import annotations
+
+import ast
+import os
+
+import online_distill
+
+PKG_DIR = os.path.dirname(online_distill.__file__)
+
+
+def modules() -> dict[str, str]:
+    out = {}
+    for dp, _, files in os.walk(PKG_DIR):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(dp, f), os.path.dirname(PKG_DIR))[:-3].replace(os.sep, ".")
+                out[rel.removesuffix(".__init__")] = os.path.join(dp, f)
+    return out
+
+
+def import_graph() -> dict[str, set[str]]:
+    mods = modules()
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for mod, path in mods.items():
+        pkg = mod if path.endswith("__init__.py") else mod.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(open(path).read())):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                    base = ".".join(base + ([node.module] if node.module else []))
+                else:
+                    base = node.module or ""
+                # `from X import y`: an edge to module X.y where that is a module, else to X
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names]
+            for t in targets:
+                if t in mods and t != mod:
+                    graph[mod].add(t)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v):
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circles():
+    graph = import_graph()
+    assert sum(len(v) for v in graph.values()) > 50  # the walk sees the package's imports
+    assert cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_subpackages_show_the_architecture_and_the_api_is_at_the_top():
+    mods = modules()
+    for sub in ("online_distill.teachers", "online_distill.run", "online_distill.sweep", "online_distill.bench"):
+        assert sub in mods and any(m.startswith(sub + ".") for m in mods), sub
+    for name in ("Config", "ConfigError", "load", "with_overrides", "check", "train", "load_sweep", "run_sweep"):
+        assert hasattr(online_distill, name), name
