@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -54,7 +55,6 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
         reporter=None, restore_from=None) -> list[dict]:
     """Train this rank's peers for cfg.train.epochs. Returns rank 0's history (others: [])."""
     topo = build_topology(rank, cfg.num_peers, cfg.scale.replicas, cfg.scale.peers_per_worker)
-    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
 
     # --- data: identical batch order for all peers, sharded by replica only (unless codistilling
     # peers were given disjoint shards: distill.peer_data)
@@ -88,6 +88,22 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
     teacher = build_teacher(TeacherContext(cfg, topo, device, build_peer, steps_per_epoch, build_named))
     autocast = _autocast(cfg, device)
     clock = Clock(device)  # CUDA events on a GPU, so timing never stalls the queue
+    each_peer = PeerRunner(cfg, topo, models, device)  # one after another, or a thread per peer on CPU cores
+
+    def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with autocast():  # a context per call: autocast's state is per thread
+            return model(x)
+
+    def learn(z, z_teacher, y, opt, sched, kd_w: float) -> torch.Tensor:
+        """One peer's loss, backward and optimizer step; returns its (ce, kd, correct, samples) sums."""
+        loss, parts = distill_loss(z, z_teacher, y, temperature=cfg.loss.temperature, kd_weight=kd_w,
+                                   multi_teacher=cfg.loss.multi_teacher, ce_weight=cfg.loss.ce_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return torch.stack([parts["ce"] * len(y), parts["kd"] * len(y), (z.detach().argmax(1) == y).sum().float(),
+                            torch.tensor(float(len(y)), device=y.device)])
 
     # --- resume: models, optimizers, schedules, teachers, RNG and the metrics so far
     start_epoch, history = 0, []
@@ -107,20 +123,12 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
             step = epoch * steps_per_epoch + i
             kd_w = kd_weight_at(cfg.loss, epoch + i / steps_per_epoch)
             x, y = teacher.prepare_batch(x, y)  # as loaded, except for teachers that revisit samples (DLB)
-            with autocast:
-                logits = [m(x) for m in train_models]  # every peer of this worker, on the same batch
+            logits = each_peer.map(forward, train_models, [x] * len(models))  # every peer, on the same batch
             t1 = clock.mark()
             teacher_logits = teacher.logits(x, logits)
             t1_end = clock.mark()
-            for j, (z, z_teacher, (_, opt, sched)) in enumerate(zip(logits, teacher_logits, peers)):
-                loss, parts = distill_loss(z, z_teacher, y, temperature=cfg.loss.temperature, kd_weight=kd_w,
-                                           multi_teacher=cfg.loss.multi_teacher, ce_weight=cfg.loss.ce_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                sums[j] += torch.stack([parts["ce"] * len(y), parts["kd"] * len(y),
-                                        (z.detach().argmax(1) == y).sum().float(), torch.tensor(float(len(y)), device=device)])
+            sums += torch.stack(each_peer.map(learn, logits, teacher_logits, [y] * len(models), opts, scheds,
+                                              [kd_w] * len(models)))
             t2 = clock.mark()
             teacher.after_step(models, step)  # EMA updates, codistill swaps weights here: teacher time too
             t2_end = clock.mark()
@@ -152,7 +160,35 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
             print(format_epoch(metrics, cfg), flush=True)
         if reporter is not None:
             reporter(metrics, cfg, topo, epoch, peers, teacher, history)
+    each_peer.close()
     return history if rank == 0 else []
+
+
+class PeerRunner:
+    """How a worker runs its peers' forward passes and optimizer steps: one after another, or,
+    on a CPU with at least a core per peer, each peer in a thread of its own with its share of
+    the cores as intra-op threads. torch releases the GIL inside its kernels, so threaded peers
+    use the cores as separate processes would (small models leave intra-op parallelism idle),
+    and each peer's arithmetic is the same as alone on its cores. Kept sequential on a GPU (one
+    stream), with replicas (DDP's all-reduces must be issued in the same order on every rank) and
+    for models that draw random numbers while training (dropout: threads would interleave their
+    draws from the one generator, and a rerun would not repeat them)."""
+
+    def __init__(self, cfg: Config, topo: Topology, models: list[nn.Module], device: torch.device):
+        cpus, k = max(1, int(cfg.scale.cpus_per_worker)), len(models)
+        self.threaded = (device.type == "cpu" and 1 < k <= cpus and topo.slot_group is None
+                         and not any(isinstance(m, nn.modules.dropout._DropoutNd) for n in models for m in n.modules()))
+        torch.set_num_threads(cpus // k if self.threaded else cpus)
+        self.pool = ThreadPoolExecutor(k, thread_name_prefix="peer") if self.threaded else None
+
+    def map(self, fn, *args) -> list:
+        if self.pool is None:
+            return [fn(*a) for a in zip(*args)]
+        return list(self.pool.map(fn, *args))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 @torch.no_grad()
@@ -164,7 +200,7 @@ def evaluate(models: list[nn.Module], batches: Batches, topo: Topology, autocast
         m.eval()
     logits, labels = [[] for _ in models], []
     for x, y in batches:
-        with autocast:
+        with autocast():
             for out, m in zip(logits, models):
                 out.append(m(x).float())
         labels.append(y)
@@ -205,9 +241,10 @@ def _data_parallel(model: nn.Module, topo: Topology, device: torch.device) -> nn
 
 
 def _autocast(cfg: Config, device: torch.device):
+    """A factory of autocast contexts (bf16), or of no-op ones (fp32)."""
     if cfg.scale.precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
 
 
 def _gather(stats: list[dict], topo: Topology) -> list[dict]:

@@ -71,6 +71,9 @@ def test_packed_and_spread_cohorts_learn_the_same(make_cfg, train_history, mode)
     spread = train_history(_cohort(make_cfg, mode, models))
     packed = train_history(_cohort(make_cfg, mode, models, scale__peers_per_worker=2))
     assert_same_learning(spread, packed)
+    # with a core per peer, packed peers run in threads of their own (PeerRunner): the same again
+    threaded = train_history(_cohort(make_cfg, mode, models, scale__peers_per_worker=2, scale__cpus_per_worker=2))
+    assert_same_learning(spread, threaded)
     if mode != "independent":  # the test can fail: the teacher changed what was learned
         alone = train_history(_cohort(make_cfg, "independent", models, scale__peers_per_worker=2))
         assert any(r["train_kd"] > 0 for r in packed)
@@ -89,6 +92,28 @@ def test_four_peers_two_per_worker_exchange_across_workers(make_cfg, train_histo
     batch, classes = 32, 10
     received = {r["exchange_bytes_per_step"] for r in half if r["member"] != "ensemble"}
     assert received == {2 * batch * classes * 4}  # (K - k) x B x C fp32 per worker: the other worker's 2 peers
+
+
+def test_peers_run_in_threads_only_where_that_changes_nothing(make_cfg):
+    import torch.nn as nn
+
+    from online_distill.loop import PeerRunner
+    from online_distill.topology import Topology
+
+    cfg = make_cfg(scale__peers_per_worker=2, scale__cpus_per_worker=2)
+    cpu, one_worker = torch.device("cpu"), Topology(0, 2, 1, peers_per_worker=2)
+    before = torch.get_num_threads()
+    try:
+        runner = PeerRunner(cfg, one_worker, [nn.Linear(2, 2), nn.Linear(2, 2)], cpu)
+        assert runner.threaded and torch.get_num_threads() == 1  # a core per peer
+        assert runner.map(lambda a, b: a * b, [2, 3], [5, 7]) == [10, 21]  # in order
+        runner.close()
+        dropout = [nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5)), nn.Linear(2, 2)]
+        assert not PeerRunner(cfg, one_worker, dropout, cpu).threaded  # random draws stay in order
+        assert not PeerRunner(make_cfg(scale__peers_per_worker=2), one_worker, [nn.Linear(2, 2)] * 2, cpu).threaded
+        assert not PeerRunner(cfg, one_worker, [nn.Linear(2, 2)] * 2, torch.device("meta")).threaded  # not a CPU
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_layout_refusals_name_the_field(make_cfg):
