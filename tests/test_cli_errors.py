@@ -11,6 +11,7 @@ import pytest
 
 from online_distill import config as C
 from online_distill.sweep import spec as S
+from online_distill.checks import check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -123,7 +124,6 @@ import sys
 from online_distill import config
 from online_distill.sweep import spec as sweep_config
 from online_distill.cli import main
-from online_distill.checks import check
 config.load({path!r}).check_fields()
 config.load_checked({path!r}, ["loss.temperature=2"])
 sweep_config.load({sweep!r}, names=False)

@@ -137,8 +137,8 @@ def test_codistill_cohort_on_disjoint_shards_reports_its_traffic(make_cfg, tmp_p
     """The real loop (no Ray: the teacher is all that differs from a DML cohort on Ray)."""
     import json
 
-    cfg = make_cfg(train__epochs=1, distill__mode="codistill", distill__sync_every=4, distill__burn_in_steps=2,
-                   distill__peer_data="disjoint").check(check()
+    cfg = check(make_cfg(train__epochs=1, distill__mode="codistill", distill__sync_every=4, distill__burn_in_steps=2,
+                         distill__peer_data="disjoint"))
     spawn_world(_loop_worker, (cfg, str(tmp_path)), cfg.world_size)
     rows = [r for r in json.loads((tmp_path / "history.json").read_text()) if r["member"] != "ensemble"]
     tiny = state_bytes(build_model("tiny_cnn", IMAGES, 10))

@@ -14,8 +14,8 @@ from torch import nn
 from online_distill import config as config_mod
 from online_distill.losses import distill_loss
 from online_distill.optim import make_optimizer
-from online_distill.topology import (Topology, build_topology, exchange_group_ranks, slot_and_replica,
 from online_distill.checks import check
+from online_distill.topology import (Topology, build_topology, exchange_group_ranks, slot_and_replica,
                                      slot_group_ranks, train_shard)
 
 PEERS, REPLICAS, B, STEPS = 2, 2, 16, 2
