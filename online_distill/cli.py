@@ -153,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .run.env import use_our_lines_env
+
+    use_our_lines_env()  # before anything imports Ray
     try:
         return args.fn(args)
     except ConfigError as e:

@@ -17,6 +17,7 @@ from .. import config as config_mod
 from .. import storage
 from ..checks import check
 from ..config import Config, ConfigError
+from .env import use_local_ray_env, use_our_lines_env
 from .resume import check_resume
 from .results import final_table, format_table, history_frame, write_run_tables
 from ..teachers.frozen import with_absolute_checkpoint
@@ -42,22 +43,11 @@ class RunResult:
         return final_table(self.history)
 
 
-LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
-"""Set (unless the user set them) before an embedded local Ray starts, so every Ray process
-inherits them. One local node cannot be drained or preempted, so Train's preemption watcher
-would watch nothing: one actor process less per run, and no error line about its restart
-policy in every run's output. A cluster keeps Ray's defaults."""
-
-
-def use_local_ray_env() -> None:
-    for key, value in LOCAL_RAY_ENV.items():
-        os.environ.setdefault(key, value)
-
-
 def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Join the cluster in RAY_ADDRESS, or the one a `ray start` on this machine left its address
     for (on a head node; ray.init() would join it too, and refuses local resources then), or
     start an embedded local Ray with this machine's CPUs and GPUs."""
+    use_our_lines_env()
     import ray
     from ray._private.utils import read_ray_address
 

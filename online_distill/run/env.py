@@ -1,0 +1,32 @@
+"""Environment variables Ray reads, set (unless the user set them) before Ray needs them."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LOCAL_RAY_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+"""Set (unless the user set them) before an embedded local Ray starts, so every Ray process
+inherits them. One local node cannot be drained or preempted, so Train's preemption watcher
+would watch nothing: one actor process less per run, and no error line about its restart
+policy in every run's output. A cluster keeps Ray's defaults."""
+
+
+def use_local_ray_env() -> None:
+    for key, value in LOCAL_RAY_ENV.items():
+        os.environ.setdefault(key, value)
+    # Ray announces, once per start, that the local cluster it makes has token authentication on:
+    # the secure default, which a run on this machine does not need to be told about
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+
+
+OUR_LINES_ENV = {"RAY_DISABLE_WORKER_LOG_PREFIX": "1"}
+"""Set (unless the user set them) before Ray is imported: a run's terminal shows rank 0's epoch
+lines as they are printed, without Ray's coloured "(RayTrainWorker pid=...)" prefix before each
+(Ray reads this when it is imported)."""
+
+
+def use_our_lines_env() -> None:
+    if "ray" not in sys.modules:
+        for key, value in OUR_LINES_ENV.items():
+            os.environ.setdefault(key, value)
