@@ -13,8 +13,10 @@ stamp="$VENV/.installed-$(sha1sum pyproject.toml | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
     echo "== setting up $VENV (torch, torchvision, ray[train,tune], pandas; a few minutes the first time)"
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-    "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-    "$VENV/bin/pip" install -q -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+    # pip's and setuptools' messages go to a log, shown only if the install fails
+    log="$VENV/install.log"
+    { "$VENV/bin/pip" install -q --upgrade pip && "$VENV/bin/pip" install -q -e ".[test]"; } >"$log" 2>&1 \
+        || { tail -n 30 "$log" >&2; echo "install failed (all of it: $log)" >&2; exit 1; }
     "$VENV/bin/python" -c "import online_distill, torch, ray" || { echo "install failed" >&2; exit 1; }
     touch "$stamp"
 fi
