@@ -329,7 +329,11 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
                 metric=spec.metric, mode="max", scheduler=_scheduler(spec, epochs, len(trials), n_at_once), num_samples=len(trials),
                 # the generator itself limits concurrency: Tune ignores max_concurrent_trials for it
                 search_alg=BasicVariantGenerator(points_to_evaluate=trials, max_concurrent=n_at_once),
-                trial_dirname_creator=lambda t: t.trial_id),
+                trial_dirname_creator=lambda t: t.trial_id,
+                # cohorts that train in the trial's own process (local mode) reuse it: the next
+                # trial skips a process start and the imports of torch and Ray. A trial with a
+                # worker group keeps its own actor, whose clean-up aborts the group's Train run.
+                reuse_actors=all(c.world_size == 1 for c in configs)),
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=spec.storage_root,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep),
