@@ -123,6 +123,7 @@ ALL = [c for path in DOCS for c in commands_in(path)]
 def test_the_docs_show_commands():
     words = len(open(DOCS[0], encoding="utf-8").read().split())
     print(f"\nREADME.md: {words} words; {len(ALL)} commands in {len(DOCS)} files")
+    assert words <= 1200, "the README is read in five minutes: task pages go in docs/"
     assert any(c.argv[:1] == ("train",) for c in ALL) and any(c.argv[:1] == ("tune",) for c in ALL)
 
 
