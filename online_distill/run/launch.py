@@ -78,15 +78,15 @@ def check_resources(cfg: Config) -> None:
              f"{cfg.world_size} worker{'s' if cfg.world_size > 1 else ''}")
     packed_hint = (f", or more peers per worker (scale.peers_per_worker: a divisor of {cfg.num_peers})"
                    if ppw < cfg.num_peers else "")
+    biggest = max((n.get("CPU", 0) for n in nodes), default=total.get("CPU", 0))
+    if cfg.scale.cpus_per_worker > biggest + 1e-9:
+        raise ConfigError(f"scale.cpus_per_worker: got {cfg.scale.cpus_per_worker:g}; allowed: at most {biggest:g}, "
+                          "the CPUs of the largest node (a worker runs on one node)")
     need_cpu = cfg.world_size * cfg.scale.cpus_per_worker
     if need_cpu > total.get("CPU", 0) + 1e-9:
         raise ConfigError(f"scale: {where} at scale.cpus_per_worker={cfg.scale.cpus_per_worker:g} need "
                           f"{need_cpu:g} CPUs; the cluster has {total.get('CPU', 0):g}. Allowed: fewer replicas, "
                           f"a smaller scale.cpus_per_worker{packed_hint}")
-    biggest = max((n.get("CPU", 0) for n in nodes), default=total.get("CPU", 0))
-    if cfg.scale.cpus_per_worker > biggest + 1e-9:
-        raise ConfigError(f"scale.cpus_per_worker: got {cfg.scale.cpus_per_worker:g}; allowed: at most {biggest:g}, "
-                          "the CPUs of the largest node (a worker runs on one node)")
     if cfg.scale.use_gpu:
         gpus = cfg.world_size * cfg.scale.gpus_per_worker
         if gpus > total.get("GPU", 0) + 1e-9:
