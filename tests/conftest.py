@@ -57,3 +57,68 @@ def make_cfg(tmp_path):
         return config_mod.with_overrides(base, {k.replace("__", "."): v for k, v in overrides.items()})
 
     return make
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """A run must be refused before Ray: starting it (or a trainer) fails the test."""
+    import time
+
+    import online_distill.run.launch as launch
+
+    def started(*a, **k):
+        raise AssertionError("Ray was started for a run the driver should have refused")
+
+    monkeypatch.setattr(launch, "init_ray", started)
+    monkeypatch.setattr(launch, "make_trainer", started)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    t0 = time.perf_counter()
+    yield
+    assert time.perf_counter() - t0 < 30
+
+
+def _world_worker(rank: int, cfg, tmp: str) -> None:
+    """One rank of a gloo world running the real training loop; rank 0 writes the history."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    from online_distill.loop import run
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=cfg.world_size)
+    history = run(cfg, rank, torch.device("cpu"))
+    if rank == 0:
+        with open(os.path.join(tmp, "history.json"), "w") as f:
+            json.dump(history, f)
+    dist.destroy_process_group()
+
+
+@pytest.fixture
+def train_history(tmp_path, spawn_world):
+    """History of a cohort trained by the real loop without Ray: in this process when it has one
+    worker, else in a gloo world of one process per worker."""
+    import itertools
+    import json
+
+    import torch
+
+    from online_distill.checks import check
+    from online_distill.loop import run
+
+    counter = itertools.count()
+
+    def train(cfg) -> list[dict]:
+        check(cfg)
+        if cfg.world_size == 1:
+            before = torch.get_num_threads()
+            try:
+                return run(cfg, 0, torch.device("cpu"))
+            finally:
+                torch.set_num_threads(before)  # the loop sets its worker's thread count
+        tmp = tmp_path / f"world{next(counter)}"
+        tmp.mkdir()
+        spawn_world(_world_worker, (cfg, str(tmp)), cfg.world_size)
+        return json.loads((tmp / "history.json").read_text())
+
+    return train

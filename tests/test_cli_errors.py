@@ -137,14 +137,9 @@ assert not heavy and rc == rc2 == 2, (heavy, rc, rc2)
     assert len(out.stderr.splitlines()) == 2 and "num_samples: got 0" in out.stderr
 
 
-def test_registry_errors_keep_their_message_and_name_where_the_value_came_from(tmp_path, capsys, monkeypatch):
-    import online_distill.run.launch as launch
+def test_registry_errors_keep_their_message_and_name_where_the_value_came_from(tmp_path, capsys, no_ray):
     from online_distill.cli import main
 
-    def no_ray():
-        raise AssertionError("Ray was started for a config that should have been refused")
-
-    monkeypatch.setattr(launch, "init_ray", no_ray)
     path = put(tmp_path, "models: [small_cnn,\n  vgg99]\n")
     assert main(["train", path]) == 2
     err = capsys.readouterr().err

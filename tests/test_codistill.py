@@ -13,7 +13,6 @@ from online_distill.models import build_model
 from online_distill.teachers import TeacherContext
 from online_distill.teachers.stale_peers import StalePeerTeacher, is_sync_step, state_bytes
 from online_distill.topology import Topology, build_topology
-from online_distill.checks import check
 
 IMAGES = torch.zeros(2, 1, 28, 28)  # what models are built for: a batch like the 1x28x28 data
 
@@ -120,27 +119,11 @@ def test_teacher_state_round_trips_for_resume(swapped):
     torch.testing.assert_close(fresh.logits(probe, [None])[0], swapped[(0, 1)]["probe_logits"], rtol=0, atol=0)
 
 
-def _loop_worker(rank: int, cfg: config_mod.Config, tmp: str) -> None:
-    import json
-
-    from online_distill.loop import run
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous_loop", rank=rank, world_size=cfg.world_size)
-    history = run(cfg, rank, torch.device("cpu"))
-    if rank == 0:
-        with open(os.path.join(tmp, "history.json"), "w") as f:
-            json.dump(history, f)
-    dist.destroy_process_group()
-
-
-def test_codistill_cohort_on_disjoint_shards_reports_its_traffic(make_cfg, tmp_path, spawn_world):
+def test_codistill_cohort_on_disjoint_shards_reports_its_traffic(make_cfg, train_history):
     """The real loop (no Ray: the teacher is all that differs from a DML cohort on Ray)."""
-    import json
-
-    cfg = check(make_cfg(train__epochs=1, distill__mode="codistill", distill__sync_every=4, distill__burn_in_steps=2,
-                         distill__peer_data="disjoint"))
-    spawn_world(_loop_worker, (cfg, str(tmp_path)), cfg.world_size)
-    rows = [r for r in json.loads((tmp_path / "history.json").read_text()) if r["member"] != "ensemble"]
+    cfg = make_cfg(train__epochs=1, distill__mode="codistill", distill__sync_every=4, distill__burn_in_steps=2,
+                   distill__peer_data="disjoint")
+    rows = [r for r in train_history(cfg) if r["member"] != "ensemble"]
     tiny = state_bytes(build_model("tiny_cnn", IMAGES, 10))
     assert [r["exchange_bytes_per_step"] for r in rows] == [tiny / 4, tiny / 4]
     # 1024 examples on 2 disjoint shards of 512 = 8 steps of 64; after the first swap (step 2)

@@ -7,49 +7,14 @@ thing under test; tests/test_train_e2e.py runs a packed cohort through Ray Train
 """
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 
 from online_distill import config as config_mod
-from online_distill.loop import run
 from online_distill.checks import check
 
 # every number a history row holds about what was learned (timings and layout excluded)
 LEARNED = ["train_ce", "train_kd", "train_acc", "val_acc", "val_nll", "test_acc", "test_nll"]
-
-
-def _world_worker(rank: int, cfg: config_mod.Config, tmp: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=cfg.world_size)
-    history = run(cfg, rank, torch.device("cpu"))
-    if rank == 0:
-        with open(os.path.join(tmp, "history.json"), "w") as f:
-            json.dump(history, f)
-    dist.destroy_process_group()
-
-
-@pytest.fixture
-def train_history(tmp_path, spawn_world):
-    """History of a cohort: in this process when it has one worker, else in a gloo world."""
-    counter = iter(range(100))
-
-    def train(cfg: config_mod.Config) -> list[dict]:
-        check(cfg)
-        if cfg.world_size == 1:
-            before = torch.get_num_threads()
-            try:
-                return run(cfg, 0, torch.device("cpu"))
-            finally:
-                torch.set_num_threads(before)  # the loop sets its worker's thread count
-        tmp = tmp_path / f"world{next(counter)}"
-        tmp.mkdir()
-        spawn_world(_world_worker, (cfg, str(tmp)), cfg.world_size)
-        return json.loads((tmp / "history.json").read_text())
-
-    return train
 
 
 def _cohort(make_cfg, mode: str, models: list[str], **over) -> config_mod.Config:
