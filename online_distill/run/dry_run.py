@@ -7,6 +7,7 @@ resources printed are what the run will ask for, not whether a cluster has them.
 from __future__ import annotations
 
 from ..config import Config, dump
+from ..topology import Topology
 
 
 def _fmt(resources: dict) -> str:
@@ -16,9 +17,9 @@ def _fmt(resources: dict) -> str:
 def describe_run(cfg: Config) -> str:
     """The resolved config and the cohort's layout over Ray Train workers."""
     ppw, n = cfg.scale.peers_per_worker, cfg.num_peers
-    workers = [f"  worker {w}: peer{'s' if ppw > 1 else ''} {', '.join(str(p) for p in range(s * ppw, (s + 1) * ppw))} "
-               f"({', '.join(cfg.models[s * ppw:(s + 1) * ppw])}), replica {r}"
-               for w, (s, r) in enumerate((s, r) for s in range(n // ppw) for r in range(cfg.scale.replicas))]
+    topos = [Topology(rank, n, cfg.scale.replicas, ppw) for rank in range(cfg.world_size)]
+    workers = [f"  worker {t.rank}: peer{'s' if ppw > 1 else ''} {', '.join(map(str, t.peers))} "
+               f"({', '.join(cfg.models[p] for p in t.peers)}), replica {t.replica}" for t in topos]
     lines = [f"dry run: would train run {cfg.run.name!r} ({cfg.distill.mode} cohort of {n} peers on "
              f"{cfg.data.dataset}, {cfg.train.epochs} epochs) -> {cfg.run.storage}/{cfg.run.name}",
              f"{cfg.world_size} Ray Train worker(s), each asking for {_fmt(cfg.worker_resources)}; "
