@@ -43,20 +43,21 @@ class RunResult:
         return final_table(self.history)
 
 
-def init_ray(num_cpus: int | None = None, num_gpus: int | None = None) -> None:
+def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, *, workers_print: bool = True) -> None:
     """Join the cluster in RAY_ADDRESS, or the one a `ray start` on this machine left its address
     for (on a head node; ray.init() would join it too, and refuses local resources then), or
-    start an embedded local Ray with this machine's CPUs and GPUs."""
+    start an embedded local Ray with this machine's CPUs and GPUs. `workers_print=False` keeps
+    the workers' own lines (every trial's epoch lines) out of this terminal."""
     use_our_lines_env()
     import ray
     from ray._private.utils import read_ray_address
 
     if ray.is_initialized():
         return
-    quiet = dict(logging_level=logging.WARNING)
+    quiet = dict(logging_level=logging.WARNING, log_to_driver=workers_print)
     address = os.environ.get("RAY_ADDRESS") or read_ray_address()
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=workers_print)
         return
     if num_gpus is None:
         import torch

@@ -127,7 +127,9 @@ class SweepSpec:
     space: Mapping[str, Dist] = field(default_factory=dict)
     """Dotted config field -> distribution, e.g. loss.temperature: {uniform: [1, 8]}."""
     points: tuple[Mapping[str, Any], ...] = ()
-    """Explicit settings (dotted overrides) run in addition to the space, e.g. a paper's values."""
+    """Explicit settings (dotted overrides) run in addition to the space, e.g. a paper's values.
+    A point that sets train.seed runs once, on that seed (e.g. a student whose teacher is the
+    run of the same seed); the others run on every seed of `seeds`."""
     num_samples: int = 1
     """Random draws of the non-grid dimensions per grid point (1 when all dimensions are grids)."""
     seeds: tuple[int, ...] = (0,)
@@ -189,7 +191,9 @@ class SweepSpec:
     def trials(self) -> list[dict[str, Any]]:
         """Every trial's Tune config: the same keys for all (base values fill the gaps), plus
         `baseline` to tell the independent baseline apart from a swept distill.mode."""
-        rows = [{**s, "train.seed": seed, "baseline": False} for s in self.settings() for seed in self.seeds]
+        rows = [{**s, "train.seed": seed, "baseline": False} for s in self.settings() if "train.seed" not in s
+                for seed in self.seeds]
+        rows += [{**s, "baseline": False} for s in self.settings() if "train.seed" in s]  # points that pin a seed
         if self.baseline:
             rows += [{"distill.mode": "independent", "train.seed": seed, "baseline": True} for seed in self.seeds]
         keys = list(dict.fromkeys(k for r in rows for k in r))
@@ -264,7 +268,7 @@ def _check_config(cfg: Config, models, datasets, names: bool) -> Config:
 def _check_value(base: Config, where: str, key: str | None, value: Any, models, datasets, names: bool = True) -> None:
     overrides = {key: value} if key is not None else dict(value)
     for k in overrides:
-        if k in NOT_SWEPT:
+        if k in NOT_SWEPT and not (k == "train.seed" and key is None):  # a point may pin its seed
             raise ConfigError(f"{where}: {k} cannot be swept; {NOT_SWEPT[k]}")
     try:
         _check_config(config_mod.with_overrides(base, overrides), models, datasets, names)

@@ -1,0 +1,188 @@
+"""The tables of benchmarks/, rebuilt from CSVs alone (pure pandas, nothing is trained here).
+
+    python -m online_distill.bench.tables benchmarks --runs benchmarks/raw/gpu/runs.csv
+    python -m online_distill.bench.tables benchmarks      # again, from each claim's own runs.csv
+
+--runs splits a runs.csv of bench.claims (one row per member of each finished trial's last
+epoch) into the claims' folders; without it each folder's runs.csv is read. Then per claim:
+per_seed.csv (the paired numbers), table.md (mean +- std, paired delta, the search), and for
+all claims summary.csv (one row per claim and method) and summary.md. Accuracies are test
+accuracy at the last epoch; the search picked its settings on validation accuracy; deltas are
+in accuracy points (0.35 = +0.35 pt), paired seed by seed.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import pandas as pd
+
+FOLDERS = {"E1": "E1_dml", "E2": "E2_ensemble", "E3": "E3_kd", "E4": "E4_self"}
+TITLES = {"E1": "Deep mutual learning vs the same peers trained independently",
+          "E2": "The cohort's ensemble vs its best peer (picked on validation)",
+          "E3": "A small student taught by a converged teacher vs the same student from scratch",
+          "E4": "Self-distillation vs plain training of the same model"}
+SUMMARY_COLUMNS = ["claim", "method", "baseline", "delta_mean", "delta_std", "n_pairs", "bar", "met"]
+
+
+@dataclass(frozen=True)
+class Comparison:
+    claim: str
+    method: str
+    """The arm (runs.csv `arm`) measured, and with which number of it (`metric`)."""
+    baseline: str
+    metric: str = "mean_peer"
+    baseline_metric: str = "mean_peer"
+    bar: float = 0.0
+    """Points the paired mean must reach (>=), or exceed when `strict`."""
+    strict: bool = False
+    all_positive: bool = False
+    """Also every paired delta > 0."""
+    source: str = ""
+    """The claim whose runs are read (E2 reads E1's cohorts); default: the claim itself."""
+
+    @property
+    def name(self) -> str:
+        return self.method if self.metric == "mean_peer" else f"{self.method} ({self.metric})"
+
+    @property
+    def baseline_name(self) -> str:
+        return self.baseline if self.baseline_metric == "mean_peer" else f"{self.baseline} ({self.baseline_metric})"
+
+
+def comparisons(runs: pd.DataFrame) -> list[Comparison]:
+    """The comparisons the runs allow (the bigger cohort's size is read from its arm's name)."""
+    arms = set(runs["arm"])
+    big = sorted(a for a in arms if a.startswith("dml") and a != "dml2")
+    out = [Comparison("E1", "dml2", "independent2", bar=0.3, all_positive=True)]
+    out += [Comparison("E1", a, "independent" + a[3:], bar=0.3, all_positive=True) for a in big]
+    out += [Comparison("E2", a, a, "ensemble", "best_val_peer", strict=True, source="E1") for a in ["dml2", *big]]
+    out.append(Comparison("E3", "kd_student", "scratch_student", bar=0.5))
+    out += [Comparison("E4", m, "plain") for m in ("ema", "snapshot", "dlb", "born_again")]
+    return [c for c in out if c.method in arms and c.baseline in arms]
+
+
+def per_run(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per confirmed run (arm, seed): mean peer, ensemble and best-on-validation peer test accuracy."""
+    rows = []
+    confirmed = runs[runs["stage"] == "confirm"]
+    for (arm, seed), g in confirmed.groupby(["arm", "seed"]):
+        peers, ens = g[g["member"] != "ensemble"], g[g["member"] == "ensemble"]
+        rows.append({"arm": arm, "seed": int(seed), "mean_peer": peers["test_acc"].mean(),
+                     "ensemble": ens["test_acc"].iloc[0] if len(ens) else math.nan,
+                     "best_val_peer": peers.sort_values("val_acc", ascending=False)["test_acc"].iloc[0],
+                     "time_s": g["time_s"].iloc[0], "lr": g["lr"].iloc[0], "form": g["form"].iloc[0],
+                     "temperature": g["temperature"].iloc[0]})
+    return pd.DataFrame(rows, columns=["arm", "seed", "mean_peer", "ensemble", "best_val_peer", "time_s", "lr",
+                                       "form", "temperature"])
+
+
+def paired(c: Comparison, runs_by_arm: pd.DataFrame) -> pd.DataFrame:
+    m = runs_by_arm[runs_by_arm["arm"] == c.method].set_index("seed")
+    b = runs_by_arm[runs_by_arm["arm"] == c.baseline].set_index("seed")
+    seeds = sorted(set(m.index) & set(b.index))
+    return pd.DataFrame({"claim": c.claim, "method": c.name, "baseline": c.baseline_name, "seed": seeds,
+                         "method_acc": [m.loc[s, c.metric] for s in seeds],
+                         "baseline_acc": [b.loc[s, c.baseline_metric] for s in seeds],
+                         "delta": [100 * (m.loc[s, c.metric] - b.loc[s, c.baseline_metric]) for s in seeds]})
+
+
+def verdict(c: Comparison, deltas: pd.Series) -> dict:
+    n = len(deltas)
+    mean = float(deltas.mean()) if n else math.nan
+    std = float(deltas.std(ddof=1)) if n > 1 else math.nan
+    met = n > 0 and (mean > c.bar if c.strict else mean >= c.bar) and (not c.all_positive or bool((deltas > 0).all()))
+    return {"claim": c.claim, "method": c.name, "baseline": c.baseline_name, "delta_mean": round(mean, 3),
+            "delta_std": round(std, 3), "n_pairs": n, "bar": (">" if c.strict else ">=") + f" {c.bar:g}"
+            + (", all > 0" if c.all_positive else ""), "met": bool(met)}
+
+
+def _pm(values: pd.Series, scale: float = 100.0) -> str:
+    v = values.dropna() * scale
+    if v.empty:
+        return "-"
+    return f"{v.mean():.2f} +- {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v.mean():.2f}"
+
+
+def claim_table(claim: str, comps: list[Comparison], by_arm: pd.DataFrame, runs: pd.DataFrame,
+                summary: pd.DataFrame) -> str:
+    lines = [f"# {claim}: {TITLES[claim]}", "",
+             "Test accuracy (%) at the last epoch, mean +- std over the confirmation seeds; delta in points,",
+             "paired seed by seed. Generated by `python -m online_distill.bench.tables` from runs.csv.", "",
+             "| method | accuracy | baseline | accuracy | paired delta | pairs | bar | met | seconds per run (method / baseline) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in comps:
+        m, b = by_arm[by_arm["arm"] == c.method], by_arm[by_arm["arm"] == c.baseline]
+        s = summary[(summary["method"] == c.name) & (summary["baseline"] == c.baseline_name)].iloc[0]
+        lines.append(f"| {c.name} | {_pm(m[c.metric])} | {c.baseline_name} | {_pm(b[c.baseline_metric])} | "
+                     f"{s['delta_mean']:+.2f} +- {s['delta_std']:.2f} | {s['n_pairs']} | {s['bar']} | "
+                     f"{'yes' if s['met'] else 'no'} | {m['time_s'].mean():.0f} / {b['time_s'].mean():.0f} |")
+    search = runs[(runs["stage"] == "search") & (runs["member"] != "ensemble")]
+    if len(search):
+        lines += ["", "## The search (seed 100, validation accuracy %, mean over peers; the pick in bold)", "",
+                  "| arm | lr | loss form | T | val acc |", "|---|---|---|---|---|"]
+        score = search.groupby(["arm", "lr", "form", "temperature"], dropna=False)["val_acc"].mean().reset_index()
+        for arm, g in score.groupby("arm", sort=False):
+            best = g["val_acc"].idxmax()
+            for i, r in g.iterrows():
+                cell = f"{100 * r['val_acc']:.2f}"
+                t = "" if pd.isna(r["temperature"]) else f"{r['temperature']:g}"
+                form = r["form"] if isinstance(r["form"], str) else ""
+                lines.append(f"| {arm} | {r['lr']:g} | {form or '-'} | {t or '-'} | {'**' + cell + '**' if i == best else cell} |")
+    return "\n".join(lines) + "\n"
+
+
+def build(bench_dir: str, runs_csv: str | None = None) -> pd.DataFrame:
+    """Write every claim's files and the summary; returns the summary."""
+    if runs_csv:
+        runs = pd.read_csv(runs_csv)
+        for claim, folder in FOLDERS.items():
+            src = "E1" if claim == "E2" else claim
+            part = runs[runs["claim"] == src]
+            if claim == "E2":
+                part = part[part["arm"].str.startswith("dml")]
+            if len(part):
+                os.makedirs(os.path.join(bench_dir, folder), exist_ok=True)
+                part.to_csv(os.path.join(bench_dir, folder, "runs.csv"), index=False)
+    summaries, md = [], []
+    for claim, folder in FOLDERS.items():
+        path = os.path.join(bench_dir, folder, "runs.csv")
+        if not os.path.exists(path):
+            continue
+        runs = pd.read_csv(path, keep_default_na=True)
+        runs["form"] = runs["form"].astype(object).fillna("")
+        by_arm = per_run(runs)
+        comps = [c for c in comparisons(runs) if c.claim == claim]
+        seeds = pd.concat([paired(c, by_arm) for c in comps], ignore_index=True) if comps else pd.DataFrame()
+        summary = pd.DataFrame([verdict(c, seeds[(seeds["method"] == c.name) & (seeds["baseline"] == c.baseline_name)]["delta"])
+                                for c in comps], columns=SUMMARY_COLUMNS)
+        seeds.to_csv(os.path.join(bench_dir, folder, "per_seed.csv"), index=False, float_format="%.4f")
+        with open(os.path.join(bench_dir, folder, "table.md"), "w") as f:
+            f.write(claim_table(claim, comps, by_arm, runs, summary))
+        summaries.append(summary)
+    summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(columns=SUMMARY_COLUMNS)
+    summary.to_csv(os.path.join(bench_dir, "summary.csv"), index=False)
+    md = ["| claim | method | baseline | paired delta (pt) | pairs | bar | met |", "|---|---|---|---|---|---|---|"]
+    for _, s in summary.iterrows():
+        md.append(f"| [{s['claim']}]({FOLDERS[s['claim']]}/table.md) | {s['method']} | {s['baseline']} | "
+                  f"{s['delta_mean']:+.2f} +- {s['delta_std']:.2f} | {s['n_pairs']} | {s['bar']} | {'yes' if s['met'] else '**no**'} |")
+    with open(os.path.join(bench_dir, "summary.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    return summary
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m online_distill.bench.tables", description=__doc__.split("\n\n")[0])
+    ap.add_argument("bench_dir")
+    ap.add_argument("--runs", default=None, help="a runs.csv of bench.claims to split into the claims' folders first")
+    args = ap.parse_args(argv)
+    summary = build(args.bench_dir, args.runs)
+    print(summary.to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""benchmarks/ tables from CSVs (pure: paired deltas, bars, picks on validation only), sweep
+points that pin their seed, and the whole search-then-confirm pipeline on tiny synthetic data."""
+import math
+import os
+
+import pandas as pd
+import pytest
+import yaml
+
+from online_distill.bench import claims, tables
+from online_distill.sweep.spec import from_dict as sweep_from_dict
+
+
+def _rows(arm, seed, accs, *, claim="E1", stage="confirm", val=None, ensemble=None, lr=0.05, form="", t=None):
+    """One finished trial's last epoch: one row per peer (test accuracies `accs`), and its ensemble."""
+    val = val or accs
+    rows = [{"stage": stage, "claim": claim, "arm": arm, "seed": seed, "lr": lr, "form": form, "temperature": t,
+             "member": f"peer{i}", "val_acc": v, "test_acc": a, "time_s": 10.0} for i, (a, v) in enumerate(zip(accs, val))]
+    if ensemble is not None:
+        rows.append({**rows[0], "member": "ensemble", "val_acc": max(val), "test_acc": ensemble})
+    return rows
+
+
+def _runs():
+    rows = []
+    for seed, (d, i) in enumerate([(0.900, 0.895), (0.905, 0.899), (0.910, 0.906)]):
+        # dml2: peer1 is best on validation but worse on test: E2 must use peer1's test accuracy
+        rows += _rows("dml2", seed, [d + 0.002, d - 0.002], val=[0.5, 0.6], ensemble=d + 0.004)
+        rows += _rows("independent2", seed, [i, i])
+        rows += _rows("kd_student", seed, [0.80 + 0.001 * seed], claim="E3")
+        rows += _rows("scratch_student", seed, [0.80], claim="E3")
+        rows += _rows("ema", seed, [0.85 + (0.001 if seed else -0.001)], claim="E4")
+        rows += _rows("plain", seed, [0.85], claim="E4")
+    rows += _rows("dml2", 100, [0.7, 0.7], stage="search", val=[0.70, 0.72], form="sum", t=1.0)
+    rows += _rows("dml2", 100, [0.9, 0.9], stage="search", val=[0.60, 0.60], form="hinton", t=4.0)
+    return pd.DataFrame(rows)
+
+
+def test_tables_pair_seeds_apply_the_bars_and_rebuild_from_their_own_csvs(tmp_path):
+    runs_csv = tmp_path / "runs.csv"
+    _runs().to_csv(runs_csv, index=False)
+    summary = tables.build(str(tmp_path), str(runs_csv)).set_index(["claim", "method"])
+    assert list(pd.read_csv(tmp_path / "summary.csv").columns) == tables.SUMMARY_COLUMNS
+    e1 = summary.loc[("E1", "dml2")]  # mean peer: deltas 0.5, 0.6, 0.4 points
+    assert e1["delta_mean"] == pytest.approx(0.5) and e1["delta_std"] == pytest.approx(0.1) and e1["n_pairs"] == 3
+    assert e1["met"]  # >= 0.3 and every delta > 0
+    e2 = summary.loc[("E2", "dml2 (ensemble)")]  # ensemble d+0.004 against the val-best peer1's d-0.002
+    assert e2["delta_mean"] == pytest.approx(0.6) and e2["met"]
+    e3 = summary.loc[("E3", "kd_student")]  # +0.0, +0.1, +0.2: below the 0.5 bar
+    assert e3["delta_mean"] == pytest.approx(0.1) and not e3["met"]
+    e4 = summary.loc[("E4", "ema")]  # -0.1, +0.1, +0.1
+    assert e4["delta_mean"] == pytest.approx(0.1 / 3, abs=1e-3) and e4["met"]
+    assert "| dml2 | 90.50 +- 0.50 | independent2 | 90.00 +- 0.56 |" in (tmp_path / "E1_dml" / "table.md").read_text()
+    assert "[E3](E3_kd/table.md)" in (tmp_path / "summary.md").read_text()
+    seeds = pd.read_csv(tmp_path / "E1_dml" / "per_seed.csv")
+    assert seeds[seeds["method"] == "dml2"]["delta"].round(3).tolist() == [0.5, 0.6, 0.4]
+    # again from the claims' own runs.csv alone: the same summary
+    again = tables.build(str(tmp_path)).set_index(["claim", "method"])
+    pd.testing.assert_frame_equal(again, summary)
+
+
+def test_a_miss_on_any_seed_fails_e1_and_no_pairs_is_no_result(tmp_path):
+    df = _runs()
+    df.loc[(df["arm"] == "dml2") & (df["seed"] == 2) & (df["stage"] == "confirm") & (df["member"] != "ensemble"),
+           "test_acc"] = 0.905  # seed 2: -0.1 pt, the mean still above 0.3
+    runs_csv = tmp_path / "runs.csv"
+    df.to_csv(runs_csv, index=False)
+    e1 = tables.build(str(tmp_path), str(runs_csv)).set_index(["claim", "method"]).loc[("E1", "dml2")]
+    assert e1["delta_mean"] == pytest.approx((0.5 + 0.6 - 0.1) / 3, abs=1e-3) and not e1["met"]
+    c = tables.Comparison("E4", "ema", "plain")
+    assert tables.verdict(c, pd.Series([], dtype=float))["met"] is False
+
+
+def test_pick_reads_validation_never_test():
+    runs = _runs()
+    chosen = claims.pick(runs, "dml2")  # sum/T1 is best on validation (0.71), hinton/T4 on test
+    assert chosen == {"lr": 0.05, "form": "sum", "val_acc": pytest.approx(0.71), "temperature": 1.0}
+    with pytest.raises(RuntimeError, match="no finished search trial of 'ema'"):
+        claims.pick(runs, "ema")
+
+
+def test_a_sweep_point_may_pin_its_seed():
+    base = {"models": ["tiny_cnn"], "distill": {"mode": "independent"}, "data": {"dataset": "synthetic"}}
+    spec = sweep_from_dict({"name": "s", "base": base,
+                            "seeds": [0, 1], "points": [{"optim.lr": 0.1}, {"optim.lr": 0.2, "train.seed": 7}]})
+    got = sorted((t["optim.lr"], t["train.seed"]) for t in spec.trials())
+    assert got == [(0.05, 0), (0.05, 1), (0.1, 0), (0.1, 1), (0.2, 7)]
+    with pytest.raises(Exception, match="train.seed cannot be swept"):
+        sweep_from_dict({"name": "s", "base": base,
+                         "space": {"train.seed": {"grid": [1, 2]}}})
+
+
+@pytest.mark.e2e
+def test_search_then_confirm_end_to_end(ray_session, tmp_path):
+    """The smoke profile: every arm searched on seed 100, confirmed on seeds 0 and 1, with E3's
+    teacher and born-again's per-seed teachers taken from earlier stages."""
+    runs = claims.run(claims.PROFILES["smoke"], str(tmp_path / "out"), str(tmp_path / "work"))
+    confirmed = runs[runs["stage"] == "confirm"]
+    arms = {"dml2", "independent2", "dml3", "independent3", "plain", "ema", "snapshot", "dlb", "born_again",
+            "scratch_student", "kd_student"}
+    assert set(confirmed["arm"]) == arms
+    assert all(sorted(set(seeds)) == [0, 1] for _, seeds in confirmed.groupby("arm")["seed"])
+    assert set(runs[runs["stage"] == "search"]["seed"]) == {100}
+    # born-again's teacher on each seed is that seed's confirmed plain run
+    ba = confirmed[confirmed["arm"] == "born_again"].drop_duplicates("seed").set_index("seed")["teacher"]
+    plain = confirmed[confirmed["arm"] == "plain"].drop_duplicates("seed").set_index("seed")["checkpoint"]
+    assert (ba == plain).all()
+    assert pd.read_csv(tmp_path / "out" / "runs.csv").shape[0] == len(runs)
+    picks = yaml.safe_load((tmp_path / "out" / "picks.yaml").read_text())
+    assert picks["kd_student"]["config"]["distill"]["mode"] == "offline" and picks["dml3"]["config"]["scale"]["peers_per_worker"] == 3
+    summary = tables.build(str(tmp_path / "bench"), str(tmp_path / "out" / "runs.csv"))
+    assert set(summary["claim"]) == {"E1", "E2", "E3", "E4"} and (summary["n_pairs"] == 2).all()
+    assert not summary["delta_mean"].map(math.isnan).any()
+    assert os.path.exists(tmp_path / "bench" / "E3_kd" / "table.md")
