@@ -38,7 +38,14 @@ def _runs():
 
 def test_tables_pair_seeds_apply_the_bars_and_rebuild_from_their_own_csvs(tmp_path):
     runs_csv = tmp_path / "runs.csv"
-    _runs().to_csv(runs_csv, index=False)
+    runs = _runs()
+    runs = pd.concat([runs, pd.DataFrame(_rows("teacher", 100, [0.9], claim="E3", stage="search"))])
+    runs.to_csv(runs_csv, index=False)
+    (tmp_path / "picks.yaml").write_text("dml2: {claim: E1, pick: {lr: 0.05}}\nema: {claim: E4, pick: {lr: 0.1}}\n")
+    (tmp_path / "E3_kd").mkdir()
+    pd.DataFrame([{"role": "E3 student", "model": "s", "params": 1000, "size_kb": 4.0, "latency_ms": 0.1, "us_per_sample_b256": 2.0},
+                  {"role": "E3 teacher", "model": "t", "params": 50000, "size_kb": 200.0, "latency_ms": 0.5, "us_per_sample_b256": 30.0}]
+                 ).to_csv(tmp_path / "E3_kd" / "compression.csv", index=False)
     summary = tables.build(str(tmp_path), str(runs_csv)).set_index(["claim", "method"])
     assert list(pd.read_csv(tmp_path / "summary.csv").columns) == tables.SUMMARY_COLUMNS
     e1 = summary.loc[("E1", "dml2")]  # mean peer: deltas 0.5, 0.6, 0.4 points
@@ -52,6 +59,9 @@ def test_tables_pair_seeds_apply_the_bars_and_rebuild_from_their_own_csvs(tmp_pa
     assert e4["delta_mean"] == pytest.approx(0.1 / 3, abs=1e-3) and e4["met"]
     assert "| dml2 | 90.50 +- 0.50 | independent2 | 90.00 +- 0.56 |" in (tmp_path / "E1_dml" / "table.md").read_text()
     assert "[E3](E3_kd/table.md)" in (tmp_path / "summary.md").read_text()
+    e3_table = (tmp_path / "E3_kd" / "table.md").read_text()
+    assert "| E3 teacher | t | 90.00 | 50,000 |" in e3_table and "50x fewer parameters and runs 15.0x faster" in e3_table
+    assert yaml.safe_load((tmp_path / "E4_self" / "picks.yaml").read_text()) == {"ema": {"claim": "E4", "pick": {"lr": 0.1}}}
     seeds = pd.read_csv(tmp_path / "E1_dml" / "per_seed.csv")
     assert seeds[seeds["method"] == "dml2"]["delta"].round(3).tolist() == [0.5, 0.6, 0.4]
     # again from the claims' own runs.csv alone: the same summary
@@ -112,3 +122,24 @@ def test_search_then_confirm_end_to_end(ray_session, tmp_path):
     assert set(summary["claim"]) == {"E1", "E2", "E3", "E4"} and (summary["n_pairs"] == 2).all()
     assert not summary["delta_mean"].map(math.isnan).any()
     assert os.path.exists(tmp_path / "bench" / "E3_kd" / "table.md")
+
+
+def test_the_committed_results_are_what_their_csvs_give(tmp_path):
+    """benchmarks/: every table and summary.csv rebuilt from the committed runs.csv files alone
+    is the committed one, and the README quotes summary.csv's numbers."""
+    import shutil
+
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    for folder in tables.FOLDERS.values():
+        for name in ("runs.csv", "compression.csv"):
+            if os.path.exists(os.path.join(root, folder, name)):
+                os.makedirs(tmp_path / folder, exist_ok=True)
+                shutil.copy(os.path.join(root, folder, name), tmp_path / folder / name)
+    summary = tables.build(str(tmp_path))
+    pd.testing.assert_frame_equal(summary, pd.read_csv(os.path.join(root, "summary.csv")))
+    for folder in tables.FOLDERS.values():
+        assert (tmp_path / folder / "table.md").read_text() == open(os.path.join(root, folder, "table.md")).read()
+    readme = open(os.path.join(os.path.dirname(root), "README.md")).read()
+    for s in summary.itertuples():
+        if not s.method.startswith("independent"):  # the README leaves out the reference ensembles
+            assert f"{s.delta_mean:+.2f}" in readme, (s.claim, s.method)

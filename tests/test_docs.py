@@ -1,4 +1,4 @@
-"""Docs that cannot rot: every command shown in README.md and docs/ still works as written.
+"""Docs that cannot rot: every command shown in README.md, docs/ and benchmarks/ still works as written.
 
 Each `online-distill ...` line in a fenced code block, and each such command in inline code, is parsed by the real CLI parser; `train`
 and `tune` commands run with `--dry-run` (the config resolved and fully checked, nothing
@@ -25,7 +25,8 @@ import pytest
 from online_distill import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True))]
+DOCS = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "**", "*.md"), recursive=True)),
+        *sorted(glob.glob(os.path.join(ROOT, "benchmarks", "**", "*.md"), recursive=True))]
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.S | re.M)
 
 

@@ -321,6 +321,29 @@ def _record(writer: RowWriter, labels: dict[str, dict], trial) -> None:
           f"T {label['temperature']}: test acc {sum(acc) / len(acc):.4f} ({time_s:.0f} s)", flush=True)
 
 
+# ---- what the student saves -----------------------------------------------------------------------
+
+def cost(p: Profile, path: str) -> pd.DataFrame:
+    """Size and CPU speed of E3's student and teacher and of the peers' model, measured side by
+    side on this machine (1 thread; weights do not change either, so fresh models will do)."""
+    import torch
+
+    from ..models import build_model
+    from ..run.compression import cpu_latency, size_bytes
+
+    torch.manual_seed(0)
+    sample = torch.randn(8, 1, 28, 28)  # Fashion-MNIST's shape; the speed does not depend on the values
+    roles = {"E3 student": p.student, "E3 teacher": p.teacher, "E1/E4 model": p.peer}
+    models = [build_model(name, sample, 10) for name in roles.values()]
+    speed = cpu_latency(models, sample)
+    df = pd.DataFrame([{"role": role, "model": name, "params": sum(t.numel() for t in m.parameters()),
+                        "size_kb": round(size_bytes(m) / 1024, 1), **{k: round(v, 4) for k, v in s.items()}}
+                       for (role, name), m, s in zip(roles.items(), models, speed)])
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    df.to_csv(path, index=False)
+    return df
+
+
 # ---- the command line ----------------------------------------------------------------------------
 
 def main(argv=None) -> int:
@@ -335,8 +358,14 @@ def main(argv=None) -> int:
     r.add_argument("--lrs", default=None, help="learning rates searched, e.g. 0.05,0.1")
     r.add_argument("--losses", default=None, help="loss settings searched, FORM:T,..., e.g. hinton:4,sum:1")
     r.add_argument("--teacher", default=None, help="E3's teacher model instead of the profile's")
+    c = sub.add_parser("cost", help="size and 1-thread CPU latency of the profile's models -> a CSV")
+    c.add_argument("--profile", choices=sorted(PROFILES), default="gpu")
+    c.add_argument("--out", required=True, help="the CSV to write, e.g. benchmarks/E3_kd/compression.csv")
     args = ap.parse_args(argv)
     p = PROFILES[args.profile]
+    if args.command == "cost":
+        print(cost(p, args.out).to_string(index=False))
+        return 0
     if args.epochs:
         p = dataclasses.replace(p, epochs=args.epochs)
     if args.lrs:

@@ -60,6 +60,9 @@ def comparisons(runs: pd.DataFrame) -> list[Comparison]:
     out = [Comparison("E1", "dml2", "independent2", bar=0.3, all_positive=True)]
     out += [Comparison("E1", a, "independent" + a[3:], bar=0.3, all_positive=True) for a in big]
     out += [Comparison("E2", a, a, "ensemble", "best_val_peer", strict=True, source="E1") for a in ["dml2", *big]]
+    # for reference: what an ensemble of peers trained apart gives over its best member
+    out += [Comparison("E2", "independent" + a[3:], "independent" + a[3:], "ensemble", "best_val_peer", strict=True,
+                       source="E1") for a in ["dml2", *big]]
     out.append(Comparison("E3", "kd_student", "scratch_student", bar=0.5))
     out += [Comparison("E4", m, "plain") for m in ("ema", "snapshot", "dlb", "born_again")]
     return [c for c in out if c.method in arms and c.baseline in arms]
@@ -135,6 +138,40 @@ def claim_table(claim: str, comps: list[Comparison], by_arm: pd.DataFrame, runs:
     return "\n".join(lines) + "\n"
 
 
+def compression_table(cost: pd.DataFrame, runs: pd.DataFrame, by_arm: pd.DataFrame) -> str:
+    """E3's student beside its teacher: accuracy, size and CPU latency (compression.csv, from
+    `python -m online_distill.bench.claims cost`)."""
+    teacher = runs[(runs["arm"] == "teacher") & (runs["member"] != "ensemble")]["test_acc"]
+    acc = {"E3 teacher": _pm(teacher), "E3 student": _pm(by_arm[by_arm["arm"] == "kd_student"]["mean_peer"])}
+    lines = ["", "## What the student saves (1 CPU thread; teacher: its one run, seed 100)", "",
+             "| role | model | test accuracy (%) | parameters | size (KB) | latency, batch 1 (ms) | us per sample, batch 256 |",
+             "|---|---|---|---|---|---|---|"]
+    for _, r in cost[cost["role"].isin(acc)].iterrows():
+        lines.append(f"| {r['role']} | {r['model']} | {acc[r['role']]} | {r['params']:,} | {r['size_kb']:g} | "
+                     f"{r['latency_ms']:.3f} | {r['us_per_sample_b256']:.2f} |")
+    t, st = (cost.set_index("role").loc[k] for k in ("E3 teacher", "E3 student"))
+    lines += ["", f"The student has {t['params'] / st['params']:.0f}x fewer parameters and runs "
+              f"{t['us_per_sample_b256'] / st['us_per_sample_b256']:.1f}x faster per sample at batch 256 "
+              f"({t['latency_ms'] / st['latency_ms']:.1f}x at batch 1)."]
+    return "\n".join(lines) + "\n"
+
+
+def _copy_picks(runs_csv: str, dest: str, arms: set[str]) -> None:
+    """The claim's arms out of the picks.yaml beside runs.csv: each search's pick and the run
+    config it stands for (`online-distill train` runs it, after the teacher path is filled in)."""
+    import yaml
+
+    src = os.path.join(os.path.dirname(os.path.abspath(runs_csv)), "picks.yaml")
+    if not os.path.exists(src):
+        return
+    with open(src) as f:
+        picks = yaml.safe_load(f) or {}
+    mine = {arm: pick for arm, pick in picks.items() if arm in arms}
+    if mine:
+        with open(dest, "w") as f:
+            yaml.safe_dump(mine, f, sort_keys=False)
+
+
 def build(bench_dir: str, runs_csv: str | None = None) -> pd.DataFrame:
     """Write every claim's files and the summary; returns the summary."""
     if runs_csv:
@@ -143,11 +180,12 @@ def build(bench_dir: str, runs_csv: str | None = None) -> pd.DataFrame:
             src = "E1" if claim == "E2" else claim
             part = runs[runs["claim"] == src]
             if claim == "E2":
-                part = part[part["arm"].str.startswith("dml")]
+                part = part[part["arm"].str.startswith(("dml", "independent"))]
             if len(part):
                 os.makedirs(os.path.join(bench_dir, folder), exist_ok=True)
                 part.to_csv(os.path.join(bench_dir, folder, "runs.csv"), index=False)
-    summaries, md = [], []
+                _copy_picks(runs_csv, os.path.join(bench_dir, folder, "picks.yaml"), set(part["arm"]))
+    summaries, pairs = [], []
     for claim, folder in FOLDERS.items():
         path = os.path.join(bench_dir, folder, "runs.csv")
         if not os.path.exists(path):
@@ -160,8 +198,13 @@ def build(bench_dir: str, runs_csv: str | None = None) -> pd.DataFrame:
         summary = pd.DataFrame([verdict(c, seeds[(seeds["method"] == c.name) & (seeds["baseline"] == c.baseline_name)]["delta"])
                                 for c in comps], columns=SUMMARY_COLUMNS)
         seeds.to_csv(os.path.join(bench_dir, folder, "per_seed.csv"), index=False, float_format="%.4f")
+        pairs.append(seeds)
+        text = claim_table(claim, comps, by_arm, runs, summary)
+        cost_csv = os.path.join(bench_dir, folder, "compression.csv")
+        if os.path.exists(cost_csv):
+            text += compression_table(pd.read_csv(cost_csv), runs, by_arm)
         with open(os.path.join(bench_dir, folder, "table.md"), "w") as f:
-            f.write(claim_table(claim, comps, by_arm, runs, summary))
+            f.write(text)
         summaries.append(summary)
     summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(columns=SUMMARY_COLUMNS)
     summary.to_csv(os.path.join(bench_dir, "summary.csv"), index=False)
@@ -171,7 +214,34 @@ def build(bench_dir: str, runs_csv: str | None = None) -> pd.DataFrame:
                   f"{s['delta_mean']:+.2f} +- {s['delta_std']:.2f} | {s['n_pairs']} | {s['bar']} | {'yes' if s['met'] else '**no**'} |")
     with open(os.path.join(bench_dir, "summary.md"), "w") as f:
         f.write("\n".join(md) + "\n")
+    if pairs:
+        plot_deltas(pd.concat(pairs, ignore_index=True), summary, os.path.join(bench_dir, "summary.png"))
     return summary
+
+
+def plot_deltas(pairs: pd.DataFrame, summary: pd.DataFrame, path: str) -> None:
+    """Every paired delta as a dot, the mean as a bar, each claim's bar as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(summary.itertuples(index=False))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.2))
+    for y, s in enumerate(rows):
+        d = pairs[(pairs["method"] == s.method) & (pairs["baseline"] == s.baseline)]["delta"]
+        ax.barh(y, s.delta_mean, color="tab:green" if s.met else "tab:red", alpha=0.35)
+        ax.plot(d, [y] * len(d), "o", color="k", ms=4)
+        bar = float(s.bar.split()[1].rstrip(","))
+        ax.plot([bar, bar], [y - 0.4, y + 0.4], "--", color="tab:blue", lw=1)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(rows)), [f"{s.claim} {s.method} vs {s.baseline}" for s in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("paired delta, test accuracy points")
+    ax.set_title("dots: seeds; bar: their mean (green: bar met); dashes: the bar", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> int:
