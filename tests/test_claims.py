@@ -143,3 +143,11 @@ def test_the_committed_results_are_what_their_csvs_give(tmp_path):
     for s in summary.itertuples():
         if not s.method.startswith("independent"):  # the README leaves out the reference ensembles
             assert f"{s.delta_mean:+.2f}" in readme, (s.claim, s.method)
+
+
+def test_a_work_folder_holding_earlier_sweeps_is_refused_before_ray_starts(tmp_path, no_ray, capsys):
+    (tmp_path / "work" / "claims-search").mkdir(parents=True)
+    code = claims.main(["run", "--profile", "smoke", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--work:" in err and "claims-search" in err and "allowed:" in err
+    assert not (tmp_path / "out").exists()

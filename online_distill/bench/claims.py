@@ -36,7 +36,7 @@ import pandas as pd
 import yaml
 
 from .. import config as config_mod
-from ..config import Config
+from ..config import Config, ConfigError
 
 LOSSES = {"hinton": {"loss.kd_weight": 0.5, "loss.ce_weight": None},  # 0.5 CE + 0.5 T^2 KL (Hinton's mix)
           "sum": {"loss.kd_weight": 1.0, "loss.ce_weight": 1.0}}      # CE + T^2 KL (DML, ONE, MCL-OKD)
@@ -193,6 +193,10 @@ def run(p: Profile, out: str, work: str, data_root: str | None = None) -> pd.Dat
     """The three stages; returns every finished trial's rows (also in out/runs.csv)."""
     from ..run.launch import init_ray
 
+    earlier = sorted(d for d in (os.listdir(work) if os.path.isdir(work) else []) if d.startswith("claims-"))
+    if earlier:  # Tune would resume them, and trials finished before would never reach runs.csv
+        raise ConfigError(f"--work: {work} holds the sweeps of an earlier run ({', '.join(earlier)}); "
+                          f"allowed: a folder without claims-* sweeps (a new one, or delete those)")
     os.makedirs(out, exist_ok=True)
     for key, value in QUIET_TUNE.items():
         os.environ.setdefault(key, value)
@@ -379,7 +383,11 @@ def main(argv=None) -> int:
     if args.teacher:
         p = dataclasses.replace(p, teacher=args.teacher)
     work = os.path.abspath(args.work or os.path.join(args.out, "work"))
-    runs = run(p, os.path.abspath(args.out), work, args.data_root and os.path.abspath(args.data_root))
+    try:
+        runs = run(p, os.path.abspath(args.out), work, args.data_root and os.path.abspath(args.data_root))
+    except ConfigError as e:
+        print(f"bench.claims: {e}", file=sys.stderr)
+        return 2
     print(f"[claims] {len(runs)} rows -> {os.path.join(args.out, 'runs.csv')}", flush=True)
     return 0
 
