@@ -179,6 +179,10 @@ class DistillConfig:
     """offline: the teacher's model name; None: read from the checkpoint's run config."""
     teacher_peer: int = 0
     """offline: which peer of the teacher run's checkpoint teaches."""
+    cache_teacher: bool = False
+    """offline, born_again: keep the frozen teacher's logits of each training example after
+    its first forward pass, so later epochs skip the teacher (its output on an example never
+    changes). Costs 4 x classes bytes per example; not with data.augment (no example repeats)."""
 
     def check(self) -> None:
         if self.mode not in DISTILL_MODES:
@@ -301,6 +305,11 @@ class Config:
             _fail("models", list(self.models), "a list of one model name per peer")
         if self.distill.mode in ("dml", "codistill") and self.num_peers < 2:
             _fail("models", list(self.models), f"at least 2 peers for distill.mode={self.distill.mode!r}")
+        if self.distill.cache_teacher and self.distill.mode not in ("offline", "born_again"):
+            _fail("distill.cache_teacher", True, f"false with distill.mode={self.distill.mode!r} (only a frozen "
+                  "teacher, 'offline' or 'born_again', gives the same logits for an example every epoch)")
+        if self.distill.cache_teacher and self.data.augment:
+            _fail("distill.cache_teacher", True, "false with data.augment=true (augmented examples never repeat)")
         self._check_layout()
         return self
 

@@ -319,3 +319,32 @@ def test_the_kd_term_of_a_teacher_equal_to_the_student_has_no_gradient():
     (g,) = torch.autograd.grad(kd, z)
     assert kd.item() == pytest.approx(0.0, abs=1e-7) and g.abs().max() < 1e-7
     assert F.kl_div(F.log_softmax(z, 1), F.softmax(z.detach(), 1), reduction="batchmean").abs() < 1e-6
+
+
+def test_a_cached_frozen_teacher_teaches_the_same_and_runs_once_per_example(teacher_run, train_history, monkeypatch):
+    run_dir, _ = teacher_run
+    over = {"data.train_subset": 96, "data.val_size": 32, "data.test_subset": 32, "train.epochs": 3,
+            "train.batch_size": 16, "distill.teacher_model": "mlp", "distill.teacher_peer": 1}
+    plain = train_history(offline_cfg(run_dir, **over))
+    from online_distill.teachers import frozen
+
+    seen = []
+    real_get = frozen.LogitCache.get
+
+    def counting_get(self, x, teacher):
+        return real_get(self, x, lambda rows: (seen.append(len(rows)), teacher(rows))[1])
+
+    monkeypatch.setattr(frozen.LogitCache, "get", counting_get)
+    cached = train_history(offline_cfg(run_dir, **over, **{"distill.cache_teacher": True}))
+    assert sum(seen) == 96 - 96 % 16  # every training example through the teacher once, over 3 epochs
+    for a, b in zip(plain, cached):
+        assert a.keys() == b.keys()
+        for k in {"train_ce", "train_kd", "val_acc", "test_acc"} & a.keys():
+            assert a[k] == pytest.approx(b[k], abs=1e-5), (a["epoch"], a["member"], k)
+
+
+def test_a_teacher_cache_is_refused_where_logits_change():
+    with pytest.raises(C.ConfigError, match=r"distill.cache_teacher: got True; allowed: false with distill.mode='dml'"):
+        base_cfg(models=["tiny_cnn", "tiny_cnn"], **{"distill.mode": "dml", "distill.cache_teacher": True}).check_fields()
+    with pytest.raises(C.ConfigError, match=r"distill.cache_teacher: got True; allowed: false with data.augment=true"):
+        offline_cfg("x", **{"distill.cache_teacher": True, "data.augment": True}).check_fields()

@@ -67,6 +67,9 @@ class Profile:
     batch_size: int = 128
     teacher_lr: float = 0.05
     big_cohort: int = 4
+    cache_teacher: bool = False
+    """distill.cache_teacher for the frozen teachers (E3, born-again): their logits of each
+    training example are computed once, which makes a slow teacher affordable on a CPU."""
 
 
 PROFILES = {
@@ -136,12 +139,13 @@ class Entry:
         teacher = {}
         if self.arm.mode == "offline":
             teacher_model = p.teacher if self.arm.name == "kd_student" else p.peer
-            teacher = {"distill.teacher_checkpoint": self.teacher, "distill.teacher_model": teacher_model}
+            teacher = {"distill.teacher_checkpoint": self.teacher, "distill.teacher_model": teacher_model,
+                       "distill.cache_teacher": p.cache_teacher}
         return {"models": ",".join(self.arm.models), "distill.mode": self.arm.mode,
                 "scale.peers_per_worker": len(self.arm.models), "optim.lr": self.lr,
                 "optim.schedule": "cosine", "optim.cycles": 1, "loss.temperature": self.temperature or 4.0,
                 "distill.ema_decay": 0.999, "distill.ema_warmup_steps": 0,
-                "distill.teacher_checkpoint": None, "distill.teacher_model": None,
+                "distill.teacher_checkpoint": None, "distill.teacher_model": None, "distill.cache_teacher": False,
                 **loss, **self.arm.extra, **teacher, "train.seed": self.seed}
 
 
@@ -189,8 +193,9 @@ def checkpoint_of(runs: pd.DataFrame, arm: str, stage: str, seed: int, lr: float
     return str(rows["checkpoint"].iloc[0])
 
 
-def run(p: Profile, out: str, work: str, data_root: str | None = None) -> pd.DataFrame:
-    """The three stages; returns every finished trial's rows (also in out/runs.csv)."""
+def run(p: Profile, out: str, work: str, data_root: str | None = None,
+        claims: tuple[str, ...] = ("E1", "E2", "E3", "E4")) -> pd.DataFrame:
+    """The three stages, for `claims`; returns every finished trial's rows (also in out/runs.csv)."""
     from ..run.launch import init_ray
 
     earlier = sorted(d for d in (os.listdir(work) if os.path.isdir(work) else []) if d.startswith("claims-"))
@@ -206,27 +211,39 @@ def run(p: Profile, out: str, work: str, data_root: str | None = None) -> pd.Dat
     writer = RowWriter(os.path.join(out, "runs.csv"))
     picks: dict[str, dict] = {}
 
+    def wanted(*names: str) -> list[str]:  # E2 is read off E1's cohorts
+        return [n for n in names if a[n].claim in claims or (a[n].claim == "E1" and "E2" in claims)]
+
     # the teacher first: the longest trial of the stage starts with it
-    s1 = [Entry("search", a["teacher"], SEARCH_SEED, p.teacher_lr)]
-    s1 += [e for n in ("dml2", "independent2", "plain", "ema", "snapshot", "dlb", "scratch_student")
-           for e in search_entries("search", a[n], p)]
+    first = wanted("teacher", "dml2", "independent2", "plain", "ema", "snapshot", "dlb", "scratch_student")
+    s1 = [e for n in first for e in ([Entry("search", a[n], SEARCH_SEED, p.teacher_lr)] if n == "teacher"
+                                     else search_entries("search", a[n], p))]
     runs = run_stage("search", s1, p, base, work, writer)
-    for n in ("dml2", "independent2", "plain", "ema", "snapshot", "dlb", "scratch_student"):
-        picks[n] = pick(runs, n)
-    picks[f"dml{p.big_cohort}"], picks[f"independent{p.big_cohort}"] = picks["dml2"], picks["independent2"]
-    teacher = checkpoint_of(runs, "teacher", "search", SEARCH_SEED)
-    plain_teacher = checkpoint_of(runs, "plain", "search", SEARCH_SEED, picks["plain"]["lr"])
+    for n in first:
+        if n != "teacher":
+            picks[n] = pick(runs, n)
+    if "dml2" in picks:
+        picks[f"dml{p.big_cohort}"], picks[f"independent{p.big_cohort}"] = picks["dml2"], picks["independent2"]
+    teacher = checkpoint_of(runs, "teacher", "search", SEARCH_SEED) if "E3" in claims else None
+    plain_teacher = checkpoint_of(runs, "plain", "search", SEARCH_SEED, picks["plain"]["lr"]) if "E4" in claims else None
 
-    s2 = [e for n in ("dml2", "independent2", f"dml{p.big_cohort}", f"independent{p.big_cohort}", "plain", "ema",
-                      "snapshot", "dlb", "scratch_student") for e in confirm_entries("confirm", a[n], picks[n], p)]
-    s2 += search_entries("search", a["kd_student"], p, teacher) + search_entries("search", a["born_again"], p, plain_teacher)
+    second = wanted("dml2", "independent2", f"dml{p.big_cohort}", f"independent{p.big_cohort}", "plain", "ema",
+                    "snapshot", "dlb", "scratch_student")
+    s2 = [e for n in second for e in confirm_entries("confirm", a[n], picks[n], p)]
+    s2 += search_entries("search", a["kd_student"], p, teacher) if teacher else []
+    s2 += search_entries("search", a["born_again"], p, plain_teacher) if plain_teacher else []
     runs = pd.concat([runs, run_stage("confirm", s2, p, base, work, writer)], ignore_index=True)
-    picks["kd_student"], picks["born_again"] = pick(runs, "kd_student"), pick(runs, "born_again")
 
-    plain_by_seed = {s: checkpoint_of(runs, "plain", "confirm", s) for s in p.seeds}
-    s3 = confirm_entries("confirm", a["kd_student"], picks["kd_student"], p, {s: teacher for s in p.seeds})
-    s3 += confirm_entries("confirm", a["born_again"], picks["born_again"], p, plain_by_seed)
-    runs = pd.concat([runs, run_stage("confirm-last", s3, p, base, work, writer)], ignore_index=True)
+    s3 = []
+    if teacher:
+        picks["kd_student"] = pick(runs, "kd_student")
+        s3 += confirm_entries("confirm", a["kd_student"], picks["kd_student"], p, {s: teacher for s in p.seeds})
+    if plain_teacher:
+        picks["born_again"] = pick(runs, "born_again")
+        plain_by_seed = {s: checkpoint_of(runs, "plain", "confirm", s) for s in p.seeds}
+        s3 += confirm_entries("confirm", a["born_again"], picks["born_again"], p, plain_by_seed)
+    if s3:
+        runs = pd.concat([runs, run_stage("confirm-last", s3, p, base, work, writer)], ignore_index=True)
 
     write_picks(os.path.join(out, "picks.yaml"), picks, a, p, base)
     return runs
@@ -362,6 +379,8 @@ def main(argv=None) -> int:
     r.add_argument("--lrs", default=None, help="learning rates searched, e.g. 0.05,0.1")
     r.add_argument("--losses", default=None, help="loss settings searched, FORM:T,..., e.g. hinton:4,sum:1")
     r.add_argument("--teacher", default=None, help="E3's teacher model instead of the profile's")
+    r.add_argument("--cache-teacher", action="store_true", help="frozen teachers' logits computed once per example")
+    r.add_argument("--claims", default="E1,E2,E3,E4", help="which claims to run, e.g. E3")
     c = sub.add_parser("cost", help="size and 1-thread CPU latency of the profile's models -> a CSV")
     c.add_argument("--profile", choices=sorted(PROFILES), default="gpu")
     c.add_argument("--out", required=True, help="the CSV to write, e.g. benchmarks/E3_kd/compression.csv")
@@ -382,9 +401,14 @@ def main(argv=None) -> int:
         p = dataclasses.replace(p, losses=losses)
     if args.teacher:
         p = dataclasses.replace(p, teacher=args.teacher)
+    if args.cache_teacher:
+        p = dataclasses.replace(p, cache_teacher=True)
+    chosen = tuple(c.strip() for c in args.claims.split(","))
+    if not set(chosen) <= {"E1", "E2", "E3", "E4"}:
+        ap.error(f"--claims: got {args.claims!r}; allowed: a comma-separated subset of E1,E2,E3,E4")
     work = os.path.abspath(args.work or os.path.join(args.out, "work"))
     try:
-        runs = run(p, os.path.abspath(args.out), work, args.data_root and os.path.abspath(args.data_root))
+        runs = run(p, os.path.abspath(args.out), work, args.data_root and os.path.abspath(args.data_root), chosen)
     except ConfigError as e:
         print(f"bench.claims: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ teacher runs in eval mode without gradients; its forward pass is part of the ste
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 import pickle
@@ -159,6 +160,25 @@ def load_into(model: torch.nn.Module, weights: Mapping[str, Tensor], src: Teache
                           f"({str(e).splitlines()[0]} ...); allowed: the model those weights were trained as") from None
 
 
+class LogitCache:
+    """A frozen teacher's logits per training example, keyed by a 64-bit digest of the example's
+    bytes (the batch is all the teacher sees; a digest is exact up to a 2^-64 chance per pair).
+    Only the examples not seen before go through the teacher."""
+
+    def __init__(self):
+        self.logits: dict[bytes, Tensor] = {}
+
+    def get(self, x: Tensor, teacher) -> Tensor:
+        rows = x.detach().cpu().contiguous().view(len(x), -1).numpy()
+        keys = [hashlib.blake2b(r.tobytes(), digest_size=8).digest() for r in rows]
+        new = [i for i, k in enumerate(keys) if k not in self.logits]
+        if new:
+            fresh = teacher(x[new]).cpu()
+            for i, z in zip(new, fresh):
+                self.logits[keys[i]] = z
+        return torch.stack([self.logits[k] for k in keys]).to(x.device)
+
+
 class FrozenTeacher(PeerSource):
     def __init__(self, ctx: TeacherContext, peer: int):
         src = resolve_teacher(ctx.cfg.distill)
@@ -166,6 +186,7 @@ class FrozenTeacher(PeerSource):
         self.model = ctx.build_model(src.model_name)
         load_into(self.model, load_weights(src), src)
         self.model = self.model.to(ctx.device).eval().requires_grad_(False)
+        self.cache = LogitCache() if ctx.cfg.distill.cache_teacher else None
 
     @staticmethod
     def check(cfg: Config, models: Mapping, datasets: Mapping) -> None:
@@ -182,7 +203,9 @@ class FrozenTeacher(PeerSource):
 
     @torch.no_grad()
     def logits(self, x: Tensor, student_logits: Tensor) -> Tensor:
-        return self.model(x).float().unsqueeze(0)
+        if self.cache is None:
+            return self.model(x).float().unsqueeze(0)
+        return self.cache.get(x, lambda rows: self.model(rows).float()).unsqueeze(0)
 
     def state_dict(self) -> dict:
         # kept in every checkpoint: a resumed run goes on with this teacher even if its source changed
