@@ -384,8 +384,11 @@ def main(argv=None) -> int:
     c = sub.add_parser("cost", help="size and 1-thread CPU latency of the profile's models -> a CSV")
     c.add_argument("--profile", choices=sorted(PROFILES), default="gpu")
     c.add_argument("--out", required=True, help="the CSV to write, e.g. benchmarks/E3_kd/compression.csv")
+    c.add_argument("--teacher", default=None, help="E3's teacher model instead of the profile's")
     args = ap.parse_args(argv)
     p = PROFILES[args.profile]
+    if args.teacher:
+        p = dataclasses.replace(p, teacher=args.teacher)
     if args.command == "cost":
         print(cost(p, args.out).to_string(index=False))
         return 0
@@ -399,11 +402,9 @@ def main(argv=None) -> int:
         if bad:
             ap.error(f"--losses: got form {bad[0]!r}; allowed: {', '.join(LOSSES)}")
         p = dataclasses.replace(p, losses=losses)
-    if args.teacher:
-        p = dataclasses.replace(p, teacher=args.teacher)
     if args.cache_teacher:
         p = dataclasses.replace(p, cache_teacher=True)
-    chosen = tuple(c.strip() for c in args.claims.split(","))
+    chosen = tuple(name.strip() for name in args.claims.split(","))
     if not set(chosen) <= {"E1", "E2", "E3", "E4"}:
         ap.error(f"--claims: got {args.claims!r}; allowed: a comma-separated subset of E1,E2,E3,E4")
     work = os.path.abspath(args.work or os.path.join(args.out, "work"))
