@@ -125,24 +125,31 @@ def test_search_then_confirm_end_to_end(ray_session, tmp_path):
 
 
 def test_the_committed_results_are_what_their_csvs_give(tmp_path):
-    """benchmarks/: every table and summary.csv rebuilt from the committed runs.csv files alone
-    is the committed one, and the README quotes summary.csv's numbers."""
+    """benchmarks/ (and each variant folder in it that has a summary.csv): every table and
+    summary.csv rebuilt from the committed runs.csv files alone is the committed one, and the
+    README quotes the main summary's numbers."""
+    import glob
     import shutil
 
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-    for folder in tables.FOLDERS.values():
-        for name in ("runs.csv", "compression.csv"):
-            if os.path.exists(os.path.join(root, folder, name)):
-                os.makedirs(tmp_path / folder, exist_ok=True)
-                shutil.copy(os.path.join(root, folder, name), tmp_path / folder / name)
-    summary = tables.build(str(tmp_path))
-    pd.testing.assert_frame_equal(summary, pd.read_csv(os.path.join(root, "summary.csv")))
-    for folder in tables.FOLDERS.values():
-        assert (tmp_path / folder / "table.md").read_text() == open(os.path.join(root, folder, "table.md")).read()
-    readme = open(os.path.join(os.path.dirname(root), "README.md")).read()
-    for s in summary.itertuples():
-        if not s.method.startswith("independent"):  # the README leaves out the reference ensembles
-            assert f"{s.delta_mean:+.2f}" in readme, (s.claim, s.method)
+    trees = [root] + sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "*", "summary.csv")))
+    for tree in trees:
+        out = tmp_path / os.path.basename(tree)
+        for folder in tables.FOLDERS.values():
+            for name in ("runs.csv", "compression.csv"):
+                if os.path.exists(os.path.join(tree, folder, name)):
+                    os.makedirs(out / folder, exist_ok=True)
+                    shutil.copy(os.path.join(tree, folder, name), out / folder / name)
+        summary = tables.build(str(out))
+        pd.testing.assert_frame_equal(summary, pd.read_csv(os.path.join(tree, "summary.csv")))
+        for folder in tables.FOLDERS.values():
+            if os.path.exists(os.path.join(tree, folder, "table.md")):
+                assert (out / folder / "table.md").read_text() == open(os.path.join(tree, folder, "table.md")).read()
+        if tree == root:
+            readme = open(os.path.join(os.path.dirname(root), "README.md")).read()
+            for s in summary.itertuples():
+                if not s.method.startswith("independent"):  # the README leaves out the reference ensembles
+                    assert f"{s.delta_mean:+.2f}" in readme, (s.claim, s.method)
 
 
 def test_a_work_folder_holding_earlier_sweeps_is_refused_before_ray_starts(tmp_path, no_ray, capsys):
