@@ -60,7 +60,7 @@ def test_tables_pair_seeds_apply_the_bars_and_rebuild_from_their_own_csvs(tmp_pa
     assert "| dml2 | 90.50 +- 0.50 | independent2 | 90.00 +- 0.56 |" in (tmp_path / "E1_dml" / "table.md").read_text()
     assert "[E3](E3_kd/table.md)" in (tmp_path / "summary.md").read_text()
     e3_table = (tmp_path / "E3_kd" / "table.md").read_text()
-    assert "| E3 teacher | t | 90.00 | 50,000 |" in e3_table and "50x fewer parameters and runs 15.0x faster" in e3_table
+    assert "| E3 teacher | t | 90.00 | 50,000 |" in e3_table and "50x fewer parameters and runs 15x faster" in e3_table
     assert yaml.safe_load((tmp_path / "E4_self" / "picks.yaml").read_text()) == {"ema": {"claim": "E4", "pick": {"lr": 0.1}}}
     seeds = pd.read_csv(tmp_path / "E1_dml" / "per_seed.csv")
     assert seeds[seeds["method"] == "dml2"]["delta"].round(3).tolist() == [0.5, 0.6, 0.4]

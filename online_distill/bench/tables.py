@@ -138,6 +138,10 @@ def claim_table(claim: str, comps: list[Comparison], by_arm: pd.DataFrame, runs:
     return "\n".join(lines) + "\n"
 
 
+def _x(ratio: float) -> str:
+    return f"{ratio:.0f}x" if ratio >= 10 else f"{ratio:.1f}x"
+
+
 def compression_table(cost: pd.DataFrame, runs: pd.DataFrame, by_arm: pd.DataFrame) -> str:
     """E3's student beside its teacher: accuracy, size and CPU latency (compression.csv, from
     `python -m online_distill.bench.claims cost`)."""
@@ -150,9 +154,9 @@ def compression_table(cost: pd.DataFrame, runs: pd.DataFrame, by_arm: pd.DataFra
         lines.append(f"| {r['role']} | {r['model']} | {acc[r['role']]} | {r['params']:,} | {r['size_kb']:g} | "
                      f"{r['latency_ms']:.3f} | {r['us_per_sample_b256']:.2f} |")
     t, st = (cost.set_index("role").loc[k] for k in ("E3 teacher", "E3 student"))
-    lines += ["", f"The student has {t['params'] / st['params']:.0f}x fewer parameters and runs "
-              f"{t['us_per_sample_b256'] / st['us_per_sample_b256']:.1f}x faster per sample at batch 256 "
-              f"({t['latency_ms'] / st['latency_ms']:.1f}x at batch 1)."]
+    lines += ["", f"The student has {_x(t['params'] / st['params'])} fewer parameters and runs "
+              f"{_x(t['us_per_sample_b256'] / st['us_per_sample_b256'])} faster per sample at batch 256 "
+              f"({_x(t['latency_ms'] / st['latency_ms'])} at batch 1)."]
     return "\n".join(lines) + "\n"
 
 
