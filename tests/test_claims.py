@@ -146,6 +146,7 @@ def test_the_committed_results_are_what_their_csvs_give(tmp_path):
             if os.path.exists(os.path.join(tree, folder, "table.md")):
                 assert (out / folder / "table.md").read_text() == open(os.path.join(tree, folder, "table.md")).read()
         if tree == root:
+            assert open(os.path.join(root, "summary.md")).read() in open(os.path.join(root, "README.md")).read()
             readme = open(os.path.join(os.path.dirname(root), "README.md")).read()
             for s in summary.itertuples():
                 if not s.method.startswith("independent"):  # the README leaves out the reference ensembles
