@@ -159,3 +159,13 @@ def test_a_work_folder_holding_earlier_sweeps_is_refused_before_ray_starts(tmp_p
     err = capsys.readouterr().err
     assert code == 2 and "--work:" in err and "claims-search" in err and "allowed:" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sweep_setting_matches_its_trials_whatever_the_column_dtypes():
+    """The sweep summary may hold a setting's int as a float and None as NaN (pandas groupby);
+    best_config_yaml must still find that setting's trials (a stage of the 30-epoch claims run
+    stopped there)."""
+    from online_distill.sweep.results import _same
+
+    assert _same(3, 3.0) and _same(None, math.nan) and _same("mlp,mlp", "mlp,mlp") and _same(0.1, 0.1)
+    assert not _same(0.1, 0.2) and not _same(None, 1.0) and not _same("mlp", "mlp_small") and not _same(1, None)

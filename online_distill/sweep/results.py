@@ -181,6 +181,17 @@ def best_setting(tables: SweepTables) -> dict | None:
     return s.iloc[0].to_dict() if len(s) else None
 
 
+def _same(a, b) -> bool:
+    """One setting's value in the trials table and in the summary: a column's dtype may differ
+    between the two (3 and 3.0; None and NaN), the value does not."""
+    if pd.isna(a) if not isinstance(a, (list, tuple)) else False:
+        return not isinstance(b, (list, tuple)) and pd.isna(b)
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a) == str(b)
+
+
 def best_config_yaml(spec: SweepSpec, tables: SweepTables) -> str | None:
     best = best_setting(tables)
     if best is None:
@@ -189,7 +200,9 @@ def best_config_yaml(spec: SweepSpec, tables: SweepTables) -> str | None:
     t = tables.trials
     mask = t["complete"] & (t["role"] == "setting")
     for col in setting_columns(t):
-        mask &= t[col].astype(str) == str(best[col])
+        mask &= t[col].map(lambda v, b=best[col]: _same(v, b))
+    if not mask.any():
+        return None
     trial = t[mask].iloc[0]
     params = {k: trial[k] for k in t.columns if "." in k or k == "models"}
     params = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in params.items() if k != SEED}
