@@ -114,7 +114,7 @@ def test_search_then_confirm_end_to_end(ray_session, tmp_path):
     # born-again's teacher on each seed is that seed's confirmed plain run
     ba = confirmed[confirmed["arm"] == "born_again"].drop_duplicates("seed").set_index("seed")["teacher"]
     plain = confirmed[confirmed["arm"] == "plain"].drop_duplicates("seed").set_index("seed")["checkpoint"]
-    assert (ba == plain).all()
+    assert ba.sort_index().to_dict() == plain.sort_index().to_dict()  # trials finish in any order
     assert pd.read_csv(tmp_path / "out" / "runs.csv").shape[0] == len(runs)
     picks = yaml.safe_load((tmp_path / "out" / "picks.yaml").read_text())
     assert picks["kd_student"]["config"]["distill"]["mode"] == "offline" and picks["dml3"]["config"]["scale"]["peers_per_worker"] == 3

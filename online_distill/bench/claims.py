@@ -2,8 +2,11 @@
 is searched on the validation split, the pick is rerun on fresh seeds, and last-epoch test
 accuracy is paired seed by seed with a baseline that had the same learning-rate search.
 
-    python -m online_distill.bench.claims run --profile gpu --out benchmarks/raw/gpu
-    python -m online_distill.bench.tables benchmarks --runs benchmarks/raw/gpu/runs.csv
+    python -m online_distill.bench.claims run --profile cpu --out benchmarks/raw/cpu
+    python -m online_distill.bench.claims cost --profile cpu --out benchmarks/E3_kd/compression.csv
+    python -m online_distill.bench.tables benchmarks --runs benchmarks/raw/cpu/runs.csv
+
+(`--claims E3` runs some claims only; `--profile gpu` is the same on a GPU, with CNNs.)
 
 Every run is a trial of a Ray Tune sweep (sweep.driver.run_sweep): a cohort packed in one
 worker trains in the trial's own process, with its slice of the GPU, so one GPU holds many

@@ -41,8 +41,6 @@ class Comparison:
     strict: bool = False
     all_positive: bool = False
     """Also every paired delta > 0."""
-    source: str = ""
-    """The claim whose runs are read (E2 reads E1's cohorts); default: the claim itself."""
 
     @property
     def name(self) -> str:
@@ -59,10 +57,10 @@ def comparisons(runs: pd.DataFrame) -> list[Comparison]:
     big = sorted(a for a in arms if a.startswith("dml") and a != "dml2")
     out = [Comparison("E1", "dml2", "independent2", bar=0.3, all_positive=True)]
     out += [Comparison("E1", a, "independent" + a[3:], bar=0.3, all_positive=True) for a in big]
-    out += [Comparison("E2", a, a, "ensemble", "best_val_peer", strict=True, source="E1") for a in ["dml2", *big]]
+    out += [Comparison("E2", a, a, "ensemble", "best_val_peer", strict=True) for a in ["dml2", *big]]
     # for reference: what an ensemble of peers trained apart gives over its best member
-    out += [Comparison("E2", "independent" + a[3:], "independent" + a[3:], "ensemble", "best_val_peer", strict=True,
-                       source="E1") for a in ["dml2", *big]]
+    out += [Comparison("E2", "independent" + a[3:], "independent" + a[3:], "ensemble", "best_val_peer", strict=True)
+            for a in ["dml2", *big]]
     out.append(Comparison("E3", "kd_student", "scratch_student", bar=0.5))
     out += [Comparison("E4", m, "plain") for m in ("ema", "snapshot", "dlb", "born_again")]
     return [c for c in out if c.method in arms and c.baseline in arms]
@@ -76,7 +74,9 @@ def per_run(runs: pd.DataFrame) -> pd.DataFrame:
         peers, ens = g[g["member"] != "ensemble"], g[g["member"] == "ensemble"]
         rows.append({"arm": arm, "seed": int(seed), "mean_peer": peers["test_acc"].mean(),
                      "ensemble": ens["test_acc"].iloc[0] if len(ens) else math.nan,
-                     "best_val_peer": peers.sort_values("val_acc", ascending=False)["test_acc"].iloc[0],
+                     # a tie on validation goes to the lower peer index, whatever the rows' order
+                     "best_val_peer": peers.sort_values(["val_acc", "member"], ascending=[False, True],
+                                                        kind="stable")["test_acc"].iloc[0],
                      "time_s": g["time_s"].iloc[0], "lr": g["lr"].iloc[0], "form": g["form"].iloc[0],
                      "temperature": g["temperature"].iloc[0]})
     return pd.DataFrame(rows, columns=["arm", "seed", "mean_peer", "ensemble", "best_val_peer", "time_s", "lr",
