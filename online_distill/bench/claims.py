@@ -79,8 +79,9 @@ PROFILES = {
     # one GPU shared by up to 16 one-CPU cohorts: full Fashion-MNIST, 15 epochs
     "gpu": Profile("small_cnn", "tiny_cnn", "resnet18", 15, {"dataset": "fashion_mnist", "val_size": 5000},
                    {"use_gpu": True, "gpus_per_worker": 0.0625, "cpus_per_worker": 1}),
-    # the 2-core box (about 45 min): MLPs, which a CPU trains 13x faster than tiny_cnn (1.9 vs
-    # 24.7 ms a step), and Hinton et al.'s own setting for E3: a 1200-1200 teacher, a smaller MLP student
+    # the 2-core box (about 35 min): MLPs, which a CPU trains 14x faster than tiny_cnn (2.2 vs
+    # 30.9 ms a step; benchmarks/raw/cpu/step_times.txt), and Hinton et al.'s own setting for
+    # E3: a 1200-1200 teacher, a smaller MLP student
     "cpu": Profile("mlp", "mlp_small", "mlp_large", 15, {"dataset": "fashion_mnist", "val_size": 5000},
                    {"cpus_per_worker": 1}),
     # the whole pipeline in about a minute on synthetic data (the test suite runs it)
