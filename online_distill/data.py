@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import ConfigError, DataConfig
+from .host import to_format
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -393,13 +394,15 @@ class Batches:
     """Batches of one replica's shard, in an order set by (seed, epoch) alone.
 
     Every replica gets the same number of batches (the shard is cut to an equal length) so
-    that collectives inside the loop stay in step.
+    that collectives inside the loop stay in step. Images come in `memory_format` (the run's
+    layout: host.memory_format).
     """
 
     def __init__(self, ds: Dataset, batch_size: int, device: torch.device, *, seed: int = 0, shard: int = 0,
                  num_shards: int = 1, shuffle: bool = True, drop_last: bool = True, augment: bool = False,
-                 num_workers: int = 0, max_batches: int | None = None):
-        self.ds, self.batch_size, self.device = ds, batch_size, device
+                 num_workers: int = 0, max_batches: int | None = None,
+                 memory_format: torch.memory_format = torch.contiguous_format):
+        self.ds, self.batch_size, self.device, self.memory_format = ds, batch_size, device, memory_format
         self.seed, self.shard, self.num_shards = seed, shard, num_shards
         self.shuffle, self.drop_last, self.augment = shuffle, drop_last, augment
         self.num_workers, self.max_batches, self.epoch = num_workers, max_batches, 0
@@ -433,4 +436,4 @@ class Batches:
                                 pin_memory=self.device.type == "cuda")
             batches = ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in loader)
         for x, y in batches:
-            yield (augment_batch(x, g) if self.augment else x), y
+            yield to_format(augment_batch(x, g) if self.augment else x, self.memory_format), y

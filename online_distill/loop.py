@@ -21,6 +21,7 @@ from torch import nn
 from . import checkpoint as ckpt
 from .config import Config
 from .data import Batches, load_data
+from .host import keep_freed_memory, memory_format
 from .losses import distill_loss
 from .metrics import format_epoch, merge_rank_stats
 from .models import build_model
@@ -55,30 +56,33 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
         reporter=None, restore_from=None) -> list[dict]:
     """Train this rank's peers for cfg.train.epochs. Returns rank 0's history (others: [])."""
     topo = build_topology(rank, cfg.num_peers, cfg.scale.replicas, cfg.scale.peers_per_worker)
+    if device.type == "cpu":
+        keep_freed_memory()  # no page faults for every step's activations (host.py)
 
     # --- data: identical batch order for all peers, sharded by replica only (unless codistilling
-    # peers were given disjoint shards: distill.peer_data)
+    # peers were given disjoint shards: distill.peer_data); images channels-last (scale.channels_last)
     data = load_data(cfg.data, dataset_builders)
+    fmt = memory_format(data.sample, cfg.scale.channels_last)
     shard, num_shards = train_shard(rank, cfg.num_peers, cfg.scale.replicas, peers_per_worker=cfg.scale.peers_per_worker,
                                     disjoint_peers=cfg.distill.peer_data == "disjoint")
     train_batches = Batches(data.train, cfg.train.batch_size, device, seed=cfg.train.seed, shard=shard,
                             num_shards=num_shards, augment=cfg.data.augment, num_workers=cfg.data.num_workers,
-                            max_batches=cfg.train.max_steps_per_epoch)
+                            max_batches=cfg.train.max_steps_per_epoch, memory_format=fmt)
     steps_per_epoch = len(train_batches)
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than a replica's shard of the training set")
 
     def eval_batches(ds):
         return Batches(ds, 512, device, shard=topo.replica, num_shards=cfg.scale.replicas, shuffle=False,
-                       drop_last=False, num_workers=cfg.data.num_workers)
+                       drop_last=False, num_workers=cfg.data.num_workers, memory_format=fmt)
 
     # --- this rank's peers: distinct init per peer, identical across a peer's replicas and layouts
     def build_peer(p: int) -> nn.Module:
         torch.manual_seed(cfg.train.seed * 1000 + p)
-        return build_model(cfg.models[p], data.sample, data.num_classes, model_builders)
+        return build_model(cfg.models[p], data.sample, data.num_classes, model_builders, memory_format=fmt)
 
     def build_named(name: str) -> nn.Module:  # any model for this dataset (a frozen teacher's)
-        return build_model(name, data.sample, data.num_classes, model_builders)
+        return build_model(name, data.sample, data.num_classes, model_builders, memory_format=fmt)
 
     models = [build_peer(p).to(device) for p in topo.peers]
     train_models = [_data_parallel(m, topo, device) for m in models]

@@ -21,6 +21,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from .config import ConfigError
+from .host import to_format
 
 Shape = tuple[int, ...]
 Builder = Callable[[Shape, int], nn.Module]
@@ -190,11 +191,12 @@ MODELS: dict[str, Builder] = {
 
 
 def build_model(name: str, sample: torch.Tensor, num_classes: int, builders: dict[str, Builder] | None = None,
-                *, field: str = "models") -> nn.Module:
+                *, field: str = "models", memory_format: torch.memory_format = torch.contiguous_format) -> nn.Module:
     """Build model `name` for examples like `sample` (a real batch of the dataset, a couple of
     rows) and run it on them: lazy layers take their shapes, and a builder that fails, a
     forward that raises or logits of the wrong shape are a ConfigError that starts with `field`
-    and names the builder and the batch it got."""
+    and names the builder and the batch it got. With `memory_format` channels-last (images and
+    scale.channels_last: host.memory_format), the model is moved to it and run again so."""
     builder = {**MODELS, **(builders or {})}[name]
     shape = tuple(sample.shape[1:])
     who = f"{field}: model {name!r} ({getattr(builder, '__qualname__', builder)})"
@@ -221,7 +223,25 @@ def build_model(name: str, sample: torch.Tensor, num_classes: int, builders: dic
         raise ConfigError(f"{who}: on a batch of shape {tuple(sample.shape)} ({got}) it returned {what}; allowed: "
                           f"float logits of shape ({len(sample)}, {num_classes}), one column per class of the dataset "
                           f"(num_classes={num_classes})")
+    if memory_format is not torch.contiguous_format:
+        _to_memory_format(model, sample, memory_format, who)
     return model
+
+
+def _to_memory_format(model: nn.Module, sample: torch.Tensor, fmt: torch.memory_format, who: str) -> None:
+    """Move a built model to `fmt` and check that its forward still runs on the batch in it: a
+    forward that calls .view() on an activation fails on channels-last tensors."""
+    model.to(memory_format=fmt)
+    with torch.no_grad():
+        model.eval()
+        try:
+            model(to_format(sample, fmt))
+        except Exception as e:
+            raise ConfigError(f"scale.channels_last: {who.split(': ', 1)[1]} fails on channels-last images of shape "
+                              f"{tuple(sample.shape)}: {type(e).__name__}: {e}. Allowed: scale.channels_last=false for "
+                              "this model, or a forward that takes any memory layout (.reshape where it calls .view)",
+                              "scale.channels_last") from e
+        model.train()
 
 
 def num_parameters(model: nn.Module) -> int:

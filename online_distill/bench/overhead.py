@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from .. import config as config_mod
 from ..data import Batches, load_data
+from ..host import keep_freed_memory, memory_format
 from ..losses import distill_loss
 from ..metrics import steady
 from ..models import build_model
@@ -50,17 +51,21 @@ def bench_config(mode: str, peers: int, model: str, batch_size: int, steps: int,
 
 def _plain_worker(cfg: config_mod.Config, peer: int, rendezvous: str, out: mp.Queue) -> None:
     """The same work as one peer of the cohort, in plain PyTorch without Ray: forward, CE,
-    backward, step; in DML mode also the all-gather of detached logits over gloo and the KD loss."""
+    backward, step; in DML mode also the all-gather of detached logits over gloo and the KD loss.
+    In the loop's memory layout and with its allocator setting (online_distill.host), so that
+    the comparison prices the framework, not those."""
+    keep_freed_memory()
     torch.set_num_threads(1)
     dml = cfg.distill.mode == "dml"
     if dml:
         dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=peer, world_size=cfg.num_peers)
     data = load_data(cfg.data)
+    fmt = memory_format(data.sample, cfg.scale.channels_last)
     torch.manual_seed(cfg.train.seed * 1000 + peer)
-    model = build_model(cfg.models[peer], data.sample, data.num_classes)
+    model = build_model(cfg.models[peer], data.sample, data.num_classes, memory_format=fmt)
     opt = make_optimizer(cfg.optim, model)
     batches = Batches(data.train, cfg.train.batch_size, torch.device("cpu"), seed=cfg.train.seed,
-                      max_batches=cfg.train.max_steps_per_epoch)
+                      max_batches=cfg.train.max_steps_per_epoch, memory_format=fmt)
     times = []
     for x, y in batches:
         t0 = time.perf_counter()

@@ -134,6 +134,7 @@ def preflight_data(cfg: Config, datasets=None, models=None) -> None:
     import torch
 
     from ..data import load_data
+    from ..host import memory_format
     from ..models import build_model
 
     data = load_data(cfg.data, datasets)
@@ -152,7 +153,8 @@ def preflight_data(cfg: Config, datasets=None, models=None) -> None:
         if name not in checked and name in known:
             checked.add(name)
             with torch.random.fork_rng():  # the driver's RNG is not the workers' business
-                build_model(name, data.sample, data.num_classes, models, field=f"models[{i}]")
+                build_model(name, data.sample, data.num_classes, models, field=f"models[{i}]",
+                            memory_format=memory_format(data.sample, cfg.scale.channels_last))
 
 
 def make_trainer(cfg: Config, *, models=None, datasets=None, callbacks=None, resume_from_checkpoint=None,
