@@ -8,7 +8,10 @@ keep `model` and `model_name` in their checkpoint state); peers of a cohort are 
 - size_kb: bytes of the fp32 state dict as torch.save writes it (what a checkpoint costs).
 - latency_ms: median wall time of one forward pass on one sample, on 1 CPU thread.
 - us_per_sample_b256: median time of a batch of 256 divided by 256, on 1 CPU thread.
-- test_acc: accuracy on the run's test split, evaluated here on the driver.
+  Both are measured once per architecture (peers of one architecture differ in weights only,
+  which dense arithmetic does not wait on), in the run's memory layout (scale.channels_last).
+- test_acc: accuracy on the run's test split: the run's own last-epoch figure for a peer,
+  evaluated here on the driver for a teacher.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from torch import nn
 
 from .. import storage
 from ..config import Config
+from ..host import to_format
 
 
 def size_bytes(model: nn.Module) -> int:
@@ -57,13 +61,15 @@ class _OneThread:
 
 
 @torch.no_grad()
-def cpu_latency(models: list[nn.Module], sample: torch.Tensor, rounds: int = 3) -> list[dict[str, float]]:
+def cpu_latency(models: list[nn.Module], sample: torch.Tensor, rounds: int = 3,
+                fmt: torch.memory_format = torch.contiguous_format) -> list[dict[str, float]]:
     """Per-sample CPU time of each model at batch 1 and batch 256, on one thread, on real
-    examples (`sample`: a batch of the dataset, repeated to 256 rows; token ids stay ids). The
-    models are measured side by side in alternating rounds and each keeps its fastest round: on
-    a shared machine, other processes only ever add time."""
+    examples (`sample`: a batch of the dataset, repeated to 256 rows; token ids stay ids), in
+    memory layout `fmt` (host.memory_format). The models are measured side by side in
+    alternating rounds and each keeps its fastest round: on a shared machine, other processes
+    only ever add time."""
     sample = sample.cpu()
-    one, many = sample[:1], sample[torch.arange(256) % len(sample)]
+    one, many = to_format(sample[:1], fmt), to_format(sample[torch.arange(256) % len(sample)], fmt)
     models = [m.cpu().eval() for m in models]
     best = [{"latency_ms": float("inf"), "us_per_sample_b256": float("inf")} for _ in models]
     with _OneThread():
@@ -85,16 +91,21 @@ def accuracy(model: nn.Module, batches) -> float:
     return correct / n if n else float("nan")
 
 
-def compression_table(cfg: Config, checkpoint_dir: str, *, models=None, datasets=None) -> pd.DataFrame:
-    """One row per student (each peer) and per teacher that holds a model, from a checkpoint."""
+def compression_table(cfg: Config, checkpoint_dir: str, *, models=None, datasets=None,
+                      test_acc: dict[str, float] | None = None) -> pd.DataFrame:
+    """One row per student (each peer) and per teacher that holds a model, from a checkpoint.
+    `test_acc`: the accuracies the run already measured, by member (peer0, ...); the others
+    are evaluated here."""
     from ..checkpoint import load_peer
     from ..data import Batches, load_data
+    from ..host import memory_format
     from ..models import build_model
 
     data = load_data(cfg.data, datasets)
+    fmt = memory_format(data.sample, cfg.scale.channels_last)
 
     def build(name: str, state: dict) -> nn.Module:
-        m = build_model(name, data.sample, data.num_classes, models)
+        m = build_model(name, data.sample, data.num_classes, models, memory_format=fmt)
         m.load_state_dict(state)
         return m.eval()
 
@@ -108,17 +119,26 @@ def compression_table(cfg: Config, checkpoint_dir: str, *, models=None, datasets
             role = f"teacher ({cfg.distill.mode})"
             rows.append({"member": f"peer{p}/teacher", "role": role, "model": t["model_name"]})
             nets.append(build(t["model_name"], t["model"]))
-    speed = cpu_latency(nets, data.sample)
-    for row, net, sp in zip(rows, nets, speed):
-        row.update(params=sum(p.numel() for p in net.parameters()), size_kb=size_bytes(net) / 1024, **sp,
-                   test_acc=accuracy(net, Batches(data.test, 512, torch.device("cpu"), shuffle=False, drop_last=False)))
+    first = {}  # one net per architecture to time
+    for row, net in zip(rows, nets):
+        first.setdefault(row["model"], net)
+    speed = dict(zip(first, cpu_latency(list(first.values()), data.sample, fmt=fmt)))
+    known = test_acc or {}
+    for row, net in zip(rows, nets):
+        acc = known.get(row["member"])
+        if acc is None:
+            acc = accuracy(net, Batches(data.test, 512, torch.device("cpu"), shuffle=False, drop_last=False,
+                                        memory_format=fmt))
+        row.update(params=sum(p.numel() for p in net.parameters()), size_kb=size_bytes(net) / 1024,
+                   **speed[row["model"]], test_acc=acc)
     return pd.DataFrame(rows)
 
 
-def write_report(cfg: Config, run_dir: str, checkpoint, *, models=None, datasets=None) -> pd.DataFrame:
+def write_report(cfg: Config, run_dir: str, checkpoint, *, models=None, datasets=None,
+                 test_acc: dict[str, float] | None = None) -> pd.DataFrame:
     """compression.csv for a finished run, from its final ray.train.Checkpoint."""
     with checkpoint.as_directory() as d:
-        table = compression_table(cfg, d, models=models, datasets=datasets)
+        table = compression_table(cfg, d, models=models, datasets=datasets, test_acc=test_acc)
     storage.write_text(storage.join(run_dir, "compression.csv"), table.to_csv(index=False))
     return table
 

@@ -193,6 +193,13 @@ def make_trainer(cfg: Config, *, models=None, datasets=None, callbacks=None, res
     )
 
 
+def _measured(table: pd.DataFrame, column: str) -> dict[str, float]:
+    """member -> value of a final-table column, where the run measured it."""
+    if column not in table.columns:
+        return {}
+    return {m: float(v) for m, v in zip(table["member"], table[column]) if pd.notna(v)}
+
+
 def history_from_checkpoint(checkpoint) -> list[dict]:
     from ..checkpoint import read_history
 
@@ -227,8 +234,10 @@ def train_cohort(cfg: Config, *, models: dict | None = None, datasets: dict | No
     write_run_tables(run_dir, history)
     final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
     storage.write_text(storage.join(run_dir, "result.json"), json.dumps({"complete": True, "metrics": final}, indent=1))
-    sizes = compression.write_report(cfg, run_dir, result.checkpoint, models=models, datasets=datasets)
+    final_rows = final_table(history)
+    sizes = compression.write_report(cfg, run_dir, result.checkpoint, models=models, datasets=datasets,
+                                     test_acc=_measured(final_rows, "test_acc"))
     if verbose:
-        print(f"\nfinished {cfg.run.name!r} ({run_dir}):\n{format_table(final_table(history))}", flush=True)
+        print(f"\nfinished {cfg.run.name!r} ({run_dir}):\n{format_table(final_rows)}", flush=True)
         print(f"\nsize and CPU speed (compression.csv):\n{compression.format_report(sizes)}", flush=True)
     return RunResult(run_dir, history, result.metrics, result.checkpoint)
