@@ -30,6 +30,9 @@ def _fail(field_name: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{field_name}: got {value!r}; allowed: {allowed}", field_name)
 
 
+IN_PROCESS = ("auto", "always", "never")
+"""run.in_process: where a cohort of one worker trains."""
+
 DISTILL_MODES = ("born_again", "codistill", "dlb", "dml", "ema", "independent", "offline", "snapshot")
 """The teacher sources of online_distill.teachers.TEACHERS (a test keeps the two equal). Listed
 here so the mode can be checked without importing torch, and config.py imports no registry."""
@@ -254,6 +257,13 @@ class RunConfig:
     max_failures: int = 2
     """Worker-group restarts from the last checkpoint before the run is given up."""
     checkpoints_to_keep: int = 2
+    in_process: str = "auto"
+    """Where `train` runs a cohort that fits one worker (one replica, every peer in it:
+    scale.peers_per_worker = the number of peers). 'auto': in the calling process through Ray
+    Train's local mode when no cluster is joined (no RAY_ADDRESS, no `ray start` on this
+    machine), else a worker group. 'always': in the calling process. 'never': a Ray Train worker
+    group, whose worker process of its own is restarted even after a crash (run/in_process.py
+    says what an in-process run retries). Tune trials follow it too."""
     fail_once_at_epoch: int | None = None
     """Chaos testing: the last rank raises once at this epoch of an attempt that started from
     scratch, to exercise recovery from the last checkpoint. None in real runs."""
@@ -265,6 +275,8 @@ class RunConfig:
             _fail("run.max_failures", self.max_failures, "-1 (retry forever) or an integer >= 0")
         if self.checkpoints_to_keep < 1:
             _fail("run.checkpoints_to_keep", self.checkpoints_to_keep, "an integer >= 1")
+        if self.in_process not in IN_PROCESS:
+            _fail("run.in_process", self.in_process, " or ".join(repr(v) for v in IN_PROCESS))
         if self.fail_once_at_epoch is not None and self.fail_once_at_epoch < 1:
             _fail("run.fail_once_at_epoch", self.fail_once_at_epoch, "null or an epoch index >= 1 (after a checkpoint exists)")
 
@@ -297,6 +309,12 @@ class Config:
         return self.num_peers // self.scale.peers_per_worker * self.scale.replicas
 
     @property
+    def in_one_process(self) -> bool:
+        """A cohort of one worker that may train in its caller's process (Train's local mode):
+        a Tune trial's always, `train`'s where it joins no cluster (run.in_process)."""
+        return self.world_size == 1 and self.run.in_process != "never"
+
+    @property
     def worker_resources(self) -> dict[str, float]:
         """What each Ray Train worker asks for."""
         return {"CPU": self.scale.cpus_per_worker, **({"GPU": self.scale.gpus_per_worker} if self.scale.use_gpu else {})}
@@ -327,6 +345,9 @@ class Config:
         if ppw > 1 and self.distill.peer_data == "disjoint":
             _fail("scale.peers_per_worker", ppw, "1 with distill.peer_data='disjoint' (the peers of a worker train "
                   "on one batch; disjoint shards need one worker per peer)")
+        if self.run.in_process == "always" and self.world_size > 1:
+            _fail("run.in_process", "always", f"'auto' or 'never' for a cohort of {self.world_size} workers; one process "
+                  f"holds a cohort with scale.peers_per_worker={n}, scale.replicas=1")
         if self.scale.gpus_per_worker < 1 and self.scale.use_gpu and self.world_size > 1:
             _fail("scale.gpus_per_worker", self.scale.gpus_per_worker,
                   f"1 for a cohort of {self.world_size} workers (NCCL refuses two ranks on one GPU); a share of a "

@@ -265,7 +265,7 @@ def _ray_report(metrics, cfg, topo, epoch, peers, teacher, history) -> None:
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt.save(tmp, topo, epoch, peers, teacher, history)
+        ckpt.save(tmp, topo, epoch, peers, teacher, history, metrics)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
 

@@ -1,5 +1,5 @@
-"""Which checkpoint a rerun resumes from when files are damaged: run directories made here, no Ray
-cluster (Ray's own Result.from_path reads the rewritten snapshot)."""
+"""Which checkpoint a rerun resumes from when files are damaged or saves never finished: run
+directories made here, no Ray cluster (Ray's own Result.from_path reads its record of checkpoints)."""
 import json
 import os
 import shutil
@@ -11,7 +11,7 @@ import torch
 
 from online_distill import checkpoint as ckpt
 from online_distill import config as C
-from online_distill.run.resume import SNAPSHOT, check_resume, find_resume_point, verify
+from online_distill.run.resume import SNAPSHOT, SUPERSEDED, check_resume, find_resume_point, verify
 from online_distill.topology import Topology
 
 NUM_PEERS = 2
@@ -58,50 +58,45 @@ def cfg(run_dir):
                         "run": {"name": run_dir.name, "storage_path": str(run_dir.parent)}})
 
 
-def test_an_intact_run_resumes_from_rays_latest_checkpoint_untouched(tmp_path):
+def test_an_intact_run_resumes_from_its_newest_checkpoint_and_sets_rays_record_aside(tmp_path):
     run_dir, names = make_run(tmp_path)
     before = (run_dir / SNAPSHOT).read_text()
     assert verify(str(run_dir / names[-1]), NUM_PEERS) == []
     point = find_resume_point(str(run_dir), NUM_PEERS)
     assert point.checkpoint == names[-1] and not point.needs_fallback
-    assert check_resume(cfg(run_dir), str(run_dir)) is None
-    assert (run_dir / SNAPSHOT).read_text() == before
-    # each rank's manifest lists the files it wrote
+    assert check_resume(cfg(run_dir), str(run_dir)) == (None, str(run_dir / names[-1]))
+    # Ray's record of the earlier attempt is kept aside; the checkpoint is handed to the loop
+    assert not (run_dir / SNAPSHOT).exists() and (run_dir / (SUPERSEDED + SNAPSHOT)).read_text() == before
+    assert sorted(p for p in os.listdir(run_dir) if "checkpoint_epoch" in p) == names
+    # each rank's manifest lists the files it wrote, and how many ranks save into the checkpoint
     manifest = json.loads((run_dir / names[-1] / "manifest_rank1.json").read_text())
-    assert set(manifest["files"]) == {"peer1.pt", "rng_rank1.pt"}
+    assert set(manifest["files"]) == {"peer1.pt", "rng_rank1.pt"} and manifest["world_size"] == NUM_PEERS
 
 
-def test_a_cut_short_peer_file_falls_back_to_the_previous_checkpoint_in_rays_own_view(tmp_path):
+def test_a_cut_short_peer_file_falls_back_to_the_previous_checkpoint(tmp_path):
     run_dir, names = make_run(tmp_path)
     truncate(run_dir / names[-1] / "peer0.pt")
     damaged = (run_dir / names[-1] / "peer0.pt").read_bytes()
-    line = check_resume(cfg(run_dir), str(run_dir))
+    line, start = check_resume(cfg(run_dir), str(run_dir))
     assert line.startswith(f"resume: {names[-1]} is damaged (peer0.pt: ")
     assert line.endswith(f"moved to damaged-{names[-1]}; resuming from {names[-2]} in {run_dir}") and "\n" not in line
-    # kept, under a name no tool takes for a checkpoint, and no longer listed by Ray
+    assert start == str(run_dir / names[-2])
+    # kept, under a name no tool takes for a checkpoint
     assert (run_dir / f"damaged-{names[-1]}" / "peer0.pt").read_bytes() == damaged
     assert not (run_dir / names[-1]).exists()
-    snap = json.loads((run_dir / SNAPSHOT).read_text())
-    assert [r["checkpoint_dir_name"] for r in snap["checkpoint_results"]] == names[:-1]
-    assert snap["checkpoint_report_indices"] == [0, 1] and snap["current_report_index"] == 3
-    # Ray Train V2 reads the snapshot the way a rerun's controller does, and picks the intact one
-    from ray.train import Result
-
-    assert Result.from_path(str(run_dir)).checkpoint.path.endswith(names[-2])
-    assert check_resume(cfg(run_dir), str(run_dir)) is None  # a second rerun finds nothing more to do
+    assert check_resume(cfg(run_dir), str(run_dir)) == (None, start)  # a second rerun finds nothing more to do
 
 
-def test_moving_the_damaged_directory_alone_leaves_ray_unable_to_start(tmp_path):
-    # why fall_back rewrites the snapshot too: Ray refuses a snapshot that lists a missing directory
+def test_a_directory_rays_record_lists_but_that_is_gone_no_longer_stops_a_rerun(tmp_path):
+    # Ray refuses a record that lists a missing directory; the rerun no longer hands Ray that record
     run_dir, names = make_run(tmp_path, epochs=2)
-    os.rename(run_dir / names[-1], run_dir / f"damaged-{names[-1]}")
+    os.rename(run_dir / names[-1], run_dir / f"elsewhere-{names[-1]}")
     from ray.train import Result
 
     with pytest.raises(Exception, match="does not exist anymore"):
         Result.from_path(str(run_dir))
-    line = check_resume(cfg(run_dir), str(run_dir))
-    assert line == f"resume: {names[-1]} is gone from disk; resuming from {names[0]} in {run_dir}"
-    assert Result.from_path(str(run_dir)).checkpoint.path.endswith(names[0])
+    assert check_resume(cfg(run_dir), str(run_dir)) == (None, str(run_dir / names[0]))
+    assert not (run_dir / SNAPSHOT).exists()
 
 
 @pytest.mark.parametrize("damage, expect", [
@@ -124,7 +119,10 @@ def test_checkpoints_without_manifests_are_checked_by_loading_and_tolerate_a_mis
     for m in d.glob("manifest_rank*.json"):
         m.unlink()
     os.remove(d / "rng_rank1.pt")  # e.g. the world size changed
-    assert verify(str(d), NUM_PEERS) == []
+    assert verify(str(d), NUM_PEERS) == []  # listed by Ray: complete
+    # unlisted, nothing says every rank finished
+    assert verify(str(d), NUM_PEERS, listed=False) == [
+        "(manifests): none says how many ranks saved into it, and Ray's record does not list it"]
     truncate(d / "peer1.pt")
     (problem,) = verify(str(d), NUM_PEERS)
     assert problem.startswith("peer1.pt: unreadable (RuntimeError: PytorchStreamReader failed"), problem
@@ -156,13 +154,39 @@ def test_no_intact_checkpoint_is_refused_naming_the_files_and_how_to_start_over(
     assert (sorted(os.listdir(run_dir)), (run_dir / SNAPSHOT).read_text()) == before  # nothing moved
 
 
-def test_a_save_ray_never_registered_is_moved_aside_before_the_rerun_writes_that_name_again(tmp_path):
+def test_a_save_that_never_finished_is_moved_aside_before_the_rerun_writes_that_name_again(tmp_path):
     run_dir, names = make_run(tmp_path, epochs=2)
-    save_checkpoint(run_dir, 2)  # on disk, not in Ray's snapshot: the driver died during that report
-    line = check_resume(cfg(run_dir), str(run_dir))
+    save_checkpoint(run_dir, 2)  # on disk, not in Ray's record ...
+    os.remove(run_dir / "checkpoint_epoch_0003" / "manifest_rank1.json")  # ... and rank 1 never finished it
+    line, start = check_resume(cfg(run_dir), str(run_dir))
     assert line == (f"resume: checkpoint_epoch_0003 was never completed, moved to incomplete-checkpoint_epoch_0003; "
                     f"resuming from {names[-1]} in {run_dir}")
+    assert start == str(run_dir / names[-1])
     assert sorted(p for p in os.listdir(run_dir) if "checkpoint_epoch" in p) == [*names, "incomplete-checkpoint_epoch_0003"]
+
+
+def test_a_complete_checkpoint_ray_never_listed_is_resumed_from(tmp_path):
+    # written by a cohort trained in the driver's process (run.in_process), or every rank finished
+    # saving and the driver died before Ray listed it: its manifests say it is complete
+    run_dir, names = make_run(tmp_path, epochs=2)
+    newest = save_checkpoint(run_dir, 2)
+    assert check_resume(cfg(run_dir), str(run_dir)) == (None, str(run_dir / newest))
+    # a run directory with no record of Ray's at all (only ever trained in-process)
+    (run_dir / (SUPERSEDED + SNAPSHOT)).unlink()
+    assert find_resume_point(str(run_dir), NUM_PEERS).checkpoint == newest
+    # the newest by epoch, whatever the order they were written in
+    shutil.rmtree(run_dir / names[0])
+    save_checkpoint(run_dir, 0)
+    assert find_resume_point(str(run_dir), NUM_PEERS).checkpoint == newest
+
+
+def test_a_run_whose_only_checkpoint_never_finished_starts_from_scratch(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    only = save_checkpoint(run_dir, 0)
+    os.remove(run_dir / only / "manifest_rank0.json")
+    line, start = check_resume(cfg(run_dir), str(run_dir))
+    assert start is None and line.endswith(f"moved to incomplete-{only}; starting from scratch in {run_dir}")
 
 
 def test_a_run_without_a_snapshot_starts_from_scratch(tmp_path):

@@ -39,12 +39,34 @@ def test_interrupted_run_resumes_where_it_stopped_and_matches_an_uninterrupted_o
     # an interrupted run: two of three epochs done, checkpoints on disk, no final results
     cfg = make_cfg(train__epochs=3, run__name="interrupted")
     make_trainer(C.with_overrides(cfg, {"train.epochs": 2})).fit()
-    # ... resumed with both peers packed in one worker: peer files do not depend on the layout
+    # ... resumed with both peers packed in one worker, which trains in this process: peer files do
+    # not depend on the layout, and checkpoints not on who wrote them
     resumed = train(C.with_overrides(cfg, {"scale.peers_per_worker": 2}), verbose=False)
     h = resumed.history
     assert h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 0, 2]  # epoch 3 came from the checkpoint
     cols = ["epoch", "member", "val_acc", "val_nll", "train_ce"]
     pd.testing.assert_frame_equal(h[cols], full.history[cols], rtol=1e-5)  # continued exactly where it stopped
+
+
+def test_a_run_started_in_process_goes_on_in_a_worker_group(ray_session, make_cfg):
+    from online_distill.run.in_process import fit_in_process
+    from online_distill.run.launch import prepare_run_dir
+
+    cfg = make_cfg(train__epochs=3, run__name="moved", scale__peers_per_worker=2)
+    run_dir = os.path.join(cfg.run.storage, "moved")
+    two = C.with_overrides(cfg, {"train.epochs": 2})
+    prepare_run_dir(two, run_dir)
+    fit_in_process(two, run_dir, None, make_trainer)  # two of three epochs in the driver's process, then stopped
+    # the same run spread over two Ray Train workers (say, moved to a machine with two GPUs)
+    resumed = train(C.with_overrides(cfg, {"scale.peers_per_worker": 1}), verbose=False)
+    h = resumed.history
+    assert h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 0, 2]
+    full = train(make_cfg(train__epochs=3, run__name="moved_straight"), verbose=False)
+    cols = ["epoch", "member", "val_acc", "val_nll", "train_ce"]
+    pd.testing.assert_frame_equal(h[cols], full.history[cols], rtol=1e-5)
+    # Ray's workers wrote epoch 3, and the run keeps run.checkpoints_to_keep of all of them
+    assert sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint_epoch")) == [
+        "checkpoint_epoch_0002", "checkpoint_epoch_0003"]
 
 
 def test_changed_config_is_not_resumed_silently(ray_session, make_cfg):
@@ -58,9 +80,10 @@ def test_changed_config_is_not_resumed_silently(ray_session, make_cfg):
 
 def test_a_worker_that_dies_once_is_retried_from_the_last_checkpoint(ray_session, make_cfg):
     # an independent cohort of different architectures: the baseline of a DML run, on the same batches
-    # packed in one Train worker (scale.peers_per_worker): retries and checkpoints work the same
+    # packed in one Ray Train worker (scale.peers_per_worker; run.in_process=never: a worker group,
+    # tests/test_in_process.py retries one in the driver's process): retries and checkpoints work the same
     cfg = make_cfg(models=["mlp", "tiny_cnn"], distill__mode="independent", train__epochs=3, run__name="chaos",
-                   run__max_failures=1, run__fail_once_at_epoch=2, scale__peers_per_worker=2)
+                   run__max_failures=1, run__fail_once_at_epoch=2, scale__peers_per_worker=2, run__in_process="never")
     res = train(cfg, verbose=False)
     h = res.history
     assert h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 0, 2] or \

@@ -18,6 +18,7 @@ from .. import storage
 from ..checks import check
 from ..config import Config, ConfigError
 from .env import use_local_ray_env, use_our_lines_env
+from .in_process import check_machine, cluster_address, finished_at, fit_in_process, prune_checkpoints, runs_in_process
 from .resume import check_resume
 from .results import final_table, format_table, history_frame, write_run_tables
 from ..teachers.frozen import with_absolute_checkpoint
@@ -25,7 +26,7 @@ from ..teachers.frozen import with_absolute_checkpoint
 # Fields that may change when a run is resumed; any other change would make the resumed
 # run a different experiment than the one its checkpoints came from.
 RESUMABLE_CHANGES = {"train.epochs", "train.log_every_s", "run.max_failures", "run.checkpoints_to_keep",
-                     "run.storage_path", "run.fail_once_at_epoch",
+                     "run.storage_path", "run.fail_once_at_epoch", "run.in_process",
                      # where peers run, not what they learn (tests/test_packing.py): a run started on
                      # two GPUs may go on packed on one
                      "scale.peers_per_worker"}
@@ -50,12 +51,11 @@ def init_ray(num_cpus: int | None = None, num_gpus: int | None = None, *, worker
     the workers' own lines (every trial's epoch lines) out of this terminal."""
     use_our_lines_env()
     import ray
-    from ray._private.utils import read_ray_address
 
     if ray.is_initialized():
         return
     quiet = dict(logging_level=logging.WARNING, log_to_driver=workers_print)
-    address = os.environ.get("RAY_ADDRESS") or read_ray_address()
+    address = cluster_address()
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=workers_print)
         return
@@ -219,25 +219,40 @@ def train_cohort(cfg: Config, *, models: dict | None = None, datasets: dict | No
     run_dir = storage.join(cfg.run.storage, cfg.run.name)
     if not os.environ.get("RAY_ADDRESS"):  # a cluster's data may live only where its workers run
         preflight_data(cfg, datasets, models)  # before Ray starts: bad data or models cost no start-up, no retry
-    init_ray()
-    check_resources(cfg)
+    here = runs_in_process(cfg)  # one worker and no cluster: this process, no Ray cluster to start
+    if here:
+        check_machine(cfg)
+    else:
+        init_ray()
+        check_resources(cfg)
     resuming = prepare_run_dir(cfg, run_dir)
-    fallback = check_resume(cfg, run_dir)  # the checkpoint Ray will resume from loads, or an older one
+    fallback, start = check_resume(cfg, run_dir)  # the newest checkpoint that loads, whoever wrote it
     if fallback:
         print(fallback, file=sys.stderr, flush=True)
     if verbose:
+        where = "in this process" if here else f"on {cfg.world_size} Ray Train worker{'s' if cfg.world_size > 1 else ''}"
         print(f"{'resuming' if resuming else 'starting'} run {cfg.run.name!r}: {cfg.distill.mode} cohort of "
               f"{cfg.num_peers} peers ({', '.join(cfg.models)}) x {cfg.scale.replicas} replica(s) on "
-              f"{cfg.data.dataset}, {cfg.train.epochs} epochs -> {run_dir}", flush=True)
-    result = make_trainer(cfg, models=models, datasets=datasets).fit()
-    history = history_frame(history_from_checkpoint(result.checkpoint))
+              f"{cfg.data.dataset}, {cfg.train.epochs} epochs, {where} -> {run_dir}", flush=True)
+    if here:
+        metrics, checkpoint = fit_in_process(cfg, run_dir, start, make_trainer, models=models, datasets=datasets)
+    else:
+        from ray.train import Checkpoint
+
+        result = make_trainer(cfg, models=models, datasets=datasets,
+                              resume_from_checkpoint=Checkpoint(start) if start else None).fit()
+        metrics, checkpoint = result.metrics, result.checkpoint
+        if checkpoint is None and start:  # every epoch was trained already: stopped before its tables
+            metrics, checkpoint = finished_at(start)
+        prune_checkpoints(run_dir, cfg.run.checkpoints_to_keep)  # an earlier attempt's: Ray keeps only its own
+    history = history_frame(history_from_checkpoint(checkpoint))
     write_run_tables(run_dir, history)
-    final = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
+    final = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
     storage.write_text(storage.join(run_dir, "result.json"), json.dumps({"complete": True, "metrics": final}, indent=1))
     final_rows = final_table(history)
-    sizes = compression.write_report(cfg, run_dir, result.checkpoint, models=models, datasets=datasets,
+    sizes = compression.write_report(cfg, run_dir, checkpoint, models=models, datasets=datasets,
                                      test_acc=_measured(final_rows, "test_acc"))
     if verbose:
         print(f"\nfinished {cfg.run.name!r} ({run_dir}):\n{format_table(final_rows)}", flush=True)
         print(f"\nsize and CPU speed (compression.csv):\n{compression.format_report(sizes)}", flush=True)
-    return RunResult(run_dir, history, result.metrics, result.checkpoint)
+    return RunResult(run_dir, history, metrics, checkpoint)

@@ -1,14 +1,24 @@
-"""Before a rerun resumes a run: check on the driver that the checkpoint Ray Train will hand the
-workers loads, and when it does not, make Ray resume from the newest one that does.
+"""Where a rerun of a run directory resumes: the newest checkpoint in it that is complete and
+loads, whoever wrote it (a Ray Train worker group, or a cohort trained in the driver's own
+process: run/in_process.py). Checked on the driver, before anything starts.
 
-How Train V2 (ray 2.60) picks the checkpoint: the controller's CheckpointManager
-(ray/train/v2/_internal/execution/checkpoint/checkpoint_manager.py) reads
-`checkpoint_manager_snapshot.json` in the run directory (`_maybe_load_state_from_storage` ->
-`_load_state`) and hands every worker its `latest_checkpoint_result` (`before_init_train_context`)
-as `ray.train.get_checkpoint()`. The directories on disk play no part in the choice, except that
-`_assert_checkpoints_exist` refuses a snapshot listing a directory that is gone. So a fallback
-does both: it moves the damaged directory aside (kept, renamed) and rewrites the snapshot without
-it, with the intact checkpoint as `latest_checkpoint_result`.
+- complete: every rank that saved into it left its manifest (checkpoint.write_manifest), and
+  every file a manifest lists is there at that size. A checkpoint whose manifests do not say how
+  many ranks saved into it (written before they did) counts as complete when Ray lists it.
+- loads: every file a resume reads loads as the resume reads it (torch.load(weights_only=True)).
+
+Newer checkpoint directories that fail are moved aside, never deleted, so the rerun can write
+those names again: `damaged-...` (complete once) or `incomplete-...` (a save that never
+finished). When none loads among checkpoints that were once complete, the rerun is refused.
+
+Ray Train V2 resumes a run by itself from its own record, `checkpoint_manager_snapshot.json`:
+the controller's CheckpointManager (ray/train/v2/_internal/execution/checkpoint/
+checkpoint_manager.py, `_maybe_load_state_from_storage`) hands its `latest_checkpoint_result` to
+every worker as `ray.train.get_checkpoint()`, refuses a record that lists a directory that is
+gone (`_assert_checkpoints_exist`), and knows nothing of checkpoints written outside a worker
+group. So a rerun sets that record aside (`superseded-checkpoint_manager_snapshot.json`) and
+hands the loop the checkpoint chosen here (`resume_from`); Ray's new record covers this attempt
+only, so a worker that fails in it is retried from this attempt's newest checkpoint, as before.
 """
 from __future__ import annotations
 
@@ -25,34 +35,53 @@ from ..checkpoint import MANIFEST
 from ..config import Config, ConfigError
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
-# Prefixes for directories moved aside. Not "checkpoint_...": our tools (export, a frozen teacher,
+# Prefixes for what is moved aside. Not "checkpoint_...": our tools (export, a frozen teacher,
 # report) take the newest checkpoint_* directory of a run by name.
-DAMAGED, INCOMPLETE = "damaged-", "incomplete-"
+DAMAGED, INCOMPLETE, SUPERSEDED = "damaged-", "incomplete-", "superseded-"
 
 
-def verify(directory: str, num_peers: int) -> list[str]:
+def verify(directory: str, num_peers: int, *, listed: bool = True) -> list[str]:
     """What is wrong with one checkpoint directory (local or a pyarrow URI), one line per file;
-    [] when every file a resume reads loads. Required: `peer{p}.pt` for every p < num_peers and
-    `history.json`. Every `rng_rank{r}.pt` present must load too; a missing one is tolerated
-    (restore keeps fresh RNG state; the world size may change) unless a rank's manifest lists it.
-    Files are read as a resume reads them: torch.load(weights_only=True), json."""
+    [] when it is complete and every file a resume reads loads. Required: `peer{p}.pt` for every
+    p < num_peers and `history.json`. Every `rng_rank{r}.pt` present must load too; a missing one
+    is tolerated (restore keeps fresh RNG state; the world size may change) unless a rank's
+    manifest lists it. `listed`: Ray's record lists it (what makes a checkpoint whose manifests
+    do not give the world size complete)."""
+    return [f"{name}: {what}" for name, what in sorted(_problems(directory, num_peers, listed)[0].items())]
+
+
+def _problems(directory: str, num_peers: int, listed: bool) -> tuple[dict[str, str], bool]:
+    """(file -> what is wrong with it, whether every rank finished saving)."""
     sizes = _list(directory, files=True)
     if sizes is None:
-        return ["the directory is missing"]
+        return {"(directory)": "missing"}, False
     problems: dict[str, str] = {}
     manifests = sorted(n for n in sizes if _is_manifest(n))
+    worlds = set()
     for name in manifests:
         try:
-            listed = json.loads(_read(directory, name))["files"]
+            manifest = json.loads(_read(directory, name))
+            listed_files = manifest["files"]
         except Exception as e:  # noqa: BLE001 - whatever fails to read is damage
             problems[name] = f"unreadable ({_short(e)})"
             continue
-        for f, size in listed.items():
+        if "world_size" in manifest:
+            worlds.add(int(manifest["world_size"]))
+        for f, size in listed_files.items():
             if f not in sizes:
                 problems.setdefault(f, f"missing ({name} lists it)")
             elif sizes[f] != size:
                 problems.setdefault(f, f"{sizes[f]} bytes where {name} says {size}"
                                          + (" (cut short)" if sizes[f] < size else ""))
+    finished = listed
+    if worlds:
+        world = max(worlds)
+        absent = [r for r in range(world) if MANIFEST.format(rank=r) not in sizes]
+        for r in absent:
+            problems[MANIFEST.format(rank=r)] = f"missing: rank {r} of the {world} saving into it never finished"
+        finished = not absent
+    elif not listed:
+        problems["(manifests)"] = "none says how many ranks saved into it, and Ray's record does not list it"
 
     epochs = {}
     required = [f"peer{p}.pt" for p in range(num_peers)] + ["history.json"]
@@ -75,107 +104,88 @@ def verify(directory: str, num_peers: int) -> list[str]:
             problems[name] = f"unreadable ({_short(e)})"
     if len(set(epochs.values())) > 1:  # two saves' files mixed in one directory
         problems["(all files)"] = "from different epochs: " + ", ".join(f"{n} {e}" for n, e in sorted(epochs.items()))
-    return [f"{name}: {what}" for name, what in sorted(problems.items())]
+    return problems, finished
 
 
 @dataclass
 class ResumePoint:
     """Where a rerun of a run directory resumes, and what stands in the way."""
     checkpoint: str | None = None  # the checkpoint directory it resumes from; None: from scratch
-    damaged: dict[str, list[str]] = field(default_factory=dict)  # newer listed checkpoints that do not load
-    gone: list[str] = field(default_factory=list)  # listed in Ray's snapshot, no longer on disk
-    leftovers: list[str] = field(default_factory=list)  # newer checkpoint_* dirs Ray never registered
-    snapshot: dict | None = None
+    damaged: dict[str, list[str]] = field(default_factory=dict)  # newer complete checkpoints that do not load
+    incomplete: dict[str, list[str]] = field(default_factory=dict)  # newer saves that never finished
+    snapshot: bool = False  # Ray's record of an earlier attempt is there
 
     @property
     def needs_fallback(self) -> bool:
-        return bool(self.damaged or self.gone or self.leftovers)
+        return bool(self.damaged or self.incomplete)
 
     @property
-    def refused(self) -> bool:  # Ray listed checkpoints, and none of them loads
-        return self.checkpoint is None and bool(self.damaged or self.gone)
+    def refused(self) -> bool:  # checkpoints were complete once, and none of them loads
+        return self.checkpoint is None and bool(self.damaged)
 
 
 def find_resume_point(run_dir: str, num_peers: int) -> ResumePoint:
-    """Check the checkpoints Ray's snapshot lists, newest first, until one loads. Changes nothing."""
-    text = storage.read_text(storage.join(run_dir, SNAPSHOT))
-    if text is None:  # Ray starts from scratch
-        return ResumePoint()
-    try:
-        snap = json.loads(text)
-        results = snap["checkpoint_results"]
-        names = [r["checkpoint_dir_name"] for r in results]
-        order = [n for _, n in sorted(zip(snap["checkpoint_report_indices"], names), reverse=True)]
-        latest = (snap.get("latest_checkpoint_result") or {}).get("checkpoint_dir_name")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ConfigError(f"run.name: Ray's list of this run's checkpoints, {storage.join(run_dir, SNAPSHOT)}, is "
-                          f"unreadable ({_short(e)}). Allowed: {_start_over(run_dir)}") from None
-    point = ResumePoint(snapshot=snap)
-    if latest is None:  # nothing reported yet: Ray starts from scratch
-        return point
+    """Check the run's checkpoint directories, newest first, until one is complete and loads.
+    Changes nothing."""
+    listed = _listed_by_ray(run_dir)
     on_disk = _list(run_dir, files=False) or {}
-    point.gone = [n for n in names if n not in on_disk]
-    if latest not in names:  # Ray keeps its latest among the listed ones; take no other view
-        raise ConfigError(f"run.name: Ray's list of this run's checkpoints, {storage.join(run_dir, SNAPSHOT)}, names "
-                          f"{latest} as the latest but does not list it. Allowed: {_start_over(run_dir)}")
-    for name in [latest] + [n for n in order if n != latest]:  # Ray's choice first, then newest first
-        if name in point.gone:
-            continue
-        problems = verify(storage.join(run_dir, name), num_peers)
+    point = ResumePoint(snapshot=listed is not None)
+    # newest first: a checkpoint's name carries its epoch (checkpoint_epoch_0003)
+    for name in sorted((n for n in on_disk if n.startswith("checkpoint_")), reverse=True):
+        problems, finished = _problems(storage.join(run_dir, name), num_peers, name in (listed or ()))
         if not problems:
             point.checkpoint = name
             break
-        point.damaged[name] = problems
-    if point.checkpoint is not None:
-        # a save that never finished leaves a directory Ray never listed; the rerun writes that
-        # name again and would mix its files with the old ones
-        point.leftovers = sorted(n for n in on_disk if n.startswith("checkpoint_") and n not in names
-                                 and n > point.checkpoint)
+        (point.damaged if finished else point.incomplete)[name] = \
+            [f"{n}: {what}" for n, what in sorted(problems.items())]
     return point
 
 
-def fall_back(run_dir: str, point: ResumePoint) -> str:
-    """Move the damaged (and never registered) directories aside, rewrite Ray's snapshot so that
-    Ray resumes from point.checkpoint, and return the one line that says so."""
-    moved = {name: _move_aside(run_dir, name, DAMAGED) for name in point.damaged}
-    moved_leftovers = {name: _move_aside(run_dir, name, INCOMPLETE) for name in point.leftovers}
-    dropped = set(point.damaged) | set(point.gone)
-    snap = dict(point.snapshot)
-    keep = [i for i, r in enumerate(snap["checkpoint_results"]) if r["checkpoint_dir_name"] not in dropped]
-    snap["checkpoint_results"] = [snap["checkpoint_results"][i] for i in keep]
-    snap["checkpoint_report_indices"] = [snap["checkpoint_report_indices"][i] for i in keep]
-    snap["latest_checkpoint_result"] = next(r for r in snap["checkpoint_results"]
-                                            if r["checkpoint_dir_name"] == point.checkpoint)
-    pending = list(zip(snap.get("pending_training_results", []), snap.get("pending_validation_specs", [])))
-    pending = [(r, v) for r, v in pending if r["checkpoint_dir_name"] not in dropped]
-    snap["pending_training_results"] = [r for r, _ in pending]
-    snap["pending_validation_specs"] = [v for _, v in pending]
-    for key in ("validated_checkpoint_dir_names", "timed_out_validation_checkpoint_dir_names",
-                "failed_validation_checkpoint_dir_names"):
-        if key in snap:
-            snap[key] = [n for n in snap[key] if n not in dropped]
-    storage.write_text(storage.join(run_dir, SNAPSHOT), json.dumps(snap))
+def _listed_by_ray(run_dir: str) -> set[str] | None:
+    """The checkpoint directories Ray's record lists; None without a record."""
+    path = storage.join(run_dir, SNAPSHOT)
+    text = storage.read_text(path)
+    if text is None:
+        return None
+    try:
+        return {r["checkpoint_dir_name"] for r in json.loads(text)["checkpoint_results"]}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"run.name: Ray's list of this run's checkpoints, {path}, is unreadable ({_short(e)}). "
+                          f"Allowed: {_start_over(run_dir)}") from None
 
+
+def set_aside(run_dir: str, point: ResumePoint) -> str | None:
+    """Move the newer damaged and incomplete directories aside and Ray's record of the earlier
+    attempt with them; return the one line that says what was moved (None when nothing was)."""
+    moved = {name: _move_aside(run_dir, name, DAMAGED) for name in point.damaged}
+    moved_incomplete = {name: _move_aside(run_dir, name, INCOMPLETE) for name in point.incomplete}
+    if point.snapshot:
+        fs, base = storage._resolve(run_dir)
+        join = posixpath.join if "://" in run_dir else storage.join
+        fs.move(join(base, SNAPSHOT), join(base, SUPERSEDED + SNAPSHOT))  # replaces an older one
+    if not point.needs_fallback:
+        return None
     said = [f"{name} is damaged ({'; '.join(point.damaged[name])}), moved to {moved[name]}" for name in point.damaged]
-    said += [f"{name} is gone from disk" for name in point.gone]
-    said += [f"{name} was never completed, moved to {moved_leftovers[name]}" for name in point.leftovers]
-    return f"resume: {'; '.join(said)}; resuming from {point.checkpoint} in {run_dir}"
+    said += [f"{name} was never completed, moved to {moved_incomplete[name]}" for name in point.incomplete]
+    where = f"resuming from {point.checkpoint}" if point.checkpoint else "starting from scratch"
+    return f"resume: {'; '.join(said)}; {where} in {run_dir}"
 
 
 def refusal(cfg: Config, run_dir: str, point: ResumePoint) -> str:
-    said = [f"{name}: {'; '.join(problems)}" for name, problems in point.damaged.items()]
-    said += [f"{name}: gone from disk" for name in point.gone]
+    said = [f"{name}: {'; '.join(problems)}" for name, problems in {**point.damaged, **point.incomplete}.items()]
     return (f"run.name: {cfg.run.name!r} cannot resume, no checkpoint in {run_dir} loads ({' | '.join(said)}). "
             f"Allowed: {_start_over(run_dir, cfg.run.name)}")
 
 
-def check_resume(cfg: Config, run_dir: str) -> str | None:
-    """On the driver, before fit(): refuse a run none of whose checkpoints loads (ConfigError), or
-    fall back to the newest checkpoint that loads. Returns the line to print after a fallback."""
+def check_resume(cfg: Config, run_dir: str) -> tuple[str | None, str | None]:
+    """On the driver, before anything starts: refuse a run none of whose checkpoints loads
+    (ConfigError), else set aside what stands in the way. Returns the line to print (None when
+    nothing was moved) and the checkpoint directory the run resumes from (None: from scratch)."""
     point = find_resume_point(run_dir, cfg.num_peers)
     if point.refused:
         raise ConfigError(refusal(cfg, run_dir, point))
-    return fall_back(run_dir, point) if point.needs_fallback else None
+    line = set_aside(run_dir, point)
+    return line, (storage.join(run_dir, point.checkpoint) if point.checkpoint else None)
 
 
 # --- small helpers over local paths and pyarrow URIs ---------------------------------------------

@@ -131,7 +131,7 @@ def _report_to_tune(metrics, cfg, topo, epoch, peers, teacher, history) -> None:
     from .. import checkpoint as ckpt
 
     with tempfile.TemporaryDirectory(prefix="od-trial-") as tmp:
-        ckpt.save(tmp, topo, epoch, peers, teacher, history)
+        ckpt.save(tmp, topo, epoch, peers, teacher, history, metrics)
         ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
 
 
@@ -154,7 +154,7 @@ def _trial_driver(params: dict, *, spec: SweepSpec, models=None, datasets=None) 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     cfg = spec.trial_config(params, run_name=f"{trial_id}-{stamp}-{uuid.uuid4().hex[:4]}",
                             storage_path=storage.join(spec.sweep_dir, "cohorts"))
-    if cfg.world_size == 1:
+    if cfg.in_one_process:
         make_trainer(cfg, models=models, datasets=datasets, resume_from_checkpoint=start,
                      local_reporter=_report_to_tune).fit()
         return
@@ -333,7 +333,7 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
                 # cohorts that train in the trial's own process (local mode) reuse it: the next
                 # trial skips a process start and the imports of torch and Ray. A trial with a
                 # worker group keeps its own actor, whose clean-up aborts the group's Train run.
-                reuse_actors=all(c.world_size == 1 for c in configs)),
+                reuse_actors=all(c.in_one_process for c in configs)),
             run_config=tune.RunConfig(
                 name=spec.name, storage_path=spec.storage_root,
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep),

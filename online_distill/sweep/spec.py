@@ -421,6 +421,6 @@ def trial_resources(cfg: Config) -> dict:
     driver only waits on its TorchTrainer, whose workers hold the real resources: Ray 2.60 refuses
     an all-zero request ({"cpu": 0}), and any CPU slice would make the last trial's workers miss
     their CPUs by that slice; one byte of memory reserves nothing real."""
-    if cfg.world_size == 1:
+    if cfg.in_one_process:
         return {"cpu": cfg.scale.cpus_per_worker, **({"gpu": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {})}
     return {"cpu": 0, "memory": 1}
