@@ -50,6 +50,9 @@ def measure(result, spec) -> dict:
 
 
 def main(argv=None) -> int:
+    from ..run.env import use_our_lines_env
+
+    use_our_lines_env()  # before the sweep driver imports Ray: trial lines without Ray's prefix
     from ..sweep.driver import load_sweep, run_sweep
 
     p = argparse.ArgumentParser(prog="python -m online_distill.bench.sweep", description=__doc__.split("\n\n")[0])

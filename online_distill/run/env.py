@@ -30,3 +30,15 @@ def use_our_lines_env() -> None:
     if "ray" not in sys.modules:
         for key, value in OUR_LINES_ENV.items():
             os.environ.setdefault(key, value)
+
+
+SWEEP_ENV = {"TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+"""Set (unless the user set them) before a sweep starts. Tune snapshots the sweep's state each
+time a trial has saved as many checkpoints as it keeps, and warns when that happens twice within
+5 s: with trials that start at once and epochs of a second (packed cohorts, Train's local mode)
+it happens every few seconds, as it should, and the warning would fill the terminal."""
+
+
+def use_sweep_env() -> None:
+    for key, value in SWEEP_ENV.items():
+        os.environ.setdefault(key, value)

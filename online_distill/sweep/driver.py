@@ -292,6 +292,7 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from . import results as sweep_results
+    from ..run.env import use_sweep_env
     from ..run.launch import check_resources, init_ray, preflight_data
 
     from ..teachers.frozen import with_absolute_checkpoint
@@ -299,6 +300,7 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
     # trials run in their own working directories: paths are made absolute here, where they were written
     spec = dataclasses.replace(spec, storage_path=spec.storage_root, base=with_absolute_checkpoint(spec.base))
     configs = spec.check(models, datasets)
+    use_sweep_env()
     init_ray()
     for cfg in configs:
         check_resources(cfg)
