@@ -92,22 +92,24 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
     teacher = build_teacher(TeacherContext(cfg, topo, device, build_peer, steps_per_epoch, build_named))
     autocast = _autocast(cfg, device)
     clock = Clock(device)  # CUDA events on a GPU, so timing never stalls the queue
-    each_peer = PeerRunner(cfg, topo, models, device)  # one after another, or a thread per peer on CPU cores
+    # one after another, or a thread per peer on CPU cores
+    each_peer = PeerRunner(cfg, topo, models, device, overlap=not teacher.waits_for_updates)
 
     def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         with autocast():  # a context per call: autocast's state is per thread
             return model(x)
 
-    def learn(z, z_teacher, y, opt, sched, kd_w: float) -> torch.Tensor:
-        """One peer's loss, backward and optimizer step; returns its (ce, kd, correct, samples) sums."""
+    def learn(j: int, z, z_teacher, y, opt, sched, kd_w: float) -> None:
+        """The j-th peer's loss, backward and optimizer step; adds its (ce, kd, correct, samples)
+        sums to its row of the epoch's `sums` (each peer writes its own row only)."""
         loss, parts = distill_loss(z, z_teacher, y, temperature=cfg.loss.temperature, kd_weight=kd_w,
                                    multi_teacher=cfg.loss.multi_teacher, ce_weight=cfg.loss.ce_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        return torch.stack([parts["ce"] * len(y), parts["kd"] * len(y), (z.detach().argmax(1) == y).sum().float(),
-                            torch.tensor(float(len(y)), device=y.device)])
+        sums[j] += torch.stack([parts["ce"] * len(y), parts["kd"] * len(y), (z.detach().argmax(1) == y).sum().float(),
+                                torch.tensor(float(len(y)), device=y.device)])
 
     # --- resume: models, optimizers, schedules, teachers, RNG and the metrics so far
     start_epoch, history = 0, []
@@ -131,8 +133,8 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
             t1 = clock.mark()
             teacher_logits = teacher.logits(x, logits)
             t1_end = clock.mark()
-            sums += torch.stack(each_peer.map(learn, logits, teacher_logits, [y] * len(models), opts, scheds,
-                                              [kd_w] * len(models)))
+            each_peer.update(learn, range(len(models)), logits, teacher_logits, [y] * len(models), opts, scheds,
+                             [kd_w] * len(models))
             t2 = clock.mark()
             teacher.after_step(models, step)  # EMA updates, codistill swaps weights here: teacher time too
             t2_end = clock.mark()
@@ -141,9 +143,11 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
             marks.append((t0, t1, t1_end, t2, t2_end, clock.mark()))
             if rank == 0 and time.perf_counter() - t_log > cfg.train.log_every_s:
                 t_log = time.perf_counter()
+                each_peer.wait()  # the sums so far
                 ce, kd = (sums[:, k].sum().item() / sums[:, 3].sum().item() for k in (0, 1))
                 print(f"  epoch {epoch + 1}/{cfg.train.epochs}  step {i + 1}/{steps_per_epoch}  "
                       f"ce {ce:.4f}  kd {kd:.4f}  (this epoch so far, mean over peers)", flush=True)
+        each_peer.wait()  # every update of the epoch done: its sums, the models to evaluate
         step_times, exchange_s = clock.read(marks)  # on a GPU: the epoch's one synchronize
 
         # --- evaluate these peers and the cohort's ensemble; gather everything to rank 0
@@ -176,23 +180,51 @@ class PeerRunner:
     and each peer's arithmetic is the same as alone on its cores. Kept sequential on a GPU (one
     stream), with replicas (DDP's all-reduces must be issued in the same order on every rank) and
     for models that draw random numbers while training (dropout: threads would interleave their
-    draws from the one generator, and a rerun would not repeat them)."""
+    draws from the one generator, and a rerun would not repeat them).
 
-    def __init__(self, cfg: Config, topo: Topology, models: list[nn.Module], device: torch.device):
+    A peer's thread runs its work in order. With `overlap` (the teacher does not read the updated
+    weights after the step: Teacher.waits_for_updates), `update` does not wait for the peers'
+    optimizer steps: a peer that is done goes on to its next forward while another still updates,
+    and the loop waits once per step, for every peer's logits, instead of twice (a wait is a
+    barrier: the faster peer idles; benchmarks/packing/threads_vs_processes.py measures it)."""
+
+    def __init__(self, cfg: Config, topo: Topology, models: list[nn.Module], device: torch.device, *,
+                 overlap: bool = False):
         cpus, k = max(1, int(cfg.scale.cpus_per_worker)), len(models)
         self.threaded = (device.type == "cpu" and 1 < k <= cpus and topo.slot_group is None
                          and not any(isinstance(m, nn.modules.dropout._DropoutNd) for n in models for m in n.modules()))
         torch.set_num_threads(cpus // k if self.threaded else cpus)
-        self.pool = ThreadPoolExecutor(k, thread_name_prefix="peer") if self.threaded else None
+        self.threads = [ThreadPoolExecutor(1, thread_name_prefix=f"peer{j}") for j in range(k)] if self.threaded else []
+        self.overlap = overlap and self.threaded
+        self.pending: list = []
 
     def map(self, fn, *args) -> list:
-        if self.pool is None:
+        """fn on each peer's arguments (peer j's in its thread); the results in peer order."""
+        if not self.threads:
             return [fn(*a) for a in zip(*args)]
-        return list(self.pool.map(fn, *args))
+        futures = [t.submit(fn, *a) for t, a in zip(self.threads, zip(*args))]
+        results = [f.result() for f in futures]
+        self.wait()  # queued before these in the same threads, so done; an error in them is raised here
+        return results
+
+    def update(self, fn, *args) -> None:
+        """fn (an optimizer step) on each peer's arguments: done when this returns, or, with
+        overlap, queued in each peer's thread before its next forward."""
+        if not self.overlap:
+            self.map(fn, *args)
+            return
+        self.pending = [t.submit(fn, *a) for t, a in zip(self.threads, zip(*args))]
+
+    def wait(self) -> None:
+        """Every queued update done (its error, if any, raised here)."""
+        pending, self.pending = self.pending, []
+        for f in pending:
+            f.result()
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
+        self.wait()
+        for t in self.threads:
+            t.shutdown()
 
 
 @torch.no_grad()

@@ -48,3 +48,18 @@ def write_bytes(path: str, data: bytes) -> None:
 
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
+
+
+def listing(directory: str, *, files: bool) -> dict[str, int] | None:
+    """Name -> size of the files (files=True) or name -> 0 of the directories in a directory;
+    None when it does not exist."""
+    fs, path = _resolve(directory)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return None
+    want = pafs.FileType.File if files else pafs.FileType.Directory
+    return {i.base_name: (i.size or 0) for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == want}
+
+
+def delete_dir(path: str) -> None:
+    fs, p = _resolve(path)
+    fs.delete_dir(p)

@@ -81,6 +81,66 @@ def test_peers_run_in_threads_only_where_that_changes_nothing(make_cfg):
         torch.set_num_threads(before)
 
 
+def test_overlapped_updates_run_in_each_peers_order_and_raise_where_the_loop_waits(make_cfg):
+    import threading
+    import time
+
+    import torch.nn as nn
+
+    from online_distill.loop import PeerRunner
+    from online_distill.topology import Topology
+
+    cfg = make_cfg(scale__peers_per_worker=2, scale__cpus_per_worker=2)
+    before = torch.get_num_threads()
+    try:
+        runner = PeerRunner(cfg, Topology(0, 2, 1, peers_per_worker=2), [nn.Linear(2, 2), nn.Linear(2, 2)],
+                            torch.device("cpu"), overlap=True)
+        log, lock = [], threading.Lock()
+
+        def slow_update(j):
+            time.sleep(0.3)
+            with lock:
+                log.append(("update", j))
+
+        def forward(j):
+            with lock:
+                log.append(("forward", j))
+            return j
+
+        t0 = time.perf_counter()
+        runner.update(slow_update, [0, 1])
+        assert time.perf_counter() - t0 < 0.2  # not waited for ...
+        assert runner.map(forward, [0, 1]) == [0, 1]
+        for j in (0, 1):  # ... yet each peer's forward came after its own update
+            assert log.index(("update", j)) < log.index(("forward", j))
+
+        def broken(j):
+            raise RuntimeError(f"peer {j} failed")
+
+        runner.update(broken, [0, 1])
+        with pytest.raises(RuntimeError, match="peer 0 failed"):
+            runner.map(forward, [0, 1])
+        runner.close()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_teachers_that_read_the_updated_weights_are_not_overlapped(make_cfg):
+    from online_distill.teachers import TeacherContext, build_teacher
+    from online_distill.topology import Topology
+
+    def teacher(**over):
+        cfg = check(make_cfg(**over))
+        topo = Topology(0, cfg.num_peers, 1, peers_per_worker=cfg.scale.peers_per_worker)
+        build = lambda p: torch.nn.Linear(2, 2)  # noqa: E731
+        return build_teacher(TeacherContext(cfg, topo, torch.device("cpu"), build, 10, lambda n: build(0)))
+
+    assert not teacher(distill__mode="dml", scale__peers_per_worker=2).waits_for_updates
+    assert not teacher(distill__mode="independent", scale__peers_per_worker=2).waits_for_updates
+    assert teacher(distill__mode="ema", models=["tiny_cnn"]).waits_for_updates
+    assert teacher(distill__mode="codistill", scale__peers_per_worker=2).waits_for_updates
+
+
 def test_layout_refusals_name_the_field(make_cfg):
     with pytest.raises(config_mod.ConfigError, match=r"scale.peers_per_worker: got 2; allowed: a divisor of the 3 peers: 1, 3"):
         check(make_cfg(models=["tiny_cnn"] * 3, scale__peers_per_worker=2))

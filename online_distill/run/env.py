@@ -20,10 +20,11 @@ def use_local_ray_env() -> None:
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
-OUR_LINES_ENV = {"RAY_DISABLE_WORKER_LOG_PREFIX": "1"}
+OUR_LINES_ENV = {"RAY_DISABLE_WORKER_LOG_PREFIX": "1", "RAY_DEDUP_LOGS": "0"}
 """Set (unless the user set them) before Ray is imported: a run's terminal shows rank 0's epoch
-lines as they are printed, without Ray's coloured "(RayTrainWorker pid=...)" prefix before each
-(Ray reads this when it is imported)."""
+lines as they are printed, without Ray's coloured "(RayTrainWorker pid=...)" prefix before each,
+and every sweep trial's lines as that trial printed them (Ray would fold lines alike across
+trials into one with a coloured "[repeated 2x across cluster]"). Ray reads both on import."""
 
 
 def use_our_lines_env() -> None:

@@ -21,7 +21,7 @@ group, with the same files in the run directory:
 from __future__ import annotations
 
 import os
-import posixpath
+import shutil
 import sys
 import tempfile
 
@@ -79,7 +79,8 @@ class CheckpointWriter:
                 pafs.copy_files(tmp, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         else:  # written beside it under a name no reader takes for a checkpoint, then renamed
             partial = storage.join(self.run_dir, f".saving-{name}")
-            os.makedirs(partial, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)  # what a crash mid-save left: its manifest would list it
+            os.makedirs(partial)
             ckpt.save(partial, topo, epoch, peers, teacher, history, metrics)
             os.rename(partial, dest)
         self.latest, self.metrics = dest, dict(metrics)
@@ -89,13 +90,10 @@ class CheckpointWriter:
 def prune_checkpoints(run_dir: str, keep: int) -> list[str]:
     """Remove all but the newest `keep` checkpoint_* directories of a run (never one set aside
     as damaged or incomplete); returns the names removed."""
-    fs, base = storage._resolve(run_dir)
-    join = posixpath.join if "://" in run_dir else os.path.join
-    names = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-                   if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_"))
-    old = names[:-keep] if keep > 0 else names
+    names = sorted(n for n in storage.listing(run_dir, files=False) or {} if n.startswith("checkpoint_"))
+    old = names[:-keep]
     for name in old:
-        fs.delete_dir(join(base, name))
+        storage.delete_dir(storage.join(run_dir, name))
     return old
 
 
@@ -119,7 +117,7 @@ def fit_in_process(cfg: Config, run_dir: str, start: str | None, make_trainer, *
             if cfg.run.max_failures != -1 and failures >= cfg.run.max_failures:
                 raise
             failures += 1
-            again = f"from {os.path.basename(writer.latest or start)}" if (writer.latest or start) else "from the start"
+            again = f"from {os.path.basename(writer.latest or start)}" if writer.latest or start else "from the start"
             first = (str(e).strip().splitlines() or [""])[0][:200]
             limit = "unlimited" if cfg.run.max_failures == -1 else cfg.run.max_failures
             print(f"run {cfg.run.name!r}: training failed ({type(e).__name__}: {first}); retry {failures} of "

@@ -52,7 +52,7 @@ def verify(directory: str, num_peers: int, *, listed: bool = True) -> list[str]:
 
 def _problems(directory: str, num_peers: int, listed: bool) -> tuple[dict[str, str], bool]:
     """(file -> what is wrong with it, whether every rank finished saving)."""
-    sizes = _list(directory, files=True)
+    sizes = storage.listing(directory, files=True)
     if sizes is None:
         return {"(directory)": "missing"}, False
     problems: dict[str, str] = {}
@@ -128,7 +128,7 @@ def find_resume_point(run_dir: str, num_peers: int) -> ResumePoint:
     """Check the run's checkpoint directories, newest first, until one is complete and loads.
     Changes nothing."""
     listed = _listed_by_ray(run_dir)
-    on_disk = _list(run_dir, files=False) or {}
+    on_disk = storage.listing(run_dir, files=False) or {}
     point = ResumePoint(snapshot=listed is not None)
     # newest first: a checkpoint's name carries its epoch (checkpoint_epoch_0003)
     for name in sorted((n for n in on_disk if n.startswith("checkpoint_")), reverse=True):
@@ -199,16 +199,6 @@ def _start_over(run_dir: str, name: str | None = None) -> str:
 def _is_manifest(name: str) -> bool:
     prefix, suffix = MANIFEST.split("{rank}")
     return name.startswith(prefix) and name.endswith(suffix)
-
-
-def _list(directory: str, *, files: bool) -> dict[str, int] | None:
-    """Name -> size of the files (files=True) or name -> 0 of the directories in a directory;
-    None when it does not exist."""
-    fs, path = storage._resolve(directory)
-    if fs.get_file_info(path).type != pafs.FileType.Directory:
-        return None
-    want = pafs.FileType.File if files else pafs.FileType.Directory
-    return {i.base_name: (i.size or 0) for i in fs.get_file_info(pafs.FileSelector(path)) if i.type == want}
 
 
 def _read(directory: str, name: str) -> bytes:

@@ -18,6 +18,10 @@ class Teacher:
 
     comm_bytes_per_step: float = 0.0
     """Bytes this worker receives from other workers per step (averaged over steps)."""
+    waits_for_updates: bool = False
+    """after_step reads the students' updated weights (an EMA, a snapshot, a weight swap), so the
+    peers' optimizer steps must be done before it; otherwise a peer's update may still run while
+    the next step's forwards start (loop.PeerRunner)."""
 
     def __init__(self, ctx: "TeacherContext"):
         self.n = len(ctx.topo.peers)
@@ -45,6 +49,8 @@ class Teacher:
 class PeerSource:
     """A teacher source for one peer (self-distillation, a frozen teacher)."""
 
+    waits_for_updates: bool = False  # as Teacher.waits_for_updates
+
     def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return x, y
 
@@ -68,6 +74,7 @@ class PerPeer(Teacher):
     def __init__(self, ctx: "TeacherContext", source: Callable[["TeacherContext", int], PeerSource]):
         super().__init__(ctx)
         self.sources = [source(ctx, p) for p in ctx.topo.peers]
+        self.waits_for_updates = any(s.waits_for_updates for s in self.sources)
 
     def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         # every peer of a worker sees the same batches, so every source composes the same batch;

@@ -65,6 +65,8 @@ def ema_update_(teacher: nn.Module, student: nn.Module, decay: float) -> None:
 
 
 class EmaTeacher(PeerSource):
+    waits_for_updates = True  # after_step averages the updated weights in
+
     def __init__(self, ctx: TeacherContext, peer: int):
         d = ctx.cfg.distill
         self.decay, self.warmup_steps = d.ema_decay, d.ema_warmup_steps

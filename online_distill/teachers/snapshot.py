@@ -25,6 +25,8 @@ def is_cycle_end(step: int, cfg: Config, steps_per_epoch: int) -> bool:
 
 
 class SnapshotTeacher(PeerSource):
+    waits_for_updates = True  # after_step may copy the updated weights
+
     def __init__(self, ctx: TeacherContext, peer: int):
         self.cfg, self.steps_per_epoch = ctx.cfg, ctx.steps_per_epoch
         self.model_name = ctx.cfg.models[peer]

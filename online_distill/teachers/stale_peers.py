@@ -24,6 +24,8 @@ from .base import Teacher, TeacherContext
 
 
 class StalePeerTeacher(Teacher):
+    waits_for_updates = True  # after_step swaps the updated weights in
+
     def __init__(self, ctx: TeacherContext):
         super().__init__(ctx)
         self.topo = ctx.topo
