@@ -13,6 +13,12 @@ from online_distill.run.launch import history_from_checkpoint, make_trainer, pre
 from test_packing import assert_same_learning
 
 
+@pytest.fixture(autouse=True)
+def no_cluster_to_join(monkeypatch):
+    """As on a laptop: no RAY_ADDRESS (conftest) and no `ray start` on this machine, whatever it has."""
+    monkeypatch.setattr(in_process, "cluster_address", lambda: None)
+
+
 def packed(make_cfg, **over):
     """Two heterogeneous peers in one worker, 3 epochs: a cohort of one worker."""
     return make_cfg(models=["tiny_cnn", "mlp"], train__epochs=3, scale__peers_per_worker=2, **over)
@@ -23,7 +29,6 @@ def checkpoints(run_dir) -> list[str]:
 
 
 def test_where_a_cohort_trains(make_cfg, monkeypatch):
-    monkeypatch.setattr(in_process, "cluster_address", lambda: None)
     assert runs_in_process(packed(make_cfg))
     assert not runs_in_process(make_cfg())  # two workers
     assert not runs_in_process(packed(make_cfg, scale__replicas=2))
@@ -47,12 +52,15 @@ def test_what_this_machine_cannot_give_is_refused_naming_the_field(make_cfg):
             check_machine(packed(make_cfg, scale__use_gpu=True))
 
 
-def test_it_learns_what_the_spread_cohort_learns_and_leaves_a_worker_groups_files(make_cfg, train_history):
-    import ray
+def test_it_learns_what_the_spread_cohort_learns_and_leaves_a_worker_groups_files(make_cfg, train_history, monkeypatch):
+    from online_distill.run import launch
 
+    def started(*a, **k):
+        raise AssertionError("a Ray cluster was started for a cohort of one worker")
+
+    monkeypatch.setattr(launch, "init_ray", started)  # no Ray cluster is started for it
     cfg = packed(make_cfg, run__name="here")
     res = train(cfg, verbose=False)
-    assert not ray.is_initialized()  # no Ray cluster was started for it
     # the same seeded cohort, one peer per process (a gloo world of the real loop): the same numbers
     spread = train_history(C.with_overrides(cfg, {"scale.peers_per_worker": 1}))
     assert_same_learning(spread, history_from_checkpoint(res.checkpoint))
