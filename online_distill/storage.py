@@ -63,3 +63,9 @@ def listing(directory: str, *, files: bool) -> dict[str, int] | None:
 def delete_dir(path: str) -> None:
     fs, p = _resolve(path)
     fs.delete_dir(p)
+
+
+def move(src: str, dst: str) -> None:
+    """Rename a file (replacing dst) on local disk or in a pyarrow filesystem."""
+    fs, a = _resolve(src)
+    fs.move(a, _resolve(dst)[1])

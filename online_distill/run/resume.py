@@ -159,10 +159,8 @@ def set_aside(run_dir: str, point: ResumePoint) -> str | None:
     attempt with them; return the one line that says what was moved (None when nothing was)."""
     moved = {name: _move_aside(run_dir, name, DAMAGED) for name in point.damaged}
     moved_incomplete = {name: _move_aside(run_dir, name, INCOMPLETE) for name in point.incomplete}
-    if point.snapshot:
-        fs, base = storage._resolve(run_dir)
-        join = posixpath.join if "://" in run_dir else storage.join
-        fs.move(join(base, SNAPSHOT), join(base, SUPERSEDED + SNAPSHOT))  # replaces an older one
+    if point.snapshot:  # replaces an older one
+        storage.move(storage.join(run_dir, SNAPSHOT), storage.join(run_dir, SUPERSEDED + SNAPSHOT))
     if not point.needs_fallback:
         return None
     said = [f"{name} is damaged ({'; '.join(point.damaged[name])}), moved to {moved[name]}" for name in point.damaged]
