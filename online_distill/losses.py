@@ -10,12 +10,24 @@ halving the learning rate for the label term.
 
 The T^2 factor keeps the size of the soft-target gradient constant as T changes:
 d loss / d z_s = kd_weight * T * (softmax(z_s / T) - softmax(z_t / T)) / B for the KD part.
+
+Language models are classifiers at every position: logits (B, L, C), labels (B, L) with
+ignore_index (-100) at padding. CE and the KD term are means over the real positions (B above
+becomes the number of real tokens), so padding never counts. The KL may be replaced by reverse KL
+(MiniLLM) or GKD's generalized JSD(beta), and the teacher may come compressed (sparse.py: top-k or
+sampled token ids with their log-probs) instead of as dense logits.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+MULTI_TEACHER = ("mean_kl", "mean_probs")
 
 
 def kl_to_student(teacher_logits: Tensor, student_logits: Tensor, temperature: float) -> Tensor:
@@ -25,43 +37,157 @@ def kl_to_student(teacher_logits: Tensor, student_logits: Tensor, temperature: f
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
 
 
-def kd_term(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float, multi_teacher: str) -> Tensor:
-    """Mean-over-batch KL from (n_teachers, B, C) teacher logits to (B, C) student logits.
+def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) summed over the last dim, from log-probs; a bucket with p = 0 adds 0 (also where
+    log q is -inf there), so folded distributions with an empty bucket stay finite."""
+    p = log_p.exp()
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
 
-    'mean_kl' averages the KL to each teacher (deep mutual learning); 'mean_probs' takes the
-    KL to the teachers' mean distribution (an ensemble teacher).
+
+def check_divergence(divergence: str, jsd_beta: float) -> None:
+    """One line naming the field and what it may hold."""
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"loss.divergence: got {divergence!r}; allowed: {', '.join(map(repr, DIVERGENCES))}")
+    if divergence == "jsd" and not 0.0 <= jsd_beta <= 1.0:
+        raise ValueError(f"loss.jsd_beta: got {jsd_beta!r}; allowed: a number in [0, 1]")
+
+
+def divergence_from_log_probs(log_p_t: Tensor, log_p_s: Tensor, *, divergence: str = "forward_kl",
+                              jsd_beta: float = 0.5) -> Tensor:
+    """The divergence between teacher and student per position, summed over the last dim.
+
+    log_p_t, log_p_s: log-probabilities (already temperature-softened) of the same shape (..., C);
+    the teacher is detached here. Also used on top-k targets folded to k + 1 buckets (sparse.py).
+
+    forward_kl: KL(p_t || p_s) (Hinton; mode-covering). reverse_kl: KL(p_s || p_t) (MiniLLM;
+    mode-seeking). jsd: GKD's generalized Jensen-Shannon divergence (Agarwal et al. 2024, Eq. 1),
+    with TRL's convention (huggingface/trl, trl/trainer/gkd_trainer.py,
+    GKDTrainer.generalized_jsd_loss):
+        m = beta * p_t + (1 - beta) * p_s
+        JSD(beta) = beta * KL(p_t || m) + (1 - beta) * KL(p_s || m)
+    and, as there, beta = 0 is forward KL(p_t || p_s) and beta = 1 is reverse KL(p_s || p_t).
+    These endpoints are a switch, not a limit: the formula itself goes to 0 at both ends.
+    beta = 0.5 is the symmetric JSD (bounded by log 2).
     """
-    if teacher_logits.dim() != 3:
-        raise ValueError(f"teacher_logits must be (n_teachers, B, C), got {tuple(teacher_logits.shape)}")
-    if multi_teacher == "mean_kl":
-        return kl_to_student(teacher_logits, student_logits.unsqueeze(0), temperature).mean()
-    if multi_teacher == "mean_probs":
-        p_t = F.softmax(teacher_logits.detach().float() / temperature, dim=-1).mean(0)
-        log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-        return (torch.xlogy(p_t, p_t) - p_t * log_p_s).sum(-1).mean()
-    raise ValueError(f"multi_teacher: got {multi_teacher!r}; allowed: 'mean_kl', 'mean_probs'")
+    check_divergence(divergence, jsd_beta)
+    log_p_t = log_p_t.detach()
+    if divergence == "forward_kl" or (divergence == "jsd" and jsd_beta == 0.0):
+        return _kl(log_p_t, log_p_s)
+    if divergence == "reverse_kl" or (divergence == "jsd" and jsd_beta == 1.0):
+        return _kl(log_p_s, log_p_t)
+    # log m by logaddexp (TRL: logsumexp of the stack), stable where one of the two is tiny; broadcasts
+    log_m = torch.logaddexp(log_p_s + math.log1p(-jsd_beta), log_p_t + math.log(jsd_beta))
+    return jsd_beta * _kl(log_p_t, log_m) + (1.0 - jsd_beta) * _kl(log_p_s, log_m)
+
+
+def per_position_kd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float, multi_teacher: str,
+                    divergence: str = "forward_kl", jsd_beta: float = 0.5) -> Tensor:
+    """The divergence at each position, shape student_logits.shape[:-1]: no T^2, no averaging.
+
+    student_logits (..., C); teacher_logits (n_teachers, ..., C) dense. 'mean_kl' averages the
+    divergence to each teacher (deep mutual learning); 'mean_probs' takes the divergence to the
+    teachers' mean distribution (an ensemble teacher).
+    """
+    if teacher_logits.dim() != student_logits.dim() + 1 or teacher_logits.shape[1:] != student_logits.shape:
+        raise ValueError(f"teacher_logits must be (n_teachers, {', '.join(map(str, student_logits.shape))}) "
+                         f"for student logits {tuple(student_logits.shape)}, got {tuple(teacher_logits.shape)}")
+    if multi_teacher not in MULTI_TEACHER:
+        raise ValueError(f"multi_teacher: got {multi_teacher!r}; allowed: 'mean_kl', 'mean_probs'")
+    log_p_t = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    if multi_teacher == "mean_probs":  # log of the mean of the teachers' probabilities
+        log_p_t = (torch.logsumexp(log_p_t, dim=0) - math.log(log_p_t.shape[0])).unsqueeze(0)
+    return divergence_from_log_probs(log_p_t, log_p_s.unsqueeze(0), divergence=divergence, jsd_beta=jsd_beta).mean(0)
+
+
+def masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over the real positions; 0 (not NaN) when there are none. `where`, not a product, so
+    whatever sits at a padded position (even inf) cannot reach the sum."""
+    if mask is None:
+        return values.mean()
+    return torch.where(mask, values, torch.zeros_like(values)).sum() / mask.sum().clamp_min(1)
+
+
+def kd_term(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float, multi_teacher: str,
+            divergence: str = "forward_kl", jsd_beta: float = 0.5, mask: Tensor | None = None) -> Tensor:
+    """Mean over real positions of the per-position divergence (per_position_kd), no T^2.
+
+    teacher_logits (n_teachers, *student_logits.shape); mask (student_logits.shape[:-1]) is True
+    at real positions, None for all of them.
+    """
+    return masked_mean(per_position_kd(student_logits, teacher_logits, temperature=temperature,
+                                        multi_teacher=multi_teacher, divergence=divergence, jsd_beta=jsd_beta), mask)
+
+
+def _compressed_per_position(student_logits: Tensor, targets, *, temperature: float, multi_teacher: str,
+                             divergence: str, jsd_beta: float) -> Tensor:
+    """per_position_kd for compressed teachers: one sparse.SparseTarget (one teacher, or teachers
+    stacked in a leading dim) or a list of them, one per teacher. Read through their `kd` and
+    `unbind` methods: sparse.py builds on this module, so this module does not import it."""
+    if not isinstance(targets, (list, tuple)):
+        if not hasattr(targets, "kd"):
+            raise ValueError(f"teacher_logits: got {type(targets).__name__}; allowed: a tensor (n_teachers, "
+                             f"{', '.join(map(str, student_logits.shape))}), a sparse.SparseTarget or a list of them, "
+                             "or None")
+        targets = targets.unbind() if targets.ids.dim() == student_logits.dim() + 1 else [targets]
+    if multi_teacher not in MULTI_TEACHER:
+        raise ValueError(f"multi_teacher: got {multi_teacher!r}; allowed: 'mean_kl', 'mean_probs'")
+    if multi_teacher == "mean_probs" and len(targets) > 1:
+        # top-k sets differ per teacher and samples carry no other teacher's probabilities, so the
+        # mean distribution is not representable from compressed targets
+        raise ValueError(f"multi_teacher: got 'mean_probs' with {len(targets)} compressed (sparse) teachers; allowed: "
+                         "'mean_kl', or dense teacher logits")
+    per = [t.kd(student_logits, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta) for t in targets]
+    return torch.stack(per).mean(0)
 
 
 def distill_loss(
     logits: Tensor,
-    teacher_logits: Tensor | None,
+    teacher_logits,
     labels: Tensor,
     *,
     temperature: float,
     kd_weight: float,
     multi_teacher: str = "mean_kl",
     ce_weight: float | None = None,
+    divergence: str = "forward_kl",
+    jsd_beta: float = 0.5,
+    ignore_index: int = -100,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Hinton KD loss and its parts (detached, for logging).
+    """KD loss and its parts (detached, for logging), for classifiers and language models.
 
-    teacher_logits is (n_teachers, B, C), or None when there is no teacher at this step
-    (the independent baseline, or before a teacher exists): the loss is then plain CE.
-    ce_weight None is the convex mix, 1 - kd_weight.
+    logits: (B, C), or (B, L, C) for a sequence model (a classifier at every position).
+    labels: (B,) or (B, L); a label equal to ignore_index marks padding, which never counts.
+    teacher_logits: dense (n_teachers, *logits.shape); a sparse.SparseTarget (one teacher, or
+    teachers stacked in front) or a list/tuple of them, one per teacher; or None when there is no
+    teacher at this step (the independent baseline, or before a teacher exists): plain CE.
+    ce_weight None is the convex mix, 1 - kd_weight. divergence: 'forward_kl', 'reverse_kl' or
+    'jsd' (with jsd_beta); see divergence_from_log_probs.
+
+    CE and the KD term are both means over real positions (the KD term: the divergence per
+    position summed over classes), so a padded batch gives the loss of the unpadded one:
+        loss = ce_weight * CE + kd_weight * T^2 * KD
+    parts: "ce", "kd" (without T^2), "tokens" (real positions, a float32 tensor: for
+    token-weighted sums across batches).
     """
-    ce = F.cross_entropy(logits.float(), labels)
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} for logits {tuple(logits.shape)}, "
+                         f"got {tuple(labels.shape)}")
+    mask = labels != ignore_index
+    tokens = mask.sum().float()
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    # sum / count rather than reduction="mean": an all-padding batch gives 0, not NaN
+    ce = F.cross_entropy(flat, labels.reshape(-1), ignore_index=ignore_index, reduction="sum") / tokens.clamp_min(1)
     if teacher_logits is None:
-        return ce, {"ce": ce.detach(), "kd": torch.zeros((), device=logits.device)}
-    kd = kd_term(logits, teacher_logits, temperature=temperature, multi_teacher=multi_teacher)
+        return ce, {"ce": ce.detach(), "kd": torch.zeros((), device=logits.device), "tokens": tokens}
+    check_divergence(divergence, jsd_beta)
+    if isinstance(teacher_logits, Tensor):
+        per = per_position_kd(logits, teacher_logits, temperature=temperature, multi_teacher=multi_teacher,
+                              divergence=divergence, jsd_beta=jsd_beta)
+    else:
+        per = _compressed_per_position(logits, teacher_logits, temperature=temperature, multi_teacher=multi_teacher,
+                                       divergence=divergence, jsd_beta=jsd_beta)
+    kd = masked_mean(per, mask)
     w_ce = 1.0 - kd_weight if ce_weight is None else ce_weight
     loss = w_ce * ce + kd_weight * temperature**2 * kd
-    return loss, {"ce": ce.detach(), "kd": kd.detach()}
+    return loss, {"ce": ce.detach(), "kd": kd.detach(), "tokens": tokens}
