@@ -5,7 +5,8 @@
 Importing the package imports only the config (no torch, no Ray): the CLI refuses bad input
 before anything heavy is loaded. The rest is imported when first called.
 """
-from .config import Config, ConfigError, load, with_overrides
+from .config import Config, ConfigError, with_overrides
+from .config_file import load
 
 __all__ = ["Config", "ConfigError", "load", "with_overrides", "check", "train", "load_sweep", "run_sweep"]
 

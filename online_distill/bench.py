@@ -26,13 +26,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import config as config_mod
-from ..data import Batches, load_data
-from ..host import keep_freed_memory, memory_format
-from ..losses import distill_loss
-from ..metrics import steady
-from ..models import build_model
-from ..optim import make_optimizer
+from . import config as config_mod
+from .data import Batches, load_data
+from .host import keep_freed_memory, memory_format
+from .losses import distill_loss
+from .metrics import steady
+from .models import build_model
+from .optim import make_optimizer
 
 
 def bench_config(mode: str, peers: int, model: str, batch_size: int, steps: int, storage: str, name: str,
@@ -103,9 +103,13 @@ def plain_step_time(cfg: config_mod.Config) -> float:
 def ray_step_time(cfg: config_mod.Config) -> tuple[float, float, float]:
     """Median step time, bytes received per step, and the share of the step spent in the
     exchange (waiting for the slowest peer's logits included), slowest peer first."""
-    from ..run.launch import make_trainer
+    from .checkpoint import read_metrics
+    from .rundir import RunDir
+    from .run.launch import make_trainer
 
-    m = make_trainer(cfg).fit().metrics
+    run = RunDir.of(cfg)
+    make_trainer(cfg, run, notify="train", verbose=False).fit()
+    m = read_metrics(run.latest())
     share = max(m[f"peer{p}/exchange_share"] for p in range(cfg.num_peers))
     return m["step_time_s"], m["exchange_bytes_per_step"], share
 
@@ -119,7 +123,7 @@ def paired_ratio(num: list[float], den: list[float]) -> tuple[float, float, floa
 
 
 def bench(peers: int = 2, model: str = "small_cnn", batch_size: int = 128, steps: int = 60, repeats: int = 5) -> dict:
-    from ..run.launch import init_ray
+    from .run.launch import init_ray
 
     init_ray()
     storage = tempfile.mkdtemp(prefix="online_distill_bench_")

@@ -11,25 +11,22 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from .config import Config, ConfigError
-from .data import DATASETS
-from .models import MODELS
+from .data import resolve_dataset
+from .models import resolve_model
 from .teachers import check_teacher
 
 
-def _fail(field_name: str, value: Any, allowed: str) -> None:
-    raise ConfigError(f"{field_name}: got {value!r}; allowed: {allowed}", field_name)
-
-
-def check_names(cfg: Config, models: Mapping[str, Any] | None = None, datasets: Mapping[str, Any] | None = None) -> Config:
-    """The checks against the registries (`models` / `datasets` add user builders by name)."""
-    models = {**MODELS, **(models or {})}
-    datasets = {**DATASETS, **(datasets or {})}
-    for i, name in enumerate(cfg.models):
-        if name not in models:
-            _fail(f"models[{i}]", name, ", ".join(sorted(models)))
-    if cfg.data.dataset not in datasets:
-        _fail("data.dataset", cfg.data.dataset, ", ".join(sorted(datasets)))
-    check_teacher(cfg, models, datasets)  # what only the chosen source needs
+def check_names(cfg: Config, models: Mapping[str, Any] | None = None, datasets: Mapping[str, Any] | None = None,
+                *, teacher: bool = True) -> Config:
+    """The checks against the registries (`models` / `datasets` add user builders by name): every
+    model and the dataset resolve to a builder (a name, or an import path that imports and names
+    a builder taking the spec's arguments: online_distill.specs); with `teacher`, what the chosen
+    teacher source needs (run.plan makes that check itself, once it has read the data)."""
+    for i, spec in enumerate(cfg.models):
+        resolve_model(spec, models, field=f"models[{i}]")
+    resolve_dataset(cfg.data.dataset, datasets)
+    if teacher:
+        check_teacher(cfg, models, datasets)  # what only the chosen source needs
     return cfg
 
 

@@ -11,6 +11,7 @@ import os
 import sys
 
 from .config import ConfigError
+from .errors import NotRetryable, RunLocked
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -22,35 +23,69 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    from . import config
+    from . import config_file as config
 
     cfg, source = config.load_checked(args.config, args.sets)  # before torch and Ray: a refusal is quick
-    from .checks import check_names  # torch, torchvision
+    lock = _hold_the_run(cfg, source, dry_run=args.dry_run)  # a second run of the same name: refused at once
+    from .run.plan import make_plan  # torch
 
     try:
-        check_names(cfg)  # model and dataset names, what the teacher source needs (imports torch)
+        plan = make_plan(cfg, dry_run=args.dry_run)  # every check, once; the same for the run and its dry run
     except ConfigError as e:
+        if lock is not None:
+            lock.release()
         raise source.locate(e) from None
+    plan.lock = lock
     if args.dry_run:
         from .run.dry_run import describe_run
 
-        print(describe_run(cfg))
+        print(describe_run(plan))
         return 0
-    from .run import train  # Ray
+    if cfg.distill.mode == "born_again":
+        from .run import train
 
-    train(cfg)
+        train(cfg)
+        return 0
+    from .run.launch import train_cohort  # Ray
+
+    train_cohort(plan.cfg, plan=plan)
     return 0
 
 
-def cmd_report(args) -> int:
-    from .run.report import report
+def _hold_the_run(cfg, source, *, dry_run: bool):
+    """Take the run's lock before anything heavy is imported, so a second run of the same name is
+    refused in about a second (a dry run only looks). A born-again chain locks its own directory."""
+    from .rundir import RunDir
 
-    report(args.path)
+    lock = RunDir.of(cfg).lock()
+    holder = lock.holder()
+    if holder is not None:
+        raise source.locate(ConfigError(lock.refusal(holder), "run.name"))
+    if dry_run or cfg.distill.mode == "born_again":
+        return None
+    taken = lock.acquire()
+    if taken:
+        print(taken, file=sys.stderr, flush=True)
+    return lock
+
+
+def cmd_report(args) -> int:
+    from . import storage
+
+    path = storage.absolute(args.path)
+    if storage.exists(storage.join(path, "sweep.yaml")):
+        from .sweep.results import report_sweep
+
+        report_sweep(path)
+    else:
+        from .run.report import report_run
+
+        report_run(path)
     return 0
 
 
 def cmd_bench(args) -> int:
-    from .bench.overhead import bench
+    from .bench import bench
 
     for name, low in (("peers", 2), ("batch_size", 1), ("steps", 5), ("repeats", 1)):
         if getattr(args, name) < low:
@@ -60,7 +95,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from . import config
+    from . import config_file as config
     from .sweep import spec as sweep_config
 
     raw = config.read_yaml(args.config, "sweep file")  # a refusal names the file and line
@@ -78,23 +113,14 @@ def cmd_tune(args) -> int:
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}", e.field) from None
     if args.dry_run:
-        from .run.dry_run import describe_sweep
+        from .sweep.spec import describe
 
-        print(describe_sweep(spec))
+        print(describe(spec))
         return 0
     from .sweep.driver import run_sweep  # Ray
 
     result = run_sweep(spec, retry_errored=args.retry_errored)
     return 0 if result.complete else 130  # Tune handled Ctrl+C itself: the sweep is resumable, not done
-
-
-def cmd_bench_scale(args) -> int:
-    from .bench.scale import bench_scale
-
-    bench_scale(model=args.model, dataset=args.dataset, batch_size=args.batch_size, steps=args.steps,
-                repeats=args.repeats, device=args.device, precisions=tuple(args.precision.split(",")),
-                suites=tuple(args.suites.split(",")), out=args.out)
-    return 0
 
 
 def cmd_export(args) -> int:
@@ -129,18 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="alternating repeats of each measurement")
     p.set_defaults(fn=cmd_bench)
 
-    p = sub.add_parser("bench-scale", help="DML vs codistillation (sync_every 1, 10, 50) and 1 vs 2 replicas, side by side")
-    p.add_argument("--model", default="small_cnn")
-    p.add_argument("--dataset", default="fashion_mnist")
-    p.add_argument("--batch-size", type=int, default=128, help="per replica")
-    p.add_argument("--steps", type=int, default=103, help="steps per measurement (3 warm-up + 100 timed)")
-    p.add_argument("--repeats", type=int, default=2, help="alternating rounds of every measurement")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    p.add_argument("--precision", default="fp32", help="comma-separated: fp32,bf16")
-    p.add_argument("--suites", default="exchange,replicas", help="comma-separated: exchange,replicas")
-    p.add_argument("--out", default=None, help="also write the numbers as JSON")
-    p.set_defaults(fn=cmd_bench_scale)
-
     p = sub.add_parser("export", help="export a trained peer (TorchScript or ONNX), checked against the original")
     p.add_argument("run_dir")
     p.add_argument("--peer", type=int, default=0)
@@ -161,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"online-distill: config error: {' '.join(str(e).splitlines())}", file=sys.stderr)  # always one line
         return 2
+    except NotRetryable as e:  # the run ended on what a retry cannot fix: one paragraph, the rest in the log
+        where = f" (details: {e.log_path})" if getattr(e, "log_path", None) else ""
+        print(f"online-distill: {type(e).__name__}: {' '.join(str(e).splitlines())}{where}", file=sys.stderr)
+        return 2 if isinstance(e, RunLocked) else 1
     except KeyboardInterrupt:
         print("\ninterrupted: checkpoints are kept; rerun the same command to resume", file=sys.stderr)
         return 130

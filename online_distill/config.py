@@ -1,4 +1,4 @@
-"""Run configuration: typed, frozen dataclasses loaded from YAML.
+"""Run configuration: typed, frozen dataclasses (config_file.py reads them from YAML and --set).
 
 A config is unpacked here, at the edge, and everything downstream receives dataclasses.
 Every check that can be made without a worker is made here, so bad input is refused on the
@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-import yaml
+from . import specs
 
 
 class ConfigError(ValueError):
@@ -31,6 +31,13 @@ def _fail(field_name: str, value: Any, allowed: str) -> None:
 
 
 IN_PROCESS = ("auto", "always", "never")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
+"""run.loggers: the experiment trackers of online_distill.trackers (a test keeps the two equal)."""
+PADS = ("background", "zero", "edge", "reflect")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+LOGITS = ("dense", "topk", "sampled")
+"""distill.logits: how teacher logits travel and are cached (online_distill.sparse)."""
+"""data.pad: what fills the border of a shifted image."""
 """run.in_process: where a cohort of one worker trains."""
 
 DISTILL_MODES = ("born_again", "codistill", "dlb", "dml", "ema", "independent", "offline", "snapshot")
@@ -41,7 +48,8 @@ here so the mode can be checked without importing torch, and config.py imports n
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "fashion_mnist"
-    """Name in online_distill.data.DATASETS (or a builder passed to the Python API)."""
+    """A name in online_distill.data.DATASETS, an import path `package.module:builder` (a
+    function of this DataConfig returning data.Splits), or a builder passed to the Python API."""
     root: str = "~/.cache/online_distill/data"
     """Where datasets are looked for and downloaded to."""
     download: bool = True
@@ -49,15 +57,37 @@ class DataConfig:
     val_size: int = 5000
     """Examples held out of the training set for validation (model selection)."""
     train_subset: int | None = None
-    """Use only this many training examples (after the validation split); None: all."""
+    """Use only this many training examples (after the validation split and exclude_classes);
+    None: all. Which ones: the first of the split's order, or drawn with subset_seed."""
+    subset_seed: int | None = None
+    """null: train_subset takes the first examples of the split's order (fixed by split_seed);
+    an integer: train_subset examples drawn at random with this seed, so a student's transfer
+    set can be chosen apart from the teacher's data and from the run seed."""
+    exclude_classes: tuple[int, ...] = ()
+    """Classes whose training examples the run never sees (validation and test keep them, so
+    how a distilled student does on a class it never saw can be measured: Hinton et al. 2015 s.3)."""
     test_subset: int | None = None
     """Evaluate on only this many test examples; None: all."""
     split_seed: int = 0
     """Seed of the train/validation split; fixed apart from the run seed so seeds share one split."""
-    augment: bool = False
-    """Random crop and horizontal flip (for CIFAR-like images), done on the batch tensor."""
+    shift: int = 0
+    """Jitter (images): translate each training image by up to this many pixels in x and y
+    (uniform integers in [-shift, shift]); 0: off. Hinton et al. 2015 jitter by up to 2."""
+    flip: bool = False
+    """Random horizontal flip of training images (half of them), e.g. for CIFAR; not for digits."""
+    pad: str = "background"
+    """What fills the border a shift uncovers: 'background' (each image's own corner pixel: black
+    for MNIST-like images), 'zero' (0 after normalisation: the dataset's mean grey), 'edge'
+    (the nearest border pixel) or 'reflect'."""
+    seq_len: int = 128
+    """Token sequences (language-model corpora such as 'fortunes'): tokens per training sequence."""
     num_workers: int = 0
     """DataLoader workers, only for user datasets that are not in-memory tensors."""
+
+    @property
+    def augments(self) -> bool:
+        """Whether training images are jittered or flipped (an example then never repeats)."""
+        return self.shift > 0 or self.flip
 
     def check(self) -> None:
         if self.val_size < 0:
@@ -66,6 +96,14 @@ class DataConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 _fail(f"data.{name}", v, "null or an integer >= 1")
+        if any(c < 0 for c in self.exclude_classes) or len(set(self.exclude_classes)) != len(self.exclude_classes):
+            _fail("data.exclude_classes", list(self.exclude_classes), "a list of distinct class indices >= 0")
+        if self.shift < 0:
+            _fail("data.shift", self.shift, "an integer >= 0 (pixels)")
+        if self.pad not in PADS:
+            _fail("data.pad", self.pad, ", ".join(repr(p) for p in PADS))
+        if self.seq_len < 2:
+            _fail("data.seq_len", self.seq_len, "an integer >= 2")
         if self.num_workers < 0:
             _fail("data.num_workers", self.num_workers, "an integer >= 0")
 
@@ -84,6 +122,12 @@ class LossConfig:
     the teachers' mean distribution (an ensemble teacher)."""
     kd_warmup_epochs: float = 0.0
     """Ramp kd_weight linearly from 0 over this many epochs (0: full weight from the start)."""
+    divergence: str = "forward_kl"
+    """What the KD term measures between the softened distributions: 'forward_kl'
+    KL(teacher || student) (Hinton's, mode-covering), 'reverse_kl' KL(student || teacher)
+    (mode-seeking, MiniLLM), or 'jsd': GKD's generalized Jensen-Shannon divergence (jsd_beta)."""
+    jsd_beta: float = 0.5
+    """jsd: the mixture weight beta, as TRL's GKD defines it (0: forward KL, 1: reverse KL)."""
 
     def check(self) -> None:
         if not self.temperature > 0:
@@ -96,6 +140,10 @@ class LossConfig:
             _fail("loss.multi_teacher", self.multi_teacher, "'mean_kl' or 'mean_probs'")
         if self.kd_warmup_epochs < 0:
             _fail("loss.kd_warmup_epochs", self.kd_warmup_epochs, "a number >= 0")
+        if self.divergence not in DIVERGENCES:
+            _fail("loss.divergence", self.divergence, ", ".join(repr(d) for d in DIVERGENCES))
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            _fail("loss.jsd_beta", self.jsd_beta, "a number in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -112,6 +160,9 @@ class OptimConfig:
     """Linear LR warm-up from 0 over this many epochs."""
     cycles: int = 1
     """Number of cosine cycles for schedule 'cyclic'."""
+    grad_clip: float | None = None
+    """Clip each peer's gradient to this global L2 norm before its optimizer step; null: no
+    clipping. High temperatures with an unregularized student can blow up without it."""
 
     def check(self) -> None:
         if self.name not in ("sgd", "adamw"):
@@ -128,6 +179,8 @@ class OptimConfig:
             _fail("optim.warmup_epochs", self.warmup_epochs, "a number >= 0")
         if self.cycles < 1:
             _fail("optim.cycles", self.cycles, "an integer >= 1")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            _fail("optim.grad_clip", self.grad_clip, "null (no clipping) or a number > 0")
 
 
 @dataclass(frozen=True)
@@ -182,10 +235,35 @@ class DistillConfig:
     """offline: the teacher's model name; None: read from the checkpoint's run config."""
     teacher_peer: int = 0
     """offline: which peer of the teacher run's checkpoint teaches."""
+    teacher_ensemble: bool = False
+    """offline: every peer of the teacher run's checkpoint teaches as one ensemble, the mean of
+    their probabilities (a DML cohort's ensemble is usually stronger than any of its peers)."""
+    logits: str = "dense"
+    """The form teacher logits take between workers (DML), in a teacher cache and from a teacher
+    service: 'dense' (every class), 'topk' (the logits_k most likely tokens plus the tail's mass as
+    one bucket), or 'sampled' (logits_k tokens drawn from the teacher, importance-weighted: unbiased,
+    forward KL only). What it costs and loses is measured per run (exchange bytes, logits_kl)."""
+    logits_k: int = 8
+    """topk / sampled: tokens kept per position."""
+    teacher_cache_dir: str | None = None
+    """offline: a directory where the frozen teacher's logits (in the distill.logits form) are
+    written once per training example, keyed by the teacher, the data and the form, and read by
+    every later run and sweep trial, which then run the teacher zero times. null: no disk cache."""
+    teacher_service: bool = False
+    """offline: run the frozen teacher in a pool of Ray actors with their own resources, started
+    once per run or sweep and shared by every worker and trial (teachers/service.py)."""
+    service_replicas: int = 1
+    """teacher_service: actors in the pool."""
+    service_cpus: float = 1.0
+    """teacher_service: CPUs of each actor (and its torch threads)."""
+    service_gpus: float = 0.0
+    """teacher_service: GPUs of each actor (a share of one: several services on one GPU)."""
+    service_precision: str = "fp32"
+    """teacher_service: 'fp32' or 'bf16' for the teacher's forward pass."""
     cache_teacher: bool = False
     """offline, born_again: keep the frozen teacher's logits of each training example after
     its first forward pass, so later epochs skip the teacher (its output on an example never
-    changes). Costs 4 x classes bytes per example; not with data.augment (no example repeats)."""
+    changes). Costs 4 x classes bytes per example; not with data.shift/flip (no example repeats)."""
 
     def check(self) -> None:
         if self.mode not in DISTILL_MODES:
@@ -207,6 +285,24 @@ class DistillConfig:
             _fail("distill.generations", self.generations, "an integer >= 1")
         if self.teacher_peer < 0:
             _fail("distill.teacher_peer", self.teacher_peer, "an integer >= 0")
+        if self.teacher_ensemble and self.teacher_model is not None:
+            _fail("distill.teacher_ensemble", True, "false with distill.teacher_model (an ensemble's models are "
+                  "read from its run's config.yaml)")
+        if self.logits not in LOGITS:
+            _fail("distill.logits", self.logits, ", ".join(repr(v) for v in LOGITS))
+        if self.logits_k < 1:
+            _fail("distill.logits_k", self.logits_k, "an integer >= 1")
+        for name in ("teacher_cache_dir", "teacher_service"):
+            if getattr(self, name) and self.mode != "offline":
+                _fail(f"distill.{name}", getattr(self, name), f"{'null' if name.endswith('dir') else 'false'} with "
+                      f"distill.mode={self.mode!r} (a frozen teacher: distill.mode='offline')")
+        if self.service_replicas < 1:
+            _fail("distill.service_replicas", self.service_replicas, "an integer >= 1")
+        if self.service_cpus < 0 or self.service_gpus < 0:
+            _fail("distill.service_cpus" if self.service_cpus < 0 else "distill.service_gpus",
+                  min(self.service_cpus, self.service_gpus), "a number >= 0")
+        if self.service_precision not in ("fp32", "bf16"):
+            _fail("distill.service_precision", self.service_precision, "'fp32' or 'bf16'")
         if self.mode == "offline" and not self.teacher_checkpoint:
             _fail("distill.teacher_checkpoint", self.teacher_checkpoint,
                   "a checkpoint path when distill.mode='offline'")
@@ -264,6 +360,10 @@ class RunConfig:
     machine), else a worker group. 'always': in the calling process. 'never': a Ray Train worker
     group, whose worker process of its own is restarted even after a crash (run/in_process.py
     says what an in-process run retries). Tune trials follow it too."""
+    loggers: tuple[str, ...] = ()
+    """Experiment trackers that get every epoch's per-peer and ensemble metrics, the config and
+    the final table: 'tensorboard', 'mlflow', 'wandb' (offline unless W&B is logged in), e.g.
+    [tensorboard, mlflow]. Install them with `pip install 'online_distill[trackers]'`."""
     fail_once_at_epoch: int | None = None
     """Chaos testing: the last rank raises once at this epoch of an attempt that started from
     scratch, to exercise recovery from the last checkpoint. None in real runs."""
@@ -277,6 +377,12 @@ class RunConfig:
             _fail("run.checkpoints_to_keep", self.checkpoints_to_keep, "an integer >= 1")
         if self.in_process not in IN_PROCESS:
             _fail("run.in_process", self.in_process, " or ".join(repr(v) for v in IN_PROCESS))
+        bad = [v for v in self.loggers if v not in TRACKERS]
+        if bad or len(set(self.loggers)) != len(self.loggers):
+            _fail("run.loggers", list(self.loggers), f"a list of distinct names among {', '.join(TRACKERS)}")
+        if self.loggers and "://" in self.storage_path:
+            _fail("run.loggers", list(self.loggers), f"[] with run.storage_path={self.storage_path!r} (trackers write "
+                  "local files: a local storage_path)")
         if self.fail_once_at_epoch is not None and self.fail_once_at_epoch < 1:
             _fail("run.fail_once_at_epoch", self.fail_once_at_epoch, "null or an epoch index >= 1 (after a checkpoint exists)")
 
@@ -290,7 +396,9 @@ class RunConfig:
 @dataclass(frozen=True)
 class Config:
     models: tuple[str, ...] = ("small_cnn", "small_cnn")
-    """One model name per peer (names in online_distill.models.MODELS); peers may differ."""
+    """One model per peer; peers may differ. A name in online_distill.models.MODELS, an import
+    path `package.module:builder`, either with keyword arguments: `mlp(hidden=[800, 800],
+    dropout=0.5)` (online_distill.specs)."""
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -326,13 +434,29 @@ class Config:
             section.check()
         if not self.models:
             _fail("models", list(self.models), "a list of one model name per peer")
+        for i, text in enumerate(self.models):
+            try:
+                specs.parse(text)
+            except specs.SpecError as e:
+                raise ConfigError(f"models[{i}]: {e}", f"models[{i}]") from None
+        try:
+            specs.parse(self.data.dataset)
+        except specs.SpecError as e:
+            raise ConfigError(f"data.dataset: {e}", "data.dataset") from None
         if self.distill.mode in ("dml", "codistill") and self.num_peers < 2:
             _fail("models", list(self.models), f"at least 2 peers for distill.mode={self.distill.mode!r}")
         if self.distill.cache_teacher and self.distill.mode not in ("offline", "born_again"):
             _fail("distill.cache_teacher", True, f"false with distill.mode={self.distill.mode!r} (only a frozen "
                   "teacher, 'offline' or 'born_again', gives the same logits for an example every epoch)")
-        if self.distill.cache_teacher and self.data.augment:
-            _fail("distill.cache_teacher", True, "false with data.augment=true (augmented examples never repeat)")
+        if self.distill.logits == "sampled" and self.loss.divergence != "forward_kl":
+            _fail("loss.divergence", self.loss.divergence, "'forward_kl' with distill.logits='sampled' (sampled tokens "
+                  "estimate the teacher's expectation; the other divergences need the student's whole distribution "
+                  "against the teacher's: distill.logits 'dense' or 'topk')")
+        if self.distill.teacher_cache_dir and self.data.augments:
+            _fail("distill.teacher_cache_dir", self.distill.teacher_cache_dir, "null with data.shift or data.flip "
+                  "(jittered examples never repeat)")
+        if self.distill.cache_teacher and self.data.augments:
+            _fail("distill.cache_teacher", True, "false with data.shift or data.flip (jittered examples never repeat)")
         self._check_layout()
         return self
 
@@ -357,6 +481,11 @@ class Config:
 SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
 
 
+REPLACED = {"data.augment": "use data.shift (pixels of jitter), data.flip and data.pad; the old `augment: true` "
+                            "was shift: 4, flip: true, pad: zero"}
+"""Fields that were replaced, and by what: a config written for an older version is told how to update."""
+
+
 def _section_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -371,8 +500,8 @@ def _coerce(path: str, value: Any, annotation: Any) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(path, value, inner[0])
     if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, str):  # a comma-separated list; commas inside a spec's (...) stay
+            value = specs.split(value)
         if not isinstance(value, (list, tuple)):
             _fail(path, value, "a list")
         return tuple(_coerce(f"{path}[{i}]", v, args[0]) for i, v in enumerate(value))
@@ -429,6 +558,8 @@ def from_dict(raw: Mapping[str, Any]) -> Config:
             sub = {}
             for k, v in value.items():
                 if k not in fields:
+                    if f"{key}.{k}" in REPLACED:
+                        raise ConfigError(f"{key}.{k}: no longer a field; {REPLACED[f'{key}.{k}']}", f"{key}.{k}")
                     raise ConfigError(f"{key}.{k}: unknown field; valid: {', '.join(valid)}", f"{key}.{k}")
                 sub[k] = _coerce(f"{key}.{k}", v, fields[k])
             kwargs[key] = annotation(**sub)
@@ -441,151 +572,6 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d["models"] = list(cfg.models)
     return d
-
-
-# ---- reading YAML --------------------------------------------------------------------------
-
-class DuplicateKeyError(yaml.constructor.ConstructorError):
-    def __init__(self, key: Any, first_mark, mark):
-        super().__init__(None, None, f"duplicate key {key!r}", mark)
-        self.first_mark = first_mark
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """yaml.SafeLoader (plain data only, nothing that constructs objects) that refuses a key
-    written twice in one mapping, at any depth: plain safe_load keeps the last one silently, so
-    a section written twice would lose the first one's fields without a word."""
-
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen: dict[Any, Any] = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` may repeat keys by design
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    if key in seen:
-                        raise DuplicateKeyError(key, seen[key], key_node.start_mark)
-                except TypeError:
-                    continue  # an unhashable key: SafeLoader refuses it below, with its line
-                seen[key] = key_node.start_mark
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_problem(e: yaml.YAMLError, text: str, *, lines: bool = True) -> tuple[str, str]:
-    """(where, what) of a YAML error, each on one line (PyYAML's own str is several lines with a
-    source excerpt). `lines=False` for a one-line --set value: its column is enough."""
-    def at(line: int, col: int) -> str:
-        return f"line {line + 1}, column {col + 1}" if lines else f"column {col + 1}"
-
-    if isinstance(e, yaml.reader.ReaderError):  # a character YAML does not allow (a NUL byte, ...)
-        line = text.count("\n", 0, e.position)
-        col = e.position - (text.rfind("\n", 0, e.position) + 1)
-        return at(line, col), f"unacceptable character {chr(e.character)!r}: {e.reason}"
-    if isinstance(e, yaml.MarkedYAMLError):
-        mark = e.problem_mark or e.context_mark
-        problem = " ".join(str(e.problem or e.context or "not valid YAML").split())
-        if isinstance(e, DuplicateKeyError):
-            problem += f" (first at {at(e.first_mark.line, e.first_mark.column).split(', ')[0 if lines else -1]})"
-        elif e.context and e.problem:
-            context = " ".join(e.context.split())
-            if e.context_mark is not None and lines and e.context_mark.line != getattr(mark, "line", None):
-                context += f" started at line {e.context_mark.line + 1}"
-            problem += f" ({context})"
-        return (at(mark.line, mark.column) if mark is not None else ""), problem
-    return "", " ".join(str(e).split())
-
-
-def _key_lines(node, prefix: str = "", out: dict[str, int] | None = None, depth: int = 0) -> dict[str, int]:
-    """Dotted key (and models[1]-style item) -> the line it is on, from the composed YAML tree."""
-    out = {} if out is None else out
-    if depth > 3:  # a config is section.field[i] deep; aliases may even make the tree a cycle
-        return out
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
-                dotted = f"{prefix}{key_node.value}"
-                out[dotted] = key_node.start_mark.line + 1  # merged keys (`<<`) come first: the own one wins
-                _key_lines(value_node, dotted + ".", out, depth + 1)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            out.setdefault(f"{prefix.rstrip('.')}[{i}]", item.start_mark.line + 1)
-            _key_lines(item, f"{prefix.rstrip('.')}[{i}].", out, depth + 1)
-    return out
-
-
-def _load_text(text: str) -> tuple[Any, Any]:
-    """yaml.safe_load with UniqueKeyLoader; also returns the composed node (for line numbers)."""
-    loader = UniqueKeyLoader(text)
-    try:
-        node = loader.get_single_node()
-        return (loader.construct_document(node) if node is not None else None), node
-    finally:
-        loader.dispose()
-
-
-def read_yaml_lines(path: str, what: str) -> tuple[dict, dict[str, int]]:
-    """Read a YAML file that must hold a mapping; also returns the line of every dotted key.
-    Every way it can fail (missing, unreadable, not UTF-8, not YAML, a duplicate key, not a
-    mapping) is a ConfigError of one line naming the file and, where known, the line."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{what} {path!r} does not exist") from None
-    except OSError as e:
-        raise ConfigError(f"{what} {path!r} cannot be read: {e.strerror or e}") from None
-    try:
-        text = data.decode("utf-8-sig")  # a BOM some editors write is fine
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
-        raise ConfigError(f"{what} {path!r}, line {line}, column {col}: not UTF-8 text "
-                          f"(byte 0x{data[e.start]:02x}); save it as UTF-8") from None
-    try:
-        raw, node = _load_text(text)
-    except yaml.YAMLError as e:
-        where, problem = _yaml_problem(e, text)
-        raise ConfigError(f"{what} {path!r}{', ' + where if where else ''}: {problem}") from None
-    except RecursionError:
-        raise ConfigError(f"{what} {path!r}: nested too deeply to be a config") from None
-    if raw is None:  # an empty file (or only comments): all defaults
-        return {}, {}
-    if not isinstance(raw, Mapping):
-        kind = {list: "a list", str: "a string", bool: "true/false"}.get(type(raw), "a number")
-        raise ConfigError(f"{what} {path!r}, line {node.start_mark.line + 1}: the top level must be a "
-                          f"mapping (key: value lines), got {kind}")
-    return raw, _key_lines(node)
-
-
-def read_yaml(path: str, what: str) -> dict:
-    """yaml.safe_load a file (never anything that executes), refusing a missing or broken one,
-    a duplicate key, or a top level that is not a mapping, with one line naming the file."""
-    return read_yaml_lines(path, what)[0]
-
-
-def parse_value(text: str) -> Any:
-    """A --set value is read as YAML, so 4.0, true, null and [a, b] mean what they look like."""
-    return _load_text(text)[0] if text != "" else ""
-
-
-def parse_set(item: str) -> tuple[str, Any]:
-    """One `--set section.key=value` item; a refusal names the item."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. loss.temperature=4")
-    key, _, text = item.partition("=")
-    try:
-        return key.strip(), parse_value(text)
-    except yaml.YAMLError as e:
-        where, problem = _yaml_problem(e, text, lines="\n" in text.strip())  # one line: the column is enough
-        where = f" at {where} of the value" if where else ""
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML{where}: {problem}") from None
-    except RecursionError:
-        raise ConfigError(f"--set {item!r}: the value is nested too deeply") from None
-
-
-def parse_sets(items: list[str] | None) -> dict[str, Any]:
-    return dict(parse_set(item) for item in items or [])
 
 
 def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
@@ -607,72 +593,3 @@ def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
                 raise ConfigError(f"{dotted}: {parts[0]} has no sub-fields")
             raw[parts[0]] = value
     return from_dict(raw)
-
-
-def load(path: str, overrides: Mapping[str, Any] | None = None) -> Config:
-    """Read a YAML run config (yaml.safe_load only) and apply dotted overrides."""
-    raw = read_yaml(path, "config file")
-    cfg = from_dict(raw)
-    return with_overrides(cfg, overrides) if overrides else cfg
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where the values of a config came from: a file's lines and --set items. An error about a
-    field is told with its source in front, so the user knows which line or item to change."""
-
-    path: str
-    lines: Mapping[str, int] = field(default_factory=dict)
-    """Dotted field (or models[i]) -> its line in the file."""
-    sets: Mapping[str, str] = field(default_factory=dict)
-    """Dotted field -> the --set item that set it (these win over the file)."""
-
-    def where(self, field_name: str | None) -> str:
-        """The --set item, else the file line, of a field, or of the nearest enclosing one
-        (models[1] -> models, loss.temperature -> loss)."""
-        candidates = []
-        name = field_name or ""
-        while name:
-            candidates.append(name)
-            name = name[:name.rindex("[")] if name.endswith("]") else name.rpartition(".")[0]
-        for c in candidates:
-            if c in self.sets:
-                return f"--set {self.sets[c]!r}"
-        for c in candidates:
-            if c in self.lines:
-                return f"config file {self.path!r}, line {self.lines[c]}"
-        return f"config file {self.path!r}"
-
-    def locate(self, e: ConfigError) -> ConfigError:
-        return ConfigError(f"{self.where(e.field)}: {e}", e.field)
-
-
-def load_checked(path: str, sets: list[str] | None = None) -> tuple[Config, Source]:
-    """What the CLI runs before anything heavy: read the file, apply the --set items and make
-    every check that needs no registry (Config.check_fields). Imports nothing beyond PyYAML, so a
-    refusal costs the interpreter's start-up only. Every ConfigError names the file and line, or
-    the --set item, where the value came from; the registry checks (online_distill.checks) come
-    later, and `Source.locate` tells their errors the same way."""
-    raw, lines = read_yaml_lines(path, "config file")
-    items: dict[str, tuple[Any, str]] = {}  # key -> (value, the item); of one key given twice, the last wins
-    for item in sets or []:
-        key, value = parse_set(item)
-        items[key] = (value, item)
-    source = Source(path, lines, {key: item for key, (_, item) in items.items()})
-    try:
-        cfg = from_dict(raw)
-    except ConfigError as e:
-        raise Source(path, lines).locate(e) from None
-    for key, (value, item) in items.items():
-        try:
-            cfg = with_overrides(cfg, {key: value})
-        except ConfigError as e:
-            raise ConfigError(f"--set {item!r}: {e}", e.field) from None
-    try:
-        return cfg.check_fields(), source
-    except ConfigError as e:
-        raise source.locate(e) from None
-
-
-def dump(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

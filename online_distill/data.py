@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from . import specs
 from .config import ConfigError, DataConfig
 from .host import to_format
 
@@ -88,6 +89,43 @@ class TokenTensors(Tensors):
         return x.long()
 
 
+class SequenceTensors(Tensors):
+    """Next-token prediction on token windows held as one (N, L + 1) tensor of ids (stored small,
+    e.g. uint8), 0 for padding at the right. A batch is x = tokens[:, :-1] and y = tokens[:, 1:]
+    as int64, y = IGNORE_INDEX (-100) where the predicted token is padding; x holds 0 only where
+    it is padding itself, which a causal model never lets a real position see. `labels` (N, L)
+    are derived from the tokens, not stored (they would take 8x the memory)."""
+
+    bytes_per_token = 1.0  # byte-level tokens; a subword dataset sets its own, for bits per byte
+
+    def __init__(self, tokens: torch.Tensor):
+        if tokens.dim() != 2 or tokens.shape[1] < 2 or tokens.is_floating_point():
+            raise ValueError(f"tokens must be an integer tensor of shape (N, L + 1) with L >= 1, got "
+                             f"{tuple(tokens.shape)} {tokens.dtype}")
+        self.x = tokens  # not Tensors.__init__: the labels are the tokens shifted by one
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    @staticmethod
+    def _next_token(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = tokens.long()
+        y = t[:, 1:]
+        return t[:, :-1], torch.where(y == 0, torch.full_like(y, IGNORE_INDEX), y)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self._next_token(self.x)[1]
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._next_token(self.x[idx].to(device, non_blocking=True))  # widened on the device: 8x less to copy
+
+    def subset(self, idx: torch.Tensor) -> "SequenceTensors":
+        out = copy.copy(self)
+        out.x = self.x[idx]
+        return out
+
+
 @dataclass(frozen=True)
 class Splits:
     """What a dataset builder returns. `train` is split into train/validation by us.
@@ -101,6 +139,8 @@ class Splits:
     test: Dataset
     num_classes: int
     input_shape: tuple[int, ...] | None = None
+    bytes_per_token: float | None = None
+    """Text: bytes of text per token (1.0 for byte-level tokens), for bits per byte; else None."""
 
 
 DatasetBuilder = Callable[[DataConfig], Splits]
@@ -270,12 +310,24 @@ def _lang_words(lists: tuple[tuple[str, float], ...]) -> Splits:
                   num_classes=len(WORD_LISTS), input_shape=(WORD_BYTES,))
 
 
+def fortunes(cfg: DataConfig) -> Splits:
+    """Next-byte prediction on Debian's fortunes (apt-get install fortunes; online_distill.corpus
+    reads and splits it, by document): windows of data.seq_len bytes (default 128), vocabulary 256."""
+    from .corpus import SEQ_LEN, fortunes_tokens
+
+    seq_len = int(getattr(cfg, "seq_len", None) or SEQ_LEN)
+    train, test = fortunes_tokens(seq_len)
+    return Splits(SequenceTensors(train), SequenceTensors(test), num_classes=BYTE_VOCAB, input_shape=(seq_len,),
+                  bytes_per_token=SequenceTensors.bytes_per_token)
+
+
 DATASETS: dict[str, DatasetBuilder] = {
     "fashion_mnist": fashion_mnist,
     "cifar10": _cifar("CIFAR10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": _cifar("CIFAR100", 100, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "synthetic": synthetic,
     "lang_words": lang_words,
+    "fortunes": fortunes,
 }
 
 
@@ -290,6 +342,14 @@ class Data:
     sample: torch.Tensor
     """The first SAMPLE_ROWS examples of the training split, batched as the loop batches them:
     every model is built and checked with it (lazy layers take their shapes from it)."""
+    label_shape: tuple[int, ...] = ()
+    """One example's label shape: () for a class, (L,) for a next token at each of L positions."""
+    bytes_per_token: float | None = None
+    """Text: bytes of text per token (1 for byte-level tokens), for bits per byte; else None."""
+
+    @property
+    def is_sequence(self) -> bool:
+        return len(self.label_shape) > 0
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -312,12 +372,26 @@ def _builder_name(builder) -> str:
     return getattr(builder, "__qualname__", None) or repr(builder)
 
 
+def resolve_dataset(spec: str, builders: dict[str, DatasetBuilder] | None = None) -> DatasetBuilder:
+    """The dataset builder data.dataset names (a name, an import path, either with arguments:
+    online_distill.specs), or a ConfigError of one line naming data.dataset."""
+    try:
+        return specs.resolve(spec, DATASETS, builders, fixed=1, what="dataset")
+    except specs.SpecError as e:
+        raise ConfigError(f"data.dataset: {e}", "data.dataset") from None
+
+
+IGNORE_INDEX = -100
+"""A label that counts nowhere (padding of a token sequence), as torch's cross_entropy has it."""
+
+
 def load_data(cfg: DataConfig, builders: dict[str, DatasetBuilder] | None = None) -> Data:
-    """Build the dataset, hold a validation split out of its training set, and check its first
-    examples: a builder that fails, a label outside [0, num_classes), examples unlike the
-    promised input_shape, or data.augment on data that are not images are a ConfigError
-    naming the builder and what it returned."""
-    builder = {**DATASETS, **(builders or {})}[cfg.dataset]
+    """Build the dataset, hold a validation split out of its training set, take the run's
+    training examples (data.exclude_classes, data.train_subset, data.subset_seed) and check its
+    first examples: a builder that fails, a label outside [0, num_classes), examples unlike the
+    promised input_shape, or jitter on data that are not images are a ConfigError naming the
+    builder and what it returned."""
+    builder = resolve_dataset(cfg.dataset, builders)
     who = f"data.dataset: the dataset builder {cfg.dataset!r} ({_builder_name(builder)})"
     try:
         splits = builder(cfg)
@@ -335,8 +409,7 @@ def load_data(cfg: DataConfig, builders: dict[str, DatasetBuilder] | None = None
         raise ConfigError(f"data.val_size: got {cfg.val_size}; allowed: fewer than the {n} training examples")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.split_seed))
     val_idx, train_idx = perm[: cfg.val_size], perm[cfg.val_size:]
-    if cfg.train_subset is not None:
-        train_idx = train_idx[: cfg.train_subset]
+    train_idx = _training_examples(cfg, splits, train_idx)
     test = splits.test
     if cfg.test_subset is not None and cfg.test_subset < len(test):
         test_perm = torch.randperm(len(test), generator=torch.Generator().manual_seed(cfg.split_seed))
@@ -355,39 +428,126 @@ def load_data(cfg: DataConfig, builders: dict[str, DatasetBuilder] | None = None
                           f"batch to {describe(sample)}; allowed: examples of the promised shape, or input_shape=None")
     for split, ds in (("train", splits.train), ("test", splits.test)):
         _check_labels(ds, labels if split == "train" else None, splits.num_classes, f"{who}, {split} split")
-    if cfg.augment and not (sample.dim() == 4 and sample.is_floating_point()):
-        raise ConfigError(f"data.augment: got true; allowed: false for dataset {cfg.dataset!r}, whose examples batch "
-                          f"to {describe(sample)}: the built-in random crop and flip are for images (B, C, H, W)")
-    return Data(train, _take(splits.train, val_idx), test, splits.num_classes, sample)
+    if cfg.augments and not (sample.dim() == 4 and sample.is_floating_point()):
+        field = "data.shift" if cfg.shift else "data.flip"
+        raise ConfigError(f"{field}: got {getattr(cfg, field[5:])!r}; allowed: {0 if cfg.shift else False} for dataset "
+                          f"{cfg.dataset!r}, whose examples batch to {describe(sample)}: jitter and flips are for "
+                          "images (B, C, H, W)", field)
+    return Data(train, _take(splits.train, val_idx), test, splits.num_classes, sample, tuple(labels.shape[1:]),
+                getattr(splits, "bytes_per_token", None))
+
+
+def labels_of(ds: Dataset) -> torch.Tensor | None:
+    """Every label of a dataset without reading its inputs, where the dataset keeps them apart:
+    our in-memory tensors, a TensorDataset, a torchvision dataset (`targets`), or a Subset of
+    one of these; None for any other Dataset (reading all of it could take long)."""
+    if isinstance(ds, Tensors):
+        return ds.labels
+    if isinstance(ds, Subset):
+        inner = labels_of(ds.dataset)
+        return None if inner is None else inner[torch.as_tensor(ds.indices, dtype=torch.long)]
+    if isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) >= 2:
+        return ds.tensors[1]
+    targets = getattr(ds, "targets", None)
+    if targets is not None and len(targets) == len(ds):
+        return torch.as_tensor(targets)
+    return None
+
+
+def _training_examples(cfg: DataConfig, splits: Splits, train_idx: torch.Tensor) -> torch.Tensor:
+    """The run's training examples among `train_idx` (the split left after validation): without
+    the excluded classes, then train_subset of them, the first ones or drawn with subset_seed."""
+    if cfg.exclude_classes:
+        bad = [c for c in cfg.exclude_classes if c >= splits.num_classes]
+        if bad:
+            raise ConfigError(f"data.exclude_classes: got {list(cfg.exclude_classes)}; allowed: class indices in "
+                              f"[0, {splits.num_classes - 1}] (the dataset has {splits.num_classes} classes)",
+                              "data.exclude_classes")
+        labels = labels_of(splits.train)
+        if labels is None or labels.dim() != 1:
+            raise ConfigError(f"data.exclude_classes: dataset {cfg.dataset!r} does not expose one label per example "
+                              "(an online_distill.data.Tensors, a TensorDataset or a dataset with `targets`); allowed: "
+                              "[] for it", "data.exclude_classes")
+        keep = ~torch.isin(labels[train_idx], torch.tensor(cfg.exclude_classes))
+        train_idx = train_idx[keep]
+        if len(train_idx) == 0:
+            raise ConfigError(f"data.exclude_classes: {list(cfg.exclude_classes)} leaves no training example",
+                              "data.exclude_classes")
+    if cfg.train_subset is not None:
+        if cfg.subset_seed is not None:
+            order = torch.randperm(len(train_idx), generator=torch.Generator().manual_seed(cfg.subset_seed))
+            train_idx = train_idx[order]
+        train_idx = train_idx[: cfg.train_subset]
+    return train_idx
 
 
 def _check_labels(ds: Dataset, first: torch.Tensor | None, num_classes: int, who: str) -> None:
-    """Labels are class indices in [0, num_classes): all of them for in-memory tensors, the
-    first batch's for any other Dataset (reading all of a user's dataset could take long)."""
-    y = ds.labels if isinstance(ds, Tensors) else first
+    """Labels are class indices in [0, num_classes) (or IGNORE_INDEX where a position counts
+    nowhere, e.g. a sequence's padding): all of them where the dataset keeps its labels apart
+    (labels_of), the first batch's for any other Dataset (the loop checks each batch it trains
+    on: loop.check_labels)."""
+    y = labels_of(ds)
+    y = first if y is None else y
     if y is None or len(y) == 0:
         return
-    if y.dtype != torch.int64 or y.dim() != 1:  # what cross_entropy takes as class indices
-        raise ConfigError(f"{who}: labels batch to {describe(y)}; allowed: one int64 class index per example "
-                          "(Python ints or torch.long)")
-    lo, hi = int(y.min()), int(y.max())
+    if y.dtype != torch.int64:  # what cross_entropy takes as class indices
+        raise ConfigError(f"{who}: labels batch to {describe(y)}; allowed: int64 class indices (Python ints or "
+                          "torch.long), one per example or one per position")
+    real = y[y != IGNORE_INDEX]
+    if len(real) == 0:
+        return
+    lo, hi = int(real.min()), int(real.max())
     if lo < 0 or hi >= num_classes:
         raise ConfigError(f"{who}: labels range over [{lo}, {hi}], but num_classes={num_classes}; allowed: class "
                           f"indices in [0, {num_classes - 1}] (set num_classes to the number of classes)")
 
 
-def augment_batch(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop (zero padding) and horizontal flip, drawn from g so peers draw alike."""
-    b, _, h, w = x.shape
-    flip = torch.rand(b, generator=g) < 0.5
-    dx = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-    dy = torch.randint(0, 2 * pad + 1, (b,), generator=g)
-    x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    rows = (dy.view(-1, 1) + torch.arange(h)).to(x.device)  # (B, H)
-    cols = (dx.view(-1, 1) + torch.arange(w)).to(x.device)  # (B, W)
-    bi = torch.arange(b, device=x.device).view(-1, 1, 1)
-    return padded.permute(0, 2, 3, 1)[bi, rows.view(b, h, 1), cols.view(b, 1, w)].permute(0, 3, 1, 2)
+@dataclass(frozen=True)
+class Jitter:
+    """Random shifts (and flips) of a batch of images, the training-time jitter of Hinton et al.
+    2015 (their teacher: "jittered by up to two pixels in any direction"). Drawn from a generator
+    seeded by (seed, epoch, shard), so every peer of a cohort sees the same jittered batch.
+
+    `pad` fills the border a shift uncovers: 'background' with each image's own top-left pixel
+    (black for MNIST-like images: the zero padding of normalised images would add grey edges),
+    'zero' with 0 (after normalisation: the mean), 'edge' with the nearest pixel, 'reflect'."""
+
+    shift: int = 0
+    flip: bool = False
+    pad: str = "background"
+
+    @classmethod
+    def of(cls, cfg: DataConfig) -> "Jitter | None":
+        return cls(cfg.shift, cfg.flip, cfg.pad) if cfg.augments else None
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        b, _, h, w = x.shape
+        if self.flip:
+            flip = torch.rand(b, generator=g) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1).to(x.device), x.flip(3), x)
+        k = self.shift
+        if k == 0:
+            return x
+        dx = torch.randint(0, 2 * k + 1, (b,), generator=g)  # the crop's corner in the padded image:
+        dy = torch.randint(0, 2 * k + 1, (b,), generator=g)  # k means no shift
+        padded = _pad(x, k, self.pad)
+        rows = (dy.view(-1, 1) + torch.arange(h)).to(x.device)  # (B, H)
+        cols = (dx.view(-1, 1) + torch.arange(w)).to(x.device)  # (B, W)
+        bi = torch.arange(b, device=x.device).view(-1, 1, 1)
+        out = padded.permute(0, 2, 3, 1)[bi, rows.view(b, h, 1), cols.view(b, 1, w)].permute(0, 3, 1, 2)
+        return out.contiguous()
+
+
+def _pad(x: torch.Tensor, k: int, mode: str) -> torch.Tensor:
+    F = torch.nn.functional
+    if mode == "background":  # each image's corner pixel, per channel
+        b, c, h, w = x.shape
+        padded = x[:, :, :1, :1].expand(b, c, h + 2 * k, w + 2 * k).clone()
+        padded[:, :, k:k + h, k:k + w] = x
+        return padded
+    if mode == "zero":
+        return F.pad(x, (k, k, k, k))
+    return F.pad(x, (k, k, k, k), mode={"edge": "replicate", "reflect": "reflect"}[mode])
 
 
 class Batches:
@@ -399,12 +559,12 @@ class Batches:
     """
 
     def __init__(self, ds: Dataset, batch_size: int, device: torch.device, *, seed: int = 0, shard: int = 0,
-                 num_shards: int = 1, shuffle: bool = True, drop_last: bool = True, augment: bool = False,
+                 num_shards: int = 1, shuffle: bool = True, drop_last: bool = True, jitter: Jitter | None = None,
                  num_workers: int = 0, max_batches: int | None = None,
                  memory_format: torch.memory_format = torch.contiguous_format):
         self.ds, self.batch_size, self.device, self.memory_format = ds, batch_size, device, memory_format
         self.seed, self.shard, self.num_shards = seed, shard, num_shards
-        self.shuffle, self.drop_last, self.augment = shuffle, drop_last, augment
+        self.shuffle, self.drop_last, self.jitter = shuffle, drop_last, jitter
         self.num_workers, self.max_batches, self.epoch = num_workers, max_batches, 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -419,6 +579,10 @@ class Batches:
         shard = idx[self.shard::self.num_shards]
         # training cuts shards to one length so every replica takes the same number of steps
         return shard[: n // self.num_shards] if self.drop_last else shard
+
+    def indices(self) -> torch.Tensor:
+        """The examples this shard yields in an epoch, in order (indices into the dataset)."""
+        return self._indices()[: len(self) * self.batch_size]
 
     def __len__(self) -> int:
         n = len(self._indices())
@@ -436,4 +600,4 @@ class Batches:
                                 pin_memory=self.device.type == "cuda")
             batches = ((x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)) for x, y in loader)
         for x, y in batches:
-            yield to_format(augment_batch(x, g) if self.augment else x, self.memory_format), y
+            yield to_format(self.jitter(x, g) if self.jitter is not None else x, self.memory_format), y

@@ -11,7 +11,7 @@ CPU step's time and change no result beyond float rounding.
   zero-filled by the kernel. Raising both thresholds keeps the memory in the process, as
   PyTorch's CUDA caching allocator does on a GPU; the process holds its peak, never more.
 
-`python -m online_distill.bench.host` measures both, side by side.
+`python -m benchmarks.tools.host` measures both, side by side.
 """
 from __future__ import annotations
 

@@ -2,14 +2,16 @@
 
 Each worker holds one replica of one or more peers of the cohort (scale.peers_per_worker),
 all on the same batch. Per step: every peer's forward, ask the teacher source for teacher
-logits, then per peer the Hinton loss, backward, optimizer step; let the teacher update.
-Per epoch: validate every peer and the ensemble, gather the numbers to rank 0, and report
-them to Ray together with a checkpoint that every rank writes its own files into.
+logits, then per peer the Hinton loss (refused if it is not finite), backward, optimizer step;
+let the teacher update. Per epoch: validate every peer and the ensemble, gather the numbers to
+rank 0, and hand the epoch to the reporter, which writes the checkpoint every rank saves into.
+
+A classifier's logits are (B, C) for labels (B,); a language model's are (B, L, V) for the next
+token at each position (B, L), where label -100 marks padding that counts nowhere.
 """
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,14 +20,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint as ckpt
+from .checkpoint import Epoch, find_resume_point, restore
 from .config import Config
-from .data import Batches, load_data
+from .data import IGNORE_INDEX, Batches, Jitter, labels_of, load_data
+from .errors import LabelError, NonFiniteError
 from .host import keep_freed_memory, memory_format
 from .losses import distill_loss
 from .metrics import format_epoch, merge_rank_stats
-from .models import build_model
+from .models import build_model, constraints
 from .optim import kd_weight_at, make_optimizer, make_scheduler
+from .rundir import RunDir
 from .teachers import TeacherContext, build_teacher
 from .timing import Clock
 from .topology import Topology, build_topology, train_shard
@@ -33,63 +37,80 @@ from .topology import Topology, build_topology, train_shard
 
 def train_loop_per_worker(config: dict) -> None:
     """Entry point of a Ray Train worker, or of Train's local mode (one worker, in the calling
-    process: a Tune trial's). `config` carries the Config, user builders and, in local mode, the
-    reporter to use (local mode keeps reports in memory only, and inside a Tune trial the
-    ray.train context calls are Tune's to answer)."""
-    cfg: Config = config["cfg"]
-    builders = dict(model_builders=config.get("models"), dataset_builders=config.get("datasets"))
-    if config.get("reporter") is not None:
-        device = torch.device("cuda" if cfg.scale.use_gpu and torch.cuda.is_available() else "cpu")
-        run(cfg, 0, device, **builders, reporter=config["reporter"], restore_from=config.get("resume_from"))
-        return
-    import ray.train
-    import ray.train.torch
+    process). `config` carries the Config, user builders, the run directory every rank saves
+    its checkpoints into, where to start from, and whom to tell of each epoch (reporting.py)."""
+    from .reporting import CheckpointReporter
 
-    _quiet_ray_train_logs()
-    rank = ray.train.get_context().get_world_rank()
-    run(cfg, rank, ray.train.torch.get_device(), **builders, reporter=_ray_report,
-        # this run's own latest checkpoint (after a worker failure) wins over the one it started from
-        restore_from=ray.train.get_checkpoint() or config.get("resume_from"))
+    cfg: Config = config["cfg"]
+    local = config.get("local", False)
+    if local:
+        rank = 0
+        device = torch.device("cuda" if cfg.scale.use_gpu and torch.cuda.is_available() else "cpu")
+    else:
+        import ray.train
+        import ray.train.torch
+
+        _quiet_ray_train_logs()
+        rank, device = ray.train.get_context().get_world_rank(), ray.train.torch.get_device()
+    run_dir = RunDir(config["run_dir"])
+    # this attempt's own newest checkpoint (after a lost worker) wins over the one it started from
+    own = find_resume_point(run_dir, cfg.num_peers, deep=False).checkpoint
+    reporter = CheckpointReporter(run_dir, cfg, rank, notify=config.get("notify"), group=config.get("group"))
+    try:
+        run(cfg, rank, device, model_builders=config.get("models"), dataset_builders=config.get("datasets"),
+            reporter=reporter, restore_from=own or config.get("resume_from"), verbose=config.get("verbose", True),
+            data=config.get("data"), service=config.get("teacher_service"))
+    except BaseException as e:
+        reporter.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
+        raise
 
 
 def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, dataset_builders=None,
-        reporter=None, restore_from=None) -> list[dict]:
-    """Train this rank's peers for cfg.train.epochs. Returns rank 0's history (others: [])."""
+        reporter=None, restore_from: str | None = None, verbose: bool = True, data=None,
+        service: list[str] | None = None) -> list[dict]:
+    """Train this rank's peers for cfg.train.epochs. Returns rank 0's history (others: []).
+    `verbose`: rank 0 prints a line per epoch (and progress lines within long epochs). `data`:
+    the dataset as the driver read it, when the loop runs in the driver's process (else read here)."""
     topo = build_topology(rank, cfg.num_peers, cfg.scale.replicas, cfg.scale.peers_per_worker)
     if device.type == "cpu":
         keep_freed_memory()  # no page faults for every step's activations (host.py)
 
     # --- data: identical batch order for all peers, sharded by replica only (unless codistilling
     # peers were given disjoint shards: distill.peer_data); images channels-last (scale.channels_last)
-    data = load_data(cfg.data, dataset_builders)
+    data = data if data is not None else load_data(cfg.data, dataset_builders)
     fmt = memory_format(data.sample, cfg.scale.channels_last)
     shard, num_shards = train_shard(rank, cfg.num_peers, cfg.scale.replicas, peers_per_worker=cfg.scale.peers_per_worker,
                                     disjoint_peers=cfg.distill.peer_data == "disjoint")
     train_batches = Batches(data.train, cfg.train.batch_size, device, seed=cfg.train.seed, shard=shard,
-                            num_shards=num_shards, augment=cfg.data.augment, num_workers=cfg.data.num_workers,
+                            num_shards=num_shards, jitter=Jitter.of(cfg.data), num_workers=cfg.data.num_workers,
                             max_batches=cfg.train.max_steps_per_epoch, memory_format=fmt)
     steps_per_epoch = len(train_batches)
     if steps_per_epoch == 0:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} is larger than a replica's shard of the training set")
+    # labels the driver could not read up front (a user's Dataset) are checked batch by batch
+    check_labels = labels_of(data.train) is None
 
     def eval_batches(ds):
-        return Batches(ds, 512, device, shard=topo.replica, num_shards=cfg.scale.replicas, shuffle=False,
-                       drop_last=False, num_workers=cfg.data.num_workers, memory_format=fmt)
+        return Batches(ds, 64 if data.is_sequence else 512, device, shard=topo.replica, num_shards=cfg.scale.replicas,
+                       shuffle=False, drop_last=False, num_workers=cfg.data.num_workers, memory_format=fmt)
 
     # --- this rank's peers: distinct init per peer, identical across a peer's replicas and layouts
     def build_peer(p: int) -> nn.Module:
         torch.manual_seed(cfg.train.seed * 1000 + p)
-        return build_model(cfg.models[p], data.sample, data.num_classes, model_builders, memory_format=fmt)
+        return build_named(cfg.models[p])
 
     def build_named(name: str) -> nn.Module:  # any model for this dataset (a frozen teacher's)
-        return build_model(name, data.sample, data.num_classes, model_builders, memory_format=fmt)
+        return build_model(name, data.sample, data.num_classes, model_builders, memory_format=fmt,
+                           label_shape=data.label_shape)
 
     models = [build_peer(p).to(device) for p in topo.peers]
     train_models = [_data_parallel(m, topo, device) for m in models]
     opts = [make_optimizer(cfg.optim, m) for m in models]
     scheds = [make_scheduler(cfg.optim, o, steps_per_epoch, cfg.train.epochs) for o in opts]
+    constrain = [constraints(m) for m in models]  # weight constraints (max-norm) after each step
     peers = list(zip(models, opts, scheds))
-    teacher = build_teacher(TeacherContext(cfg, topo, device, build_peer, steps_per_epoch, build_named))
+    teacher = build_teacher(TeacherContext(cfg, topo, device, build_peer, steps_per_epoch, build_named,
+                                           run_dir=getattr(reporter, "run_dir", None), service=service))
     autocast = _autocast(cfg, device)
     clock = Clock(device)  # CUDA events on a GPU, so timing never stalls the queue
     # one after another, or a thread per peer on CPU cores
@@ -99,49 +120,68 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
         with autocast():  # a context per call: autocast's state is per thread
             return model(x)
 
-    def learn(j: int, z, z_teacher, y, opt, sched, kd_w: float) -> None:
-        """The j-th peer's loss, backward and optimizer step; adds its (ce, kd, correct, samples)
-        sums to its row of the epoch's `sums` (each peer writes its own row only)."""
+    def learn(j: int, z, z_teacher, y, opt, sched, kd_w: float, epoch: int, step: int) -> None:
+        """The j-th peer's loss, backward and optimizer step; adds its (ce, kd, correct, counted)
+        sums to its row of the epoch's `sums` (each peer writes its own row only). A loss or a
+        gradient that is not finite ends the run here, before the optimizer takes it in."""
         loss, parts = distill_loss(z, z_teacher, y, temperature=cfg.loss.temperature, kd_weight=kd_w,
-                                   multi_teacher=cfg.loss.multi_teacher, ce_weight=cfg.loss.ce_weight)
+                                   multi_teacher=cfg.loss.multi_teacher, ce_weight=cfg.loss.ce_weight,
+                                   divergence=cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(_non_finite("loss", cfg, topo.peers[j], epoch, step, steps_per_epoch, sched, parts))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.optim.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(models[j].parameters(), cfg.optim.grad_clip)
+            if not torch.isfinite(norm):
+                raise NonFiniteError(_non_finite("gradient norm", cfg, topo.peers[j], epoch, step, steps_per_epoch,
+                                                 sched, parts))
         opt.step()
+        for c in constrain[j]:
+            c()
         sched.step()
-        sums[j] += torch.stack([parts["ce"] * len(y), parts["kd"] * len(y), (z.detach().argmax(1) == y).sum().float(),
-                                torch.tensor(float(len(y)), device=y.device)])
+        mask = y != IGNORE_INDEX
+        counted = mask.sum()
+        sums[j] += torch.stack([parts["ce"] * counted, parts["kd"] * counted,
+                                ((z.detach().argmax(-1) == y) & mask).sum().float(), counted.float()])
 
     # --- resume: models, optimizers, schedules, teachers, RNG and the metrics so far
     start_epoch, history = 0, []
     if restore_from is not None:
-        start_epoch, history = ckpt.restore(restore_from, topo, peers, teacher)
+        start_epoch, history = restore(restore_from, topo, peers, teacher)
     elif cfg.run.fail_once_at_epoch is not None:
         _arm_chaos(cfg, rank)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         train_batches.set_epoch(epoch)
-        # per peer: ce, kd, correct, samples; summed on device, read once per epoch
+        # per peer: ce, kd, correct, counted (examples, or real tokens); summed on device, read once per epoch
         sums = torch.zeros(len(models), 4, device=device)
         marks, t_log = [], time.perf_counter()  # per-step clock marks, read once per epoch
         kd_w = kd_weight_at(cfg.loss, epoch)
-        for i, (x, y) in enumerate(train_batches):
+        forwards_before = teacher.teacher_forwards  # examples the frozen teacher runs on this epoch
+        for i, (x, y, x_next) in enumerate(lookahead(train_batches)):
             t0 = clock.mark()
             step = epoch * steps_per_epoch + i
             kd_w = kd_weight_at(cfg.loss, epoch + i / steps_per_epoch)
+            if check_labels:
+                _check_batch_labels(y, data.num_classes, cfg, epoch, i)
             x, y = teacher.prepare_batch(x, y)  # as loaded, except for teachers that revisit samples (DLB)
             logits = each_peer.map(forward, train_models, [x] * len(models))  # every peer, on the same batch
             t1 = clock.mark()
-            teacher_logits = teacher.logits(x, logits)
+            teacher_logits = teacher.logits(x, logits, step)
+            if x_next is not None:
+                teacher.prefetch(x_next, step + 1)  # a teacher served elsewhere starts on the next batch now
             t1_end = clock.mark()
-            each_peer.update(learn, range(len(models)), logits, teacher_logits, [y] * len(models), opts, scheds,
-                             [kd_w] * len(models))
+            n = len(models)
+            each_peer.update(learn, range(n), logits, teacher_logits, [y] * n, opts, scheds, [kd_w] * n,
+                             [epoch] * n, [i] * n)
             t2 = clock.mark()
             teacher.after_step(models, step)  # EMA updates, codistill swaps weights here: teacher time too
             t2_end = clock.mark()
             _chaos(cfg, rank, epoch, i)
 
             marks.append((t0, t1, t1_end, t2, t2_end, clock.mark()))
-            if rank == 0 and time.perf_counter() - t_log > cfg.train.log_every_s:
+            if verbose and rank == 0 and time.perf_counter() - t_log > cfg.train.log_every_s:
                 t_log = time.perf_counter()
                 each_peer.wait()  # the sums so far
                 ce, kd = (sums[:, k].sum().item() / sums[:, 3].sum().item() for k in (0, 1))
@@ -149,27 +189,92 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
                       f"ce {ce:.4f}  kd {kd:.4f}  (this epoch so far, mean over peers)", flush=True)
         each_peer.wait()  # every update of the epoch done: its sums, the models to evaluate
         step_times, exchange_s = clock.read(marks)  # on a GPU: the epoch's one synchronize
+        _check_finite_weights(models, topo, cfg, epoch)  # no checkpoint ever holds a NaN
 
         # --- evaluate these peers and the cohort's ensemble; gather everything to rank 0
         last = epoch == cfg.train.epochs - 1
-        evals = {"val": evaluate(models, eval_batches(data.val), topo, autocast)}
-        if last:  # the test split is looked at once, at the end, never for model selection
-            evals["test"] = evaluate(models, eval_batches(data.test), topo, autocast)
+        keep = last and not data.is_sequence  # the last epoch's logits, for per-class tables and analysis
+        evals, outputs = {}, {}
+        for split, ds in [("val", data.val)] + ([("test", data.test)] if last else []):
+            # the test split is looked at once, at the end, never for model selection
+            evals[split], outputs[split] = evaluate(models, eval_batches(ds), topo, autocast, keep_logits=keep,
+                                                    bytes_per_token=data.bytes_per_token)
+        fidelity = _fidelity(teacher, models, eval_batches(data.val), autocast)  # what distill.logits loses
         stats = [{"peer": p, "replica": topo.replica, "model": cfg.models[p], "train": sums[j].tolist(),
                   "step_times": step_times, "exchange_s": exchange_s, "comm_bytes_per_step": teacher.comm_bytes_per_step,
+                  "teacher_forwards": teacher.teacher_forwards - forwards_before if j == 0 else 0, "fidelity": fidelity,
                   "batch_size": cfg.train.batch_size, **{split: ev[j] for split, ev in evals.items()}}
                  for j, p in enumerate(topo.peers)]
         all_stats = _gather(stats, topo)
+        predictions = _gather_predictions(outputs, topo) if keep else None
         metrics, row = {}, []
         if rank == 0:
             metrics, row = merge_rank_stats(all_stats, cfg, epoch, lr=scheds[0].get_last_lr()[0], kd_weight=kd_w,
-                                           resumed_from_epoch=start_epoch)
+                                           resumed_from_epoch=start_epoch, sequence=data.is_sequence)
             history.extend(row)
-            print(format_epoch(metrics, cfg), flush=True)
+            if verbose:
+                print(format_epoch(metrics, cfg), flush=True)
         if reporter is not None:
-            reporter(metrics, cfg, topo, epoch, peers, teacher, history)
+            reporter(Epoch(epoch, metrics, history, topo, peers, teacher, predictions, last))
     each_peer.close()
     return history if rank == 0 else []
+
+
+@torch.no_grad()
+def _fidelity(teacher, models: list[nn.Module], batches: Batches, autocast) -> dict[str, float]:
+    """Teacher.fidelity on the first validation batch (nothing when teacher logits are dense)."""
+    if teacher.form.dense:
+        return {}
+    x, _ = next(iter(batches))
+    for m in models:
+        m.eval()
+    with autocast():
+        z = [m(x).float() for m in models]
+    for m in models:
+        m.train()
+    return teacher.fidelity(x, z)
+
+
+def lookahead(batches):
+    """(x, y, the next batch's x or None): the next batch is loaded before this one trains, so a
+    teacher served elsewhere can start on it (Teacher.prefetch)."""
+    it = iter(batches)
+    current = next(it, None)
+    while current is not None:
+        following = next(it, None)
+        yield current[0], current[1], (following[0] if following is not None else None)
+        current = following
+
+
+def _non_finite(what: str, cfg: Config, peer: int, epoch: int, step: int, steps: int, sched, parts: dict) -> str:
+    """The one line a NaN or an infinity ends the run with: where, and the settings that matter."""
+    lr = sched.get_last_lr()[0]
+    ce, kd = (float(parts[k]) for k in ("ce", "kd"))
+    return (f"non-finite {what} in peer {peer} ({cfg.models[peer]}) at epoch {epoch + 1}, step {step + 1} of {steps} "
+            f"(ce {ce:.4g}, kd {kd:.4g}); settings: loss.temperature={cfg.loss.temperature:g}, "
+            f"loss.kd_weight={cfg.loss.kd_weight:g}, loss.ce_weight={cfg.loss.ce_weight}, optim.lr={cfg.optim.lr:g} "
+            f"(now {lr:.4g}), optim.grad_clip={cfg.optim.grad_clip}. Nothing was saved from this state. Allowed: a "
+            f"lower optim.lr, optim.grad_clip (e.g. 5), or a lower loss.temperature")
+
+
+def _check_finite_weights(models: list[nn.Module], topo: Topology, cfg: Config, epoch: int) -> None:
+    """Before anything is saved: every weight finite (an infinite gradient the loss did not show)."""
+    for p, m in zip(topo.peers, models):
+        bad = [name for name, w in m.state_dict().items() if w.is_floating_point() and not torch.isfinite(w).all()]
+        if bad:
+            raise NonFiniteError(f"non-finite weights in peer {p} ({cfg.models[p]}) after epoch {epoch + 1}: "
+                                 f"{', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}; settings: optim.lr={cfg.optim.lr:g}, "
+                                 f"optim.grad_clip={cfg.optim.grad_clip}, loss.temperature={cfg.loss.temperature:g}. Nothing "
+                                 "was saved from this state. Allowed: a lower optim.lr or optim.grad_clip")
+
+
+def _check_batch_labels(y: torch.Tensor, num_classes: int, cfg: Config, epoch: int, step: int) -> None:
+    real = y[y != IGNORE_INDEX]
+    if len(real) and (int(real.min()) < 0 or int(real.max()) >= num_classes):
+        raise LabelError(f"data.dataset: a training batch of {cfg.data.dataset!r} (epoch {epoch + 1}, step {step + 1}) "
+                         f"has labels in [{int(real.min())}, {int(real.max())}], but the dataset says num_classes="
+                         f"{num_classes}; allowed: class indices in [0, {num_classes - 1}] (its labels were not "
+                         "readable up front: a Dataset without `targets`)")
 
 
 class PeerRunner:
@@ -228,31 +333,69 @@ class PeerRunner:
 
 
 @torch.no_grad()
-def evaluate(models: list[nn.Module], batches: Batches, topo: Topology, autocast) -> list[dict]:
+def evaluate(models: list[nn.Module], batches: Batches, topo: Topology, autocast, *, keep_logits: bool = False,
+             bytes_per_token: float | None = None) -> tuple[list[dict], dict | None]:
     """Per peer of this worker: its correct count and NLL sum on its shard, and the ensemble's
     (mean of all the cohort's probabilities: this worker's, and the others' all-gathered over
-    the exchange group)."""
+    the exchange group, batch by batch). Counts are over examples, or over real tokens for token
+    sequences. With keep_logits, also this worker's logits with the examples' indices."""
     for m in models:
         m.eval()
-    logits, labels = [[] for _ in models], []
+    k = len(models)
+    correct, nll = torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)
+    ens_correct, ens_nll, counted = 0.0, 0.0, 0
+    kept, labels = [], []
     for x, y in batches:
         with autocast():
-            for out, m in zip(logits, models):
-                out.append(m(x).float())
-        labels.append(y)
+            z = torch.stack([m(x).float() for m in models])  # (k, B, [L,] C)
+        mask = y != IGNORE_INDEX
+        counted += int(mask.sum())
+        logp = F.log_softmax(z, dim=-1)
+        picked = logp.gather(-1, y.clamp_min(0).unsqueeze(0).unsqueeze(-1).expand(k, *y.shape, 1)).squeeze(-1)
+        nll -= (picked * mask).flatten(1).sum(1).double().cpu()
+        correct += ((z.argmax(-1) == y) & mask).flatten(1).sum(1).double().cpu()
+        probs = logp.exp()
+        if topo.exchange_group is not None:
+            gathered = [torch.empty_like(probs) for _ in range(topo.num_slots)]
+            dist.all_gather(gathered, probs, group=topo.exchange_group)
+            probs = torch.cat(gathered)
+        ens = probs.mean(0)
+        ens_correct += float(((ens.argmax(-1) == y) & mask).sum())
+        ens_nll -= float((ens.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1).clamp_min(1e-12).log() * mask).sum())
+        if keep_logits:
+            kept.append(z.cpu())
+            labels.append(y.cpu())
     for m in models:
         m.train()
-    z, y = torch.stack([torch.cat(zs) for zs in logits]), torch.cat(labels)  # (k, N, C)
-    probs = F.softmax(z, dim=2)
-    if topo.exchange_group is not None:
-        gathered = [torch.empty_like(probs) for _ in range(topo.num_slots)]
-        dist.all_gather(gathered, probs, group=topo.exchange_group)
-        probs = torch.cat(gathered)
-    ens = probs.mean(0)
-    ens_correct = (ens.argmax(1) == y).sum().item()
-    ens_nll = F.nll_loss(ens.clamp_min(1e-12).log(), y, reduction="sum").item()
-    return [{"correct": (zp.argmax(1) == y).sum().item(), "nll": F.cross_entropy(zp, y, reduction="sum").item(),
-             "n": len(y), "ens_correct": ens_correct, "ens_nll": ens_nll} for zp in z]
+    out = [{"correct": float(correct[j]), "nll": float(nll[j]), "n": counted, "ens_correct": ens_correct,
+            "ens_nll": ens_nll, "bytes_per_token": bytes_per_token} for j in range(k)]
+    logits = None
+    if keep_logits:
+        logits = {"index": batches.indices(), "labels": torch.cat(labels), "logits": torch.cat(kept, dim=1)}
+    return out, logits
+
+
+def _gather_predictions(outputs: dict, topo: Topology) -> dict | None:
+    """Rank 0: per split, every peer's logits over the whole split, in the split's order."""
+    mine = {split: {"peers": list(topo.peers), **o} for split, o in outputs.items() if o is not None}
+    parts = [mine]
+    if dist.is_initialized() and topo.world_size > 1:
+        parts = [None] * topo.world_size
+        dist.all_gather_object(parts, mine)
+    if topo.rank != 0:
+        return None
+    out = {}
+    for split in mine:
+        n = max(int(part[split]["index"].max()) + 1 for part in parts)
+        labels = torch.empty(n, dtype=torch.long)
+        logits: dict[int, torch.Tensor] = {}
+        for part in parts:
+            o = part[split]
+            labels[o["index"]] = o["labels"]
+            for j, p in enumerate(o["peers"]):
+                logits.setdefault(p, torch.empty(n, o["logits"].shape[-1]))[o["index"]] = o["logits"][j]
+        out[split] = {"labels": labels, "logits": dict(sorted(logits.items()))}
+    return out
 
 
 def _quiet_ray_train_logs() -> None:
@@ -290,16 +433,6 @@ def _gather(stats: list[dict], topo: Topology) -> list[dict]:
     out: list = [None] * topo.world_size
     dist.all_gather_object(out, stats)
     return [s for rank_stats in out for s in rank_stats]
-
-
-def _ray_report(metrics, cfg, topo, epoch, peers, teacher, history) -> None:
-    """Every rank writes its own files into one checkpoint and reports it (a barrier)."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt.save(tmp, topo, epoch, peers, teacher, history, metrics)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                         checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
 
 
 # --- chaos testing: lose a worker once, to prove recovery from the last checkpoint -------------

@@ -12,8 +12,17 @@ def steady(step_times: list[float], warmup: int = 3) -> list[float]:
     return step_times[warmup:] if len(step_times) > warmup + 1 else step_times
 
 
+def text_metrics(nll: float, bytes_per_token: float | None) -> dict[str, float]:
+    """Perplexity and bits per byte of a mean token NLL in nats (bits per byte compare models
+    whatever their tokenizer: bytes per token is 1 for byte-level tokens)."""
+    out = {"ppl": math.exp(min(nll, 700.0))}
+    if bytes_per_token:
+        out["bpb"] = nll / math.log(2) / bytes_per_token
+    return out
+
+
 def merge_rank_stats(all_stats: list[dict], cfg: Config, epoch: int, *, lr: float, kd_weight: float,
-                     resumed_from_epoch: int = 0) -> tuple[dict, list[dict]]:
+                     resumed_from_epoch: int = 0, sequence: bool = False) -> tuple[dict, list[dict]]:
     """Rank 0's view of an epoch: `peer{p}/...`, `ensemble/...` and cohort-level metrics.
 
     Replicas of a peer are summed (they hold different shards); the ensemble is counted once
@@ -40,6 +49,8 @@ def merge_rank_stats(all_stats: list[dict], cfg: Config, epoch: int, *, lr: floa
         for split in splits:
             c, nll, m = (sum(s[split][k] for s in mine) for k in ("correct", "nll", "n"))
             row[f"{split}_acc"], row[f"{split}_nll"] = c / m, nll / m
+            if sequence:
+                row.update({f"{split}_{k}": v for k, v in text_metrics(nll / m, mine[0][split].get("bytes_per_token")).items()})
         rows.append(row)
         for k, v in row.items():
             if k not in ("epoch", "member", "model"):
@@ -50,26 +61,43 @@ def merge_rank_stats(all_stats: list[dict], cfg: Config, epoch: int, *, lr: floa
         c, nll, m = (sum(s[split][k] for s in ens_src) for k in ("ens_correct", "ens_nll", "n"))
         ens[f"{split}_acc"], ens[f"{split}_nll"] = c / m, nll / m
         metrics[f"ensemble/{split}_acc"], metrics[f"ensemble/{split}_nll"] = c / m, nll / m
-        accs = [r[f"{split}_acc"] for r in rows]
-        metrics[f"mean/{split}_acc"], metrics[f"best_peer/{split}_acc"] = statistics.mean(accs), max(accs)
+        if sequence:
+            for k, v in text_metrics(nll / m, ens_src[0][split].get("bytes_per_token")).items():
+                ens[f"{split}_{k}"] = metrics[f"ensemble/{split}_{k}"] = v
+        for name, best in (("acc", max), ("nll", min), ("bpb", min)):  # per peer: the mean, and the best one's
+            values = [r[f"{split}_{name}"] for r in rows if f"{split}_{name}" in r]
+            if values:
+                metrics[f"mean/{split}_{name}"], metrics[f"best_peer/{split}_{name}"] = statistics.mean(values), best(values)
     rows.append(ens)
     metrics["step_time_s"] = max(step_medians)
     metrics["samples_per_s"] = sum(r["samples_per_s"] for r in rows[:-1])
     metrics["exchange_bytes_per_step"] = statistics.mean(s["comm_bytes_per_step"] for s in all_stats)
+    metrics["teacher_forwards"] = sum(s.get("teacher_forwards", 0) for s in all_stats)
+    for key in sorted({k for s in all_stats for k in s.get("fidelity", {})}):  # what distill.logits loses
+        values = [s["fidelity"][key] for s in all_stats if key in s.get("fidelity", {})]
+        metrics[key] = statistics.mean(values)
     for r in rows:
         r.update(lr=lr, kd_weight=kd_weight, resumed_from_epoch=resumed_from_epoch, run=cfg.run.name, mode=cfg.distill.mode, seed=cfg.train.seed,
-                 temperature=cfg.loss.temperature)
+                 temperature=cfg.loss.temperature, teacher_forwards=metrics["teacher_forwards"],
+                 **{k: metrics[k] for k in ("logits_kl", "kd_rel_error") if k in metrics})
     return metrics, rows
 
 
 def format_epoch(m: dict, cfg: Config) -> str:
-    """One readable line per epoch."""
-    peers = "  ".join(f"p{p} {m[f'peer{p}/val_acc']:.4f}" for p in range(cfg.num_peers))
-    line = (f"epoch {m['epoch']:>3}/{cfg.train.epochs}  val acc: {peers}  ens {m['ensemble/val_acc']:.4f}  "
+    """One readable line per epoch: validation accuracy per peer and of the ensemble (bits per
+    byte for text, or token NLL where the dataset does not say its bytes per token)."""
+    key, label, fmt = "val_acc", "val acc", ".4f"
+    if "ensemble/val_bpb" in m:
+        key, label, fmt = "val_bpb", "val bits/byte", ".3f"
+    elif "ensemble/val_ppl" in m:
+        key, label, fmt = "val_nll", "val nll", ".3f"
+    peers = "  ".join(f"p{p} {m[f'peer{p}/{key}']:{fmt}}" for p in range(cfg.num_peers))
+    line = (f"epoch {m['epoch']:>3}/{cfg.train.epochs}  {label}: {peers}  ens {m[f'ensemble/{key}']:{fmt}}  "
             f"| ce {statistics.mean(m[f'peer{p}/train_ce'] for p in range(cfg.num_peers)):.4f} "
             f"kd {statistics.mean(m[f'peer{p}/train_kd'] for p in range(cfg.num_peers)):.4f}  "
             f"| {m['step_time_s'] * 1e3:.1f} ms/step  {m['samples_per_s']:.0f} samples/s")
-    if "ensemble/test_acc" in m:
-        tests = "  ".join(f"p{p} {m[f'peer{p}/test_acc']:.4f}" for p in range(cfg.num_peers))
-        line += f"\n  test acc: {tests}  ens {m['ensemble/test_acc']:.4f}"
+    test_key = key.replace("val_", "test_")
+    if f"ensemble/{test_key}" in m:
+        tests = "  ".join(f"p{p} {m[f'peer{p}/{test_key}']:{fmt}}" for p in range(cfg.num_peers))
+        line += f"\n  test {label[4:]}: {tests}  ens {m[f'ensemble/{test_key}']:{fmt}}"
     return line

@@ -14,12 +14,13 @@ Python API (`train(cfg, models={...})`); online_distill.hf wraps Hugging Face mo
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torchvision import models as tvm
 
+from . import gpt, specs
 from .config import ConfigError
 from .host import to_format
 
@@ -28,22 +29,60 @@ Builder = Callable[[Shape, int], nn.Module]
 BYTE_VOCAB = 256  # as data.BYTE_VOCAB; kept here so models.py does not import the datasets
 
 
-def mlp(input_shape: Shape, num_classes: int, hidden: int = 256) -> nn.Module:
-    """Any float input: flattened, two hidden layers (the first one lazy: it reads the input size)."""
-    return nn.Sequential(
-        nn.Flatten(), nn.LazyLinear(hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
-    )
+def mlp(input_shape: Shape, num_classes: int, hidden: int | Sequence[int] = (256, 256), dropout: float = 0.0,
+        input_dropout: float = 0.0, max_norm: float | None = None) -> nn.Module:
+    """Any float input, flattened, through ReLU layers of the `hidden` widths (an int: one layer).
+    `dropout` after each hidden layer and `input_dropout` on the input (Hinton et al. 2012: 0.5
+    and 0.2); `max_norm` caps the L2 norm of each hidden unit's incoming weights after every
+    optimizer step (their weight constraint; the loop calls `constrain_`). With neither dropout,
+    the layers are those of the plain MLP (same parameter names, same initialisation)."""
+    widths = [hidden] if isinstance(hidden, int) else list(hidden)
+    if not widths or any(not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"hidden: got {hidden!r}; allowed: a positive width or a list of them")
+    for name, p in (("dropout", dropout), ("input_dropout", input_dropout)):
+        if not 0 <= p < 1:
+            raise ValueError(f"{name}: got {p!r}; allowed: a probability in [0, 1)")
+    if max_norm is not None and not max_norm > 0:
+        raise ValueError(f"max_norm: got {max_norm!r}; allowed: None or a number > 0")
+    layers: list[nn.Module] = [nn.Flatten()] + ([nn.Dropout(input_dropout)] if input_dropout else [])
+    for i, w in enumerate(widths):
+        layers += [nn.LazyLinear(w) if i == 0 else nn.Linear(widths[i - 1], w), nn.ReLU()]
+        layers += [nn.Dropout(dropout)] if dropout else []
+    layers.append(nn.Linear(widths[-1], num_classes))
+    return MLP(*layers, max_norm=max_norm) if max_norm is not None else nn.Sequential(*layers)
+
+
+class MLP(nn.Sequential):
+    """An MLP whose hidden units' incoming weight vectors are kept within an L2 ball of radius
+    `max_norm` (Srivastava/Hinton et al.'s max-norm constraint, used with dropout)."""
+
+    def __init__(self, *layers: nn.Module, max_norm: float):
+        super().__init__(*layers)
+        self.max_norm = max_norm
+
+    @torch.no_grad()
+    def constrain_(self) -> None:
+        hidden = [m for m in self if isinstance(m, nn.Linear)][:-1]  # not the output layer
+        for m in hidden:
+            if not isinstance(m.weight, nn.parameter.UninitializedParameter):  # a lazy layer before its first batch
+                m.weight.copy_(torch.renorm(m.weight, p=2, dim=0, maxnorm=self.max_norm))
 
 
 def mlp_small(input_shape: Shape, num_classes: int) -> nn.Module:
     """Hidden layers of 64: about 55k parameters on 28x28 images, a student for the MLPs."""
-    return mlp(input_shape, num_classes, hidden=64)
+    return mlp(input_shape, num_classes, hidden=(64, 64))
 
 
 def mlp_large(input_shape: Shape, num_classes: int) -> nn.Module:
     """Hidden layers of 1200 (the teacher size of Hinton et al. 2015): about 2.4M parameters
     on 28x28 images, yet fast on a CPU (two matrix products)."""
-    return mlp(input_shape, num_classes, hidden=1200)
+    return mlp(input_shape, num_classes, hidden=(1200, 1200))
+
+
+def constraints(model: nn.Module) -> list[Callable[[], None]]:
+    """What the loop calls after each optimizer step: the `constrain_()` of every module that
+    has one (a weight constraint such as MLP's max-norm). A user model may define one too."""
+    return [m.constrain_ for m in model.modules() if callable(getattr(m, "constrain_", None))]
 
 
 def _channels(input_shape: Shape) -> int:
@@ -187,17 +226,35 @@ MODELS: dict[str, Builder] = {
     "char_cnn": char_cnn,
     "char_cnn_wide": char_cnn_wide,
     "char_gru": char_gru,
+    # decoder-only language models (online_distill.gpt): logits (B, L, vocab) for ids (B, L)
+    "gpt": gpt.gpt,
+    "gpt_tiny": gpt.gpt_tiny,
+    "gpt_small": gpt.gpt_small,
+    "gpt_medium": gpt.gpt_medium,
 }
 
 
+def resolve_model(spec: str, builders: dict[str, Builder] | None = None, *, field: str = "models") -> Builder:
+    """The builder a model spec names (a name, an import path, either with arguments:
+    online_distill.specs), or a ConfigError of one line starting with `field`."""
+    try:
+        return specs.resolve(spec, MODELS, builders, fixed=2, what="model")
+    except specs.SpecError as e:
+        raise ConfigError(f"{field}: {e}", field.split(":")[0]) from None
+
+
 def build_model(name: str, sample: torch.Tensor, num_classes: int, builders: dict[str, Builder] | None = None,
-                *, field: str = "models", memory_format: torch.memory_format = torch.contiguous_format) -> nn.Module:
-    """Build model `name` for examples like `sample` (a real batch of the dataset, a couple of
-    rows) and run it on them: lazy layers take their shapes, and a builder that fails, a
-    forward that raises or logits of the wrong shape are a ConfigError that starts with `field`
-    and names the builder and the batch it got. With `memory_format` channels-last (images and
-    scale.channels_last: host.memory_format), the model is moved to it and run again so."""
-    builder = {**MODELS, **(builders or {})}[name]
+                *, field: str = "models", memory_format: torch.memory_format = torch.contiguous_format,
+                label_shape: tuple[int, ...] = ()) -> nn.Module:
+    """Build model `name` (a spec: online_distill.specs) for examples like `sample` (a real batch
+    of the dataset, a couple of rows) and run it on them: lazy layers take their shapes, and a
+    builder that fails, a forward that raises or logits of the wrong shape are a ConfigError that
+    starts with `field` and names the builder and the batch it got. Logits are (B, num_classes)
+    for one label per example, (B, *label_shape, num_classes) for labels of that shape per
+    example (a language model's next token at each of L positions: label_shape (L,)). With
+    `memory_format` channels-last (images and scale.channels_last: host.memory_format), the
+    model is moved to it and run again so."""
+    builder = resolve_model(name, builders, field=field)
     shape = tuple(sample.shape[1:])
     who = f"{field}: model {name!r} ({getattr(builder, '__qualname__', builder)})"
     got = f"examples of shape {shape}, {str(sample.dtype).removeprefix('torch.')}"
@@ -218,11 +275,12 @@ def build_model(name: str, sample: torch.Tensor, num_classes: int, builders: dic
             raise ConfigError(f"{who}: its forward raised on the dataset's first {len(sample)} training examples, a "
                               f"batch of shape {tuple(sample.shape)} ({got}): {type(e).__name__}: {e}") from e
         model.train()
-    if not isinstance(out, torch.Tensor) or not out.is_floating_point() or tuple(out.shape) != (len(sample), num_classes):
+    want = (len(sample), *label_shape, num_classes)
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point() or tuple(out.shape) != want:
         what = f"shape {tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"{who}: on a batch of shape {tuple(sample.shape)} ({got}) it returned {what}; allowed: "
-                          f"float logits of shape ({len(sample)}, {num_classes}), one column per class of the dataset "
-                          f"(num_classes={num_classes})")
+                          f"float logits of shape {want}, one column per class of the dataset "
+                          f"(num_classes={num_classes})" + (f" at each of the label's {label_shape} positions" if label_shape else ""))
     if memory_format is not torch.contiguous_format:
         _to_memory_format(model, sample, memory_format, who)
     return model

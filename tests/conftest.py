@@ -19,7 +19,7 @@ def ray_session():
     2-worker Tune trials at once; the tiny models do not mind the oversubscription."""
     import ray
 
-    from online_distill.run.launch import use_local_ray_env
+    from online_distill.run.env import use_local_ray_env
 
     use_local_ray_env()  # as an embedded run of online-distill has it
     ray.init(num_cpus=4, num_gpus=0, logging_level=logging.WARNING, include_dashboard=True)
@@ -64,12 +64,13 @@ def no_ray(monkeypatch):
     """A run must be refused before Ray: starting it (or a trainer) fails the test."""
     import time
 
+    import online_distill.run.env as env
     import online_distill.run.launch as launch
 
     def started(*a, **k):
         raise AssertionError("Ray was started for a run the driver should have refused")
 
-    monkeypatch.setattr(launch, "init_ray", started)
+    monkeypatch.setattr(env, "init_ray", started)
     monkeypatch.setattr(launch, "make_trainer", started)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     t0 = time.perf_counter()

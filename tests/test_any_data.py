@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import online_distill
-from online_distill.run import launch
+from online_distill.run import launch  # noqa: F401
 from online_distill.config import ConfigError, DataConfig
 from online_distill.data import BYTE_VOCAB, WORD_BYTES, Splits, Tensors, lang_words, load_data
 from online_distill.models import build_model
@@ -115,13 +115,13 @@ def test_missing_word_lists_name_the_field_and_the_apt_packages(monkeypatch):
         lang_words(DataConfig(dataset="lang_words"))
 
 
-def test_augment_is_refused_on_data_that_are_not_images():
-    with pytest.raises(ConfigError, match=r"^data.augment: got true; .* 'waves', whose examples batch to "
+def test_jitter_is_refused_on_data_that_are_not_images():
+    with pytest.raises(ConfigError, match=r"^data.shift: got 2; allowed: 0 for dataset 'waves', whose examples batch to "
                                           r"\(2, 1, 64\) float32"):
-        load_data(DataConfig(dataset="waves", val_size=100, augment=True), {"waves": waves})
-    with pytest.raises(ConfigError, match=r"^data.augment: .* \(2, 24\) int64"):
-        load_data(DataConfig(dataset="lang_words", val_size=100, train_subset=100, augment=True))
-    assert load_data(DataConfig(dataset="synthetic", val_size=100, augment=True)).input_shape == (1, 28, 28)
+        load_data(DataConfig(dataset="waves", val_size=100, shift=2), {"waves": waves})
+    with pytest.raises(ConfigError, match=r"^data.flip: .* \(2, 24\) int64"):
+        load_data(DataConfig(dataset="lang_words", val_size=100, train_subset=100, flip=True))
+    assert load_data(DataConfig(dataset="synthetic", val_size=100, shift=2, flip=True)).input_shape == (1, 28, 28)
 
 
 def test_a_hugging_face_model_trains_through_the_adapter():
@@ -206,7 +206,7 @@ def test_labels_outside_the_classes_are_refused_naming_the_dataset_builder(no_ra
 
     msg = refused(make_cfg, datasets={"floats": float_labels},
                   **{"models": ["mlp", "mlp"], "data.dataset": "floats", "data.val_size": 100})
-    assert "train split: labels batch to (2,) float32; allowed: one int64 class index per example" in msg
+    assert "train split: labels batch to (1000,) float32; allowed: int64 class indices" in msg
 
 
 def test_a_dataset_builder_that_raises_or_breaks_its_promise_is_refused(no_ray, make_cfg):
@@ -268,9 +268,10 @@ def test_dml_on_token_sequences_with_a_user_net_and_a_hugging_face_bert(ray_sess
     assert all(res.metrics[f"peer{p}/train_kd"] > 0 for p in range(3))
 
 
-def test_preflight_without_the_user_builders_leaves_their_models_to_the_workers(make_cfg):
-    # a caller that checked the names but did not pass the builders (a sweep's driver) still runs
-    launch.preflight_data(make_cfg(models=["users_own", "tiny_cnn"]), None)
+def test_the_preflight_builds_every_model_with_the_users_builders(make_cfg):
+    from online_distill.run.plan import read_data
+
+    with pytest.raises(ConfigError, match=r"^models\[0\]: unknown model 'users_own'; allowed: .*package.module:builder"):
+        read_data(make_cfg(models=["users_own", "tiny_cnn"]))
     with pytest.raises(ConfigError, match=r"^models\[1\]: model 'five'"):
-        launch.preflight_data(make_cfg(models=["tiny_cnn", "five"]), None,
-                              {"five": lambda shape, k: nn.Sequential(nn.Flatten(), nn.LazyLinear(5))})
+        read_data(make_cfg(models=["tiny_cnn", "five"]), {"five": lambda shape, k: nn.Sequential(nn.Flatten(), nn.LazyLinear(5))})

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from online_distill.bench import claims, tables
+from benchmarks.tools import claims, tables
 from online_distill.sweep.spec import from_dict as sweep_from_dict
 
 

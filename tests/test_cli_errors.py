@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from online_distill import config as C
+from online_distill import config_file as CF
 from online_distill.sweep import spec as S
 from online_distill.checks import check
 
@@ -121,7 +122,7 @@ def test_refusals_come_before_torch_and_ray_are_imported(tmp_path):
     sweep = put(tmp_path, "name: s\nbase: c.yaml\nspace:\n  loss.temperature: {grid: [1, 2]}\n", "s.yaml")
     code = f"""
 import sys
-from online_distill import config
+from online_distill import config_file as config
 from online_distill.sweep import spec as sweep_config
 from online_distill.cli import main
 config.load({path!r}).check_fields()
@@ -143,9 +144,9 @@ def test_registry_errors_keep_their_message_and_name_where_the_value_came_from(t
     path = put(tmp_path, "models: [small_cnn,\n  vgg99]\n")
     assert main(["train", path]) == 2
     err = capsys.readouterr().err
-    assert f"config file {path!r}, line 2: models[1]: got 'vgg99'; allowed: " in err and "small_cnn" in err
+    assert f"config file {path!r}, line 2: models[1]: unknown model 'vgg99'; allowed: " in err and "small_cnn" in err
     assert main(["train", path, "--set", "models=[small_cnn, small_cnn]", "--set", "data.dataset=imagenet"]) == 2
-    assert "--set 'data.dataset=imagenet': data.dataset: got 'imagenet'; allowed: " in capsys.readouterr().err
+    assert "--set 'data.dataset=imagenet': data.dataset: unknown dataset 'imagenet'; allowed: " in capsys.readouterr().err
 
 
 def test_mode_names_match_the_teacher_sources():
@@ -156,24 +157,24 @@ def test_mode_names_match_the_teacher_sources():
 
 def test_python_api_keeps_its_messages_and_refuses_duplicates(tmp_path):
     with pytest.raises(C.ConfigError) as e:
-        C.load(put(tmp_path, "loss: {temperature: 1}\nloss: {temperature: 2}\n"))
+        CF.load(put(tmp_path, "loss: {temperature: 1}\nloss: {temperature: 2}\n"))
     assert "line 2, column 1: duplicate key 'loss'" in str(e.value)
     with pytest.raises(C.ConfigError) as e:
-        check(C.load(put(tmp_path, "loss: {temperature: -1}\n")))
+        check(CF.load(put(tmp_path, "loss: {temperature: -1}\n")))
     assert str(e.value).startswith("loss.temperature: got -1.0") and e.value.field == "loss.temperature"
     with pytest.raises(C.ConfigError, match="--set 'x=\\[1': the value is not valid YAML"):
-        C.parse_sets(["x=[1"])
+        CF.parse_sets(["x=[1"])
     # still plain safe_load otherwise: merge keys, anchors, a BOM, an empty file
     merged = put(tmp_path, "\ufeffx: &t {temperature: 2, kd_weight: 0.2}\nloss:\n  <<: *t\n  temperature: 3\n")
-    assert C.read_yaml(merged, "f")["loss"] == {"temperature": 3, "kd_weight": 0.2}
-    assert C.read_yaml_lines(merged, "f")[1]["loss.temperature"] == 4
-    assert C.load(put(tmp_path, "# only a comment\n")) == C.Config()
+    assert CF.read_yaml(merged, "f")["loss"] == {"temperature": 3, "kd_weight": 0.2}
+    assert CF.read_yaml_lines(merged, "f")[1]["loss.temperature"] == 4
+    assert CF.load(put(tmp_path, "# only a comment\n")) == C.Config()
     with pytest.raises(C.ConfigError, match="sweep file .* duplicate key 'space'"):
         S.load(put(tmp_path, "name: s\nspace: {}\nspace: {}\n", "s.yaml"))
 
 
 def test_refusal_benchmark_prints_its_median():
-    out = subprocess.run([sys.executable, "-m", "online_distill.bench.refusal", "-n", "2"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "benchmarks.tools.refusal", "-n", "2"], capture_output=True,
                          text=True, env=ENV, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[-1].startswith("median refusal time: ") and "(bar < 2 s)" in out.stdout

@@ -13,7 +13,8 @@ import pandas as pd
 import pytest
 
 from online_distill import config as config_mod
-from online_distill.run.cluster import LocalCluster, NodeSpec
+from online_distill import config_file
+from cluster import LocalCluster, NodeSpec
 
 pytestmark = pytest.mark.e2e
 
@@ -46,7 +47,7 @@ def job(cluster, tmp_path_factory):
         "train": {"epochs": 2, "batch_size": 64}, "scale": {"cpus_per_worker": 1},
         "run": {"name": RUN, "storage_path": str(shared), "max_failures": 0},
     })
-    (workdir / "run.yaml").write_text(config_mod.dump(cfg))
+    (workdir / "run.yaml").write_text(config_file.dump(cfg))
     env = {**_env_without_ray_auth(), **cluster.client_env()}
     out = subprocess.run(
         [RAY, "job", "submit", "--address", cluster.dashboard_url, "--submission-id", SUBMISSION,

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from online_distill import config as C
+from online_distill import config_file as CF
 from online_distill.cli import main
 from online_distill.checks import check
 
@@ -21,7 +22,7 @@ def test_defaults_are_a_valid_dml_cohort():
 
 
 def test_yaml_round_trip_and_types(tmp_path):
-    cfg = C.load(write(tmp_path, "models: [mlp, tiny_cnn]\nloss: {temperature: 2, kd_weight: 0.25}\ntrain: {epochs: 3}\n"))
+    cfg = CF.load(write(tmp_path, "models: [mlp, tiny_cnn]\nloss: {temperature: 2, kd_weight: 0.25}\ntrain: {epochs: 3}\n"))
     assert cfg.models == ("mlp", "tiny_cnn") and cfg.loss.temperature == 2.0 and isinstance(cfg.loss.temperature, float)
     assert C.from_dict(C.to_dict(cfg)) == cfg
     with pytest.raises(Exception):
@@ -30,7 +31,7 @@ def test_yaml_round_trip_and_types(tmp_path):
 
 def test_overrides_parse_values_as_yaml(tmp_path):
     path = write(tmp_path, "train: {epochs: 3}\n")
-    cfg = C.load(path, C.parse_sets(["loss.temperature=4.5", "models=[mlp, mlp, mlp]", "data.train_subset=null",
+    cfg = CF.load(path, CF.parse_sets(["loss.temperature=4.5", "models=[mlp, mlp, mlp]", "data.train_subset=null",
                                      "scale.use_gpu=true"]))
     assert cfg.loss.temperature == 4.5 and cfg.models == ("mlp",) * 3 and cfg.data.train_subset is None
     assert cfg.scale.use_gpu is True and cfg.train.epochs == 3
@@ -56,7 +57,7 @@ def test_overrides_parse_values_as_yaml(tmp_path):
 ])
 def test_bad_values_name_the_field_and_what_is_allowed(tmp_path, text, field, allowed):
     with pytest.raises(C.ConfigError) as e:
-        check(C.load(write(tmp_path, text)))
+        check(CF.load(write(tmp_path, text)))
     assert str(e.value).startswith(field + ":") and allowed in str(e.value)
 
 
@@ -66,14 +67,14 @@ def test_bad_values_name_the_field_and_what_is_allowed(tmp_path, text, field, al
 ])
 def test_unknown_keys_list_the_valid_ones(tmp_path, text, where):
     with pytest.raises(C.ConfigError, match=where):
-        C.load(write(tmp_path, text))
+        CF.load(write(tmp_path, text))
 
 
 def test_unknown_override_is_refused(tmp_path):
     with pytest.raises(C.ConfigError, match="loss.tempreature: unknown field"):
-        C.load(write(tmp_path, ""), {"loss.tempreature": 3})
+        CF.load(write(tmp_path, ""), {"loss.tempreature": 3})
     with pytest.raises(C.ConfigError, match="expected section.key=value"):
-        C.parse_sets(["loss.temperature"])
+        CF.parse_sets(["loss.temperature"])
 
 
 def test_user_builders_extend_the_names():

@@ -1,6 +1,6 @@
 """Export round trips: the written TorchScript / ONNX file, loaded back, gives the trained model's
 outputs; dynamic int8 quantization reports its accuracy and size. The run directory is made by
-the real training loop (without Ray: one rank, checkpoints written as the Ray reporter does)."""
+the real training loop (without Ray: one rank, checkpoints written by the reporter every rank uses)."""
 from __future__ import annotations
 
 import json
@@ -11,11 +11,14 @@ import torch
 
 from online_distill import checkpoint as ckpt
 from online_distill import config as C
+from online_distill import config_file as CF
 from online_distill.cli import main
 from online_distill.data import load_data
 from online_distill.run.export import export
 from online_distill.loop import run
 from online_distill.models import build_model
+from online_distill.reporting import CheckpointReporter
+from online_distill.rundir import RunDir
 
 IMAGES = torch.zeros(2, 1, 28, 28)  # what models are built for: a batch like the 1x28x28 data
 
@@ -30,14 +33,9 @@ def train_run(d: str, model: str) -> str:
                        "optim": {"lr": 0.05, "schedule": "constant"}, "train": {"epochs": 1, "batch_size": 64}})
     os.makedirs(d)
     with open(os.path.join(d, "config.yaml"), "w") as f:
-        f.write(C.dump(cfg))
+        f.write(CF.dump(cfg))
 
-    def report(metrics, cfg, topo, epoch, peers, teacher, history):
-        out = os.path.join(d, f"checkpoint_epoch_{epoch + 1:04d}")
-        os.makedirs(out, exist_ok=True)
-        ckpt.save(out, topo, epoch, peers, teacher, history)
-
-    run(cfg, 0, torch.device("cpu"), reporter=report)
+    run(cfg, 0, torch.device("cpu"), reporter=CheckpointReporter(RunDir(d), cfg, 0), verbose=False)
     return d
 
 
@@ -50,7 +48,7 @@ def runs(tmp_path_factory):
 
 
 def trained(run_dir: str) -> tuple[torch.nn.Module, torch.Tensor]:
-    cfg = C.load(os.path.join(run_dir, "config.yaml"))
+    cfg = CF.load(os.path.join(run_dir, "config.yaml"))
     data = load_data(cfg.data)
     model = build_model(cfg.models[0], IMAGES, 10)
     model.load_state_dict(ckpt.load_peer(os.path.join(run_dir, "checkpoint_epoch_0001"), 0)["model"])

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from online_distill import config as C
+from online_distill import config_file as CF
 from online_distill.checkpoint import load_peer
 from online_distill.run import train
-from online_distill.teachers.frozen import find_checkpoint_dir
+from online_distill.rundir import checkpoint_dir_of as find_checkpoint_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -40,12 +41,15 @@ def test_born_again_trains_each_generation_from_scratch_taught_by_the_last(born_
     # every generation is an ordinary run whose results are kept
     for d in (gen0, gen1):
         assert {"config.yaml", "final.csv", "metrics.csv", "compression.csv", "result.json"} <= set(os.listdir(d))
-    g0_cfg, g1_cfg = C.load(os.path.join(gen0, "config.yaml")), C.load(os.path.join(gen1, "config.yaml"))
+    g0_cfg, g1_cfg = CF.load(os.path.join(gen0, "config.yaml")), CF.load(os.path.join(gen1, "config.yaml"))
     assert g0_cfg.distill.mode == "independent"
     assert g1_cfg.distill.mode == "offline" and g1_cfg.distill.teacher_checkpoint == gen0
     assert g1_cfg.train.seed == g0_cfg.train.seed  # same init and batches: the teacher is the only difference
-    # generation 1's teacher is generation 0's final model, frozen through the whole run
-    teacher = load_peer(find_checkpoint_dir(gen1), 0)["teacher"]
+    # generation 1's teacher is generation 0's final model, frozen through the whole run, stored
+    # once in the run (teacher.pt), never again in a checkpoint
+    named = load_peer(find_checkpoint_dir(gen1), 0)["teacher"]
+    assert named["model_name"] == "tiny_cnn" and "model" not in named
+    teacher = torch.load(os.path.join(gen1, "teacher.pt"), weights_only=True)
     assert teacher["model_name"] == "tiny_cnn"
     for k, v in final_model(gen0).items():
         assert torch.equal(teacher["model"][k], v), k
@@ -78,8 +82,9 @@ def test_offline_kd_of_another_architecture_from_an_earlier_run(born_again, tmp_
     out = train(cfg, verbose=False)
     assert out.metrics["peer0/train_kd"] > 0 and out.metrics["exchange_bytes_per_step"] == 0
     assert out.metrics["peer0/exchange_share"] > 0  # the teacher's forward pass is part of the step time
-    # the teacher stayed frozen: the checkpoint's teacher is generation 1's final model, unchanged
-    teacher = load_peer(find_checkpoint_dir(out.run_dir), 0)["teacher"]
+    # the teacher stayed frozen: the run's copy is generation 1's final model, unchanged
+    teacher = torch.load(os.path.join(out.run_dir, "teacher.pt"), weights_only=True)
+    assert "model" not in load_peer(find_checkpoint_dir(out.run_dir), 0)["teacher"]
     for k, v in final_model(os.path.join(res.run_dir, "gen1")).items():
         assert torch.equal(teacher["model"][k], v), k
     comp = pd.read_csv(os.path.join(out.run_dir, "compression.csv")).set_index("member")
@@ -87,5 +92,5 @@ def test_offline_kd_of_another_architecture_from_an_earlier_run(born_again, tmp_
     assert comp.loc["peer0", "params"] > comp.loc["peer0/teacher", "params"]  # here the "student" is the bigger one
     assert comp.loc["peer0", "test_acc"] == pytest.approx(out.metrics["peer0/test_acc"])
     assert (comp["latency_ms"] > 0).all() and (comp["size_kb"] > 0).all()
-    saved = C.load(os.path.join(out.run_dir, "config.yaml"))
+    saved = CF.load(os.path.join(out.run_dir, "config.yaml"))
     assert saved.distill.teacher_checkpoint == os.path.join(res.run_dir, "gen1")  # made absolute for the workers

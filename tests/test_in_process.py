@@ -8,8 +8,10 @@ import pytest
 
 from online_distill import config as C
 from online_distill.run import in_process, train
-from online_distill.run.in_process import check_machine, fit_in_process, runs_in_process
-from online_distill.run.launch import history_from_checkpoint, make_trainer, prepare_run_dir
+from online_distill.rundir import RunDir
+from online_distill.run.in_process import fit_in_process, runs_in_process
+from online_distill.run.launch import history_from_checkpoint, make_trainer
+from online_distill.run.plan import check_machine, make_plan
 from test_packing import assert_same_learning
 
 
@@ -53,12 +55,12 @@ def test_what_this_machine_cannot_give_is_refused_naming_the_field(make_cfg):
 
 
 def test_it_learns_what_the_spread_cohort_learns_and_leaves_a_worker_groups_files(make_cfg, train_history, monkeypatch):
-    from online_distill.run import launch
+    from online_distill.run import env
 
     def started(*a, **k):
         raise AssertionError("a Ray cluster was started for a cohort of one worker")
 
-    monkeypatch.setattr(launch, "init_ray", started)  # no Ray cluster is started for it
+    monkeypatch.setattr(env, "init_ray", started)  # no Ray cluster is started for it
     cfg = packed(make_cfg, run__name="here")
     res = train(cfg, verbose=False)
     # the same seeded cohort, one peer per process (a gloo world of the real loop): the same numbers
@@ -66,10 +68,9 @@ def test_it_learns_what_the_spread_cohort_learns_and_leaves_a_worker_groups_file
     assert_same_learning(spread, history_from_checkpoint(res.checkpoint))
     # a worker group's files: checkpoints by epoch, the newest run.checkpoints_to_keep of them
     assert checkpoints(res.run_dir) == ["checkpoint_epoch_0002", "checkpoint_epoch_0003"]
-    assert res.checkpoint.path.endswith("checkpoint_epoch_0003") and res.metrics["epoch"] == 3
-    with res.checkpoint.as_directory() as d:
-        assert {"peer0.pt", "peer1.pt", "rng_rank0.pt", "history.json", "metrics.json", "manifest_rank0.json"} <= \
-            set(os.listdir(d))
+    assert res.checkpoint.endswith("checkpoint_epoch_0003") and res.metrics["epoch"] == 3
+    assert {"peer0.pt", "peer1.pt", "rng_rank0.pt", "history.json", "metrics.json", "manifest_rank0.json",
+            "predictions.pt"} <= set(os.listdir(res.checkpoint))
     assert json.load(open(os.path.join(res.run_dir, "result.json")))["metrics"]["peer1/test_acc"] == \
         pytest.approx(res.metrics["peer1/test_acc"])
     assert {"final.csv", "metrics.csv", "compression.csv", "curves.png"} <= set(os.listdir(res.run_dir))
@@ -82,7 +83,7 @@ def test_a_failure_is_retried_from_the_newest_checkpoint(make_cfg, capsys):
     assert sorted(h["epoch"].unique()) == [1, 2, 3] and len(h) == 3 * 3  # each epoch once, 2 peers + ensemble
     err = capsys.readouterr().err
     assert "run 'chaos': training failed (RuntimeError: chaos: rank 0 fails once at epoch 2" in err
-    assert "retry 1 of 1 (run.max_failures) from checkpoint_epoch_0002" in err
+    assert "retry 1 of 1 (run.max_failures), resuming from checkpoint_epoch_0002 (epoch 2 done)" in err
 
 
 def test_a_failure_beyond_max_failures_keeps_every_finished_checkpoint_and_a_rerun_resumes(make_cfg):
@@ -98,10 +99,12 @@ def test_a_failure_beyond_max_failures_keeps_every_finished_checkpoint_and_a_rer
 
 def test_a_run_stopped_after_its_last_report_finishes_from_that_checkpoint(make_cfg):
     cfg = packed(make_cfg, run__name="stopped")
-    run_dir = os.path.join(cfg.run.storage, "stopped")
-    prepare_run_dir(cfg, run_dir)
-    metrics, point = fit_in_process(cfg, run_dir, None, make_trainer)  # every epoch trained; then stopped before the tables
+    plan = make_plan(cfg)
+    plan.prepare()
+    fit_in_process(plan.cfg, plan.run_dir, None, make_trainer, verbose=False)  # every epoch trained; stopped before the tables
+    plan.release()
+    last = RunDir(plan.run_dir.path).latest()
     res = train(cfg, verbose=False)
-    assert res.checkpoint.path == point.path and res.metrics == metrics and res.metrics["epoch"] == 3
+    assert res.checkpoint == last and res.metrics["epoch"] == 3
     assert sorted(res.history["epoch"].unique()) == [1, 2, 3]
-    assert os.path.exists(os.path.join(run_dir, "result.json"))
+    assert os.path.exists(os.path.join(plan.run_dir.path, "result.json"))

@@ -87,7 +87,45 @@ def test_the_cycle_finder_finds_a_circle():
 
 def test_subpackages_show_the_architecture_and_the_api_is_at_the_top():
     mods = modules()
-    for sub in ("online_distill.teachers", "online_distill.run", "online_distill.sweep", "online_distill.bench"):
+    for sub in ("online_distill.teachers", "online_distill.run", "online_distill.sweep"):
         assert sub in mods and any(m.startswith(sub + ".") for m in mods), sub
     for name in ("Config", "ConfigError", "load", "with_overrides", "check", "train", "load_sweep", "run_sweep"):
         assert hasattr(online_distill, name), name
+
+
+ENTRY_POINTS = {"online_distill", "online_distill.cli", "online_distill.bench"}
+"""What a person calls: the public API, the command line, the overhead bench. They may import any layer."""
+LAYERS = [["online_distill.sweep"], ["online_distill.run"],
+          ["online_distill.loop", "online_distill.reporting", "online_distill.checks"], ["online_distill.teachers"]]
+"""From the top down: a sweep is many runs; a run drives the workers' loop; the loop asks its
+teachers. Every other module is the base below them all. A module may import its own layer and
+the ones below it, never one above (sweep/ above run/: run/ never imports sweep/)."""
+
+
+def test_no_module_imports_upward():
+    graph = import_graph()
+
+    def layer(mod: str) -> int:
+        for i, pkgs in enumerate(LAYERS):
+            if any(mod == p or mod.startswith(p + ".") for p in pkgs):
+                return i
+        return len(LAYERS)
+
+    upward = [f"{mod} -> {t}" for mod, targets in graph.items() if mod not in ENTRY_POINTS
+              for t in targets if layer(t) < layer(mod)]
+    assert upward == []
+
+
+def test_benchmark_scripts_and_the_test_cluster_are_not_installed():
+    mods = modules()
+    assert not [m for m in mods if m.startswith("online_distill.bench.")], "benchmark scripts live in benchmarks/tools"
+    assert "online_distill.run.cluster" not in mods, "the local test cluster lives in tests/cluster.py"
+    root = os.path.dirname(PKG_DIR)
+    assert os.path.exists(os.path.join(root, "benchmarks", "tools", "claims.py"))
+    assert os.path.exists(os.path.join(root, "tests", "cluster.py"))
+
+
+def test_the_config_schema_and_its_yaml_reading_are_apart():
+    schema = open(os.path.join(PKG_DIR, "config.py")).read()
+    assert "import yaml" not in schema and "safe_load" not in schema
+    assert "yaml.SafeLoader" in open(os.path.join(PKG_DIR, "config_file.py")).read()

@@ -11,7 +11,7 @@ from online_distill import config as C
 from online_distill.checkpoint import load_peer
 from online_distill.run import train
 from online_distill.run.launch import make_trainer
-from online_distill.teachers.frozen import find_checkpoint_dir
+from online_distill.rundir import RunDir, checkpoint_dir_of as find_checkpoint_dir
 
 pytestmark = pytest.mark.e2e
 
@@ -21,7 +21,7 @@ def test_interrupted_ema_run_resumes_with_the_same_teacher(ray_session, make_cfg
                 data__train_subset=512)
     full = train(make_cfg(run__name="ema-straight", **over), verbose=False)
     cfg = make_cfg(run__name="ema-cut", **over)
-    make_trainer(C.with_overrides(cfg, {"train.epochs": 1})).fit()  # stopped after one of two epochs
+    make_trainer(C.with_overrides(cfg, {"train.epochs": 1}), RunDir.of(cfg), notify="train").fit()  # stopped after 1 of 2 epochs
     resumed = train(cfg, verbose=False)
     h = resumed.history
     assert h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 1]

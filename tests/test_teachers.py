@@ -12,11 +12,13 @@ from torch import nn
 
 from online_distill import checkpoint as ckpt
 from online_distill import config as C
+from online_distill import config_file as CF
 from online_distill.losses import distill_loss
 from online_distill.optim import cycle_index, lr_factor, make_optimizer, make_scheduler
 from online_distill.teachers import TEACHERS, TeacherContext, build_teacher
 from online_distill.teachers.ema import ema_decay_at
-from online_distill.teachers.frozen import find_checkpoint_dir, resolve_teacher
+from online_distill.rundir import checkpoint_dir_of as find_checkpoint_dir
+from online_distill.teachers.frozen import resolve_teacher
 from online_distill.teachers.snapshot import is_cycle_end
 from online_distill.topology import Topology
 from online_distill.checks import check
@@ -236,7 +238,7 @@ def teacher_run(tmp_path):
     run_dir = tmp_path / "teacher_run"
     d = run_dir / "checkpoint_epoch_0002"
     os.makedirs(d)
-    (run_dir / "config.yaml").write_text(C.dump(cfg))
+    (run_dir / "config.yaml").write_text(CF.dump(cfg))
     from online_distill.models import build_model
 
     nets = []
@@ -244,8 +246,8 @@ def teacher_run(tmp_path):
         torch.manual_seed(p)
         net = build_model(name, IMAGES, 10)
         opt = make_optimizer(cfg.optim, net)
-        ckpt.save(str(d), Topology(rank=p, num_peers=2, replicas=1), 1, [(net, opt, make_scheduler(cfg.optim, opt, 4, 3))],
-                  build_teacher(context(cfg)), [])
+        ckpt.save(str(d), ckpt.Epoch(1, {}, [], Topology(rank=p, num_peers=2, replicas=1),
+                                     [(net, opt, make_scheduler(cfg.optim, opt, 4, 3))], build_teacher(context(cfg))))
         nets.append(net)
     os.makedirs(run_dir / "checkpoint_epoch_0001")  # an older checkpoint: not the one used
     return run_dir, nets
@@ -282,7 +284,7 @@ def test_frozen_teacher_from_a_plain_state_dict_needs_the_model_name(tmp_path, t
     torch.save(nets[0].state_dict(), path)
     with pytest.raises(C.ConfigError, match=r"distill.teacher_model: got None"):
         check(offline_cfg(path))
-    with pytest.raises(C.ConfigError, match=r"distill.teacher_model: got 'nonesuch'; allowed: .*small_cnn"):
+    with pytest.raises(C.ConfigError, match=r"distill.teacher_model: unknown model 'nonesuch'; allowed: .*small_cnn"):
         check(offline_cfg(path, **{"distill.teacher_model": "nonesuch"}))
     with pytest.raises(C.ConfigError, match=r"distill.teacher_model: the weights .* do not fit model 'small_cnn'"):
         check(offline_cfg(path, **{"distill.teacher_model": "small_cnn"}))
@@ -346,5 +348,5 @@ def test_a_cached_frozen_teacher_teaches_the_same_and_runs_once_per_example(teac
 def test_a_teacher_cache_is_refused_where_logits_change():
     with pytest.raises(C.ConfigError, match=r"distill.cache_teacher: got True; allowed: false with distill.mode='dml'"):
         base_cfg(models=["tiny_cnn", "tiny_cnn"], **{"distill.mode": "dml", "distill.cache_teacher": True}).check_fields()
-    with pytest.raises(C.ConfigError, match=r"distill.cache_teacher: got True; allowed: false with data.augment=true"):
-        offline_cfg("x", **{"distill.cache_teacher": True, "data.augment": True}).check_fields()
+    with pytest.raises(C.ConfigError, match=r"distill.cache_teacher: got True; allowed: false with data.shift or data.flip"):
+        offline_cfg("x", **{"distill.cache_teacher": True, "data.shift": 2}).check_fields()

@@ -5,6 +5,7 @@ import os
 import pytest
 
 from online_distill import config as C
+from online_distill import config_file as CF
 from online_distill.run import train
 
 pytestmark = pytest.mark.e2e
@@ -22,7 +23,7 @@ def tiny(cfg: C.Config, tmp_path, **over) -> C.Config:
 @pytest.fixture(scope="module")
 def dml_run(ray_session, tmp_path_factory):
     """A DML cohort of a larger GRU (183k parameters) and a char CNN (27k) on lang_words."""
-    cfg = tiny(C.load(CONFIG), tmp_path_factory.mktemp("text"), models=["char_gru", "char_cnn"])
+    cfg = tiny(CF.load(CONFIG), tmp_path_factory.mktemp("text"), models=["char_gru", "char_cnn"])
     return train(cfg, verbose=False)
 
 
@@ -36,7 +37,7 @@ def test_dml_on_words_learns_the_language(dml_run):
 
 
 def test_offline_kd_from_a_larger_text_teacher(dml_run, tmp_path):
-    cfg = tiny(C.load(CONFIG), tmp_path, models=["char_cnn"], **{
+    cfg = tiny(CF.load(CONFIG), tmp_path, models=["char_cnn"], **{
         "distill.mode": "offline", "distill.teacher_checkpoint": dml_run.run_dir, "distill.teacher_peer": 0,
         "loss.kd_weight": 0.7, "run.name": "lang_kd"})
     res = train(cfg, verbose=False)
@@ -46,7 +47,7 @@ def test_offline_kd_from_a_larger_text_teacher(dml_run, tmp_path):
 
 
 def test_ema_self_distillation_on_words(ray_session, tmp_path):
-    cfg = tiny(C.load(CONFIG), tmp_path, models=["char_cnn"], **{
+    cfg = tiny(CF.load(CONFIG), tmp_path, models=["char_cnn"], **{
         "distill.mode": "ema", "distill.ema_decay": 0.99, "run.name": "lang_ema"})
     res = train(cfg, verbose=False)
     assert res.metrics["peer0/test_acc"] > CHANCE + 0.3, res.final

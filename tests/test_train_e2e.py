@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from online_distill import config as C
+from online_distill import config_file as CF
 from online_distill.run import train
-from online_distill.run.launch import check_resources, make_trainer
+from online_distill.rundir import RunDir
+from online_distill.run.launch import make_trainer
+from online_distill.run.plan import check_resources, cluster_resources, make_plan
 
 pytestmark = pytest.mark.e2e
 
@@ -24,11 +27,13 @@ def test_dml_on_real_fashion_mnist_learns_and_leaves_readable_results(ray_sessio
     table = pd.read_csv(os.path.join(res.run_dir, "metrics.csv"))
     assert list(table["epoch"].unique()) == [1, 2] and set(table["member"]) == {"peer0", "peer1", "ensemble"}
     assert table.query("epoch == 2 and member == 'ensemble'")["test_acc"].item() == pytest.approx(res.metrics["ensemble/test_acc"])
-    assert C.load(os.path.join(res.run_dir, "config.yaml")) == cfg
+    assert CF.load(os.path.join(res.run_dir, "config.yaml")) == cfg
     assert os.path.getsize(os.path.join(res.run_dir, "curves.png")) > 1000
     # each peer's files are in the one checkpoint
-    with res.checkpoint.as_directory() as d:
-        assert {"peer0.pt", "peer1.pt", "rng_rank0.pt", "rng_rank1.pt", "history.json"} <= set(os.listdir(d))
+    assert {"peer0.pt", "peer1.pt", "rng_rank0.pt", "rng_rank1.pt", "history.json", "manifest_rank0.json",
+            "manifest_rank1.json", "predictions.pt"} <= set(os.listdir(res.checkpoint))
+    # Ray Train's own records are apart from ours; no half-written checkpoint is left
+    assert not [n for n in os.listdir(res.run_dir) if n.startswith(".saving-") or ".tmp-" in n]
     # a finished run is never silently overwritten
     with pytest.raises(C.ConfigError, match="already finished"):
         train(cfg, verbose=False)
@@ -38,7 +43,7 @@ def test_interrupted_run_resumes_where_it_stopped_and_matches_an_uninterrupted_o
     full = train(make_cfg(train__epochs=3, run__name="straight"), verbose=False)
     # an interrupted run: two of three epochs done, checkpoints on disk, no final results
     cfg = make_cfg(train__epochs=3, run__name="interrupted")
-    make_trainer(C.with_overrides(cfg, {"train.epochs": 2})).fit()
+    make_trainer(C.with_overrides(cfg, {"train.epochs": 2}), RunDir.of(cfg), notify="train").fit()
     # ... resumed with both peers packed in one worker, which trains in this process: peer files do
     # not depend on the layout, and checkpoints not on who wrote them
     resumed = train(C.with_overrides(cfg, {"scale.peers_per_worker": 2}), verbose=False)
@@ -50,13 +55,13 @@ def test_interrupted_run_resumes_where_it_stopped_and_matches_an_uninterrupted_o
 
 def test_a_run_started_in_process_goes_on_in_a_worker_group(ray_session, make_cfg):
     from online_distill.run.in_process import fit_in_process
-    from online_distill.run.launch import prepare_run_dir
 
     cfg = make_cfg(train__epochs=3, run__name="moved", scale__peers_per_worker=2)
     run_dir = os.path.join(cfg.run.storage, "moved")
-    two = C.with_overrides(cfg, {"train.epochs": 2})
-    prepare_run_dir(two, run_dir)
-    fit_in_process(two, run_dir, None, make_trainer)  # two of three epochs in the driver's process, then stopped
+    plan = make_plan(C.with_overrides(cfg, {"train.epochs": 2}))
+    plan.prepare()
+    fit_in_process(plan.cfg, plan.run_dir, None, make_trainer, verbose=False)  # 2 of 3 epochs in this process, stopped
+    plan.release()
     # the same run spread over two Ray Train workers (say, moved to a machine with two GPUs)
     resumed = train(C.with_overrides(cfg, {"scale.peers_per_worker": 1}), verbose=False)
     h = resumed.history
@@ -71,9 +76,9 @@ def test_a_run_started_in_process_goes_on_in_a_worker_group(ray_session, make_cf
 
 def test_changed_config_is_not_resumed_silently(ray_session, make_cfg):
     cfg = make_cfg(train__epochs=2, run__name="changed")
-    from online_distill.run.launch import prepare_run_dir
-
-    prepare_run_dir(cfg, os.path.join(cfg.run.storage, "changed"))
+    plan = make_plan(cfg)
+    plan.prepare()  # writes config.yaml
+    plan.release()
     with pytest.raises(C.ConfigError, match=r"loss.temperature: 3.0 -> 5.0"):
         train(C.with_overrides(cfg, {"loss.temperature": 5.0}), verbose=False)
 
@@ -99,12 +104,12 @@ def test_more_workers_than_the_cluster_has_is_refused_before_fit(ray_session, ma
     cfg = make_cfg(models=["tiny_cnn"] * 3, scale__replicas=2)
     with pytest.raises(C.ConfigError, match=r"scale: 3 models / scale.peers_per_worker=1 x scale.replicas=2 = 6 workers "
                                             r".* need 6 CPUs; the cluster has 4.*scale.peers_per_worker: a divisor of 3"):
-        check_resources(cfg)
+        check_resources(cfg, *cluster_resources())
     # peers outnumber GPUs: the way out is named
     with pytest.raises(C.ConfigError, match=r"scale.use_gpu: .* need 2 GPUs; the cluster has 0.*scale.peers_per_worker"):
-        check_resources(make_cfg(scale__use_gpu=True))
+        check_resources(make_cfg(scale__use_gpu=True), *cluster_resources())
     with pytest.raises(C.ConfigError, match=r"scale.cpus_per_worker: got 8; allowed: at most 4"):
-        check_resources(make_cfg(scale__peers_per_worker=2, scale__cpus_per_worker=8))
+        check_resources(make_cfg(scale__peers_per_worker=2, scale__cpus_per_worker=8), *cluster_resources())
 
 
 def test_heterogeneous_peers_from_user_model_and_dataset_builders(ray_session, make_cfg):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 
 import pandas as pd
@@ -15,10 +16,13 @@ import yaml
 from ray.tune import Callback
 
 from online_distill import config as C
+from online_distill import config_file as CF
 from online_distill.sweep import spec as S
 from online_distill.config import ConfigError
-from online_distill.run.report import report
-from online_distill.sweep.driver import concurrency, load_sweep, run_sweep
+from online_distill.run.plan import concurrency
+from online_distill.run.report import report_run
+from online_distill.sweep.driver import load_sweep, run_sweep
+from online_distill.sweep.results import report_sweep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "tune_configs", "tiny.yaml")
@@ -254,7 +258,7 @@ def test_asha_sweep_survives_a_failing_trial_and_an_interruption(ray_session, tm
     assert (table["complete"] | table["stopped_early"]).all()
     summary = third.summary
     assert set(summary["role"]) == {"setting", "baseline"} and "delta_to_baseline" in summary
-    best = C.load(third.best_config)
+    best = CF.load(third.best_config)
     assert best.distill.mode == "dml" and best.run.name == "asha-best"
     ran = summary[(summary["role"] == "setting") & (summary["n_complete"] > 0)]
     best_row = ran[ran["n_complete"] == ran["n"]].iloc[0]  # seeds: [0], so every setting that finished
@@ -265,14 +269,14 @@ def test_asha_sweep_survives_a_failing_trial_and_an_interruption(ray_session, tm
     # `online-distill report` rebuilds the same tables from disk
     written = pd.read_csv(os.path.join(spec.sweep_dir, "trials.csv"))
     os.remove(os.path.join(spec.sweep_dir, "trials.csv"))
-    report(spec.sweep_dir, verbose=False)
+    report_sweep(spec.sweep_dir, verbose=False)
     pd.testing.assert_frame_equal(pd.read_csv(os.path.join(spec.sweep_dir, "trials.csv")), written)
     # ... and a run's tables from its latest checkpoint: here the baseline trial's (its cohort ran
     # in Train's local mode, in the trial's process: its checkpoints are the trial's own)
     base_id = table.loc[table["role"] == "baseline", "trial_id"].item()
     assert not _cohort_runs(spec.sweep_dir, base_id)  # no worker group, no Train run directory
     run_dir = os.path.join(spec.sweep_dir, base_id)
-    report(run_dir, verbose=False)
+    report_run(run_dir, verbose=False)
     metrics = pd.read_csv(os.path.join(run_dir, "metrics.csv"))
     assert metrics["epoch"].max() == 6 and set(metrics["member"]) == {"peer0", "peer1", "ensemble"}
     final = pd.read_csv(os.path.join(run_dir, "final.csv")).set_index("member")
@@ -326,3 +330,23 @@ def test_pbt_exploits_by_restoring_the_donors_checkpoint(ray_session, tmp_path):
             assert 1.0 <= own["temperature"].iloc[0] <= 8.0 and 0.1 <= own["kd_weight"].iloc[0] <= 0.9
     # Tune's own record of the exploits
     assert glob.glob(os.path.join(spec.sweep_dir, "pbt_policy_*.txt"))
+
+
+@pytest.mark.e2e
+def test_a_sweep_prints_our_lines_only(ray_session, tmp_path, capfd):
+    """`online-distill tune tune_configs/tiny.yaml`: a header, a line per trial event led by the
+    trial's label, progress, the final table and verdict; Tune's tables go to the sweep's log."""
+    from online_distill.cli import main
+
+    capfd.readouterr()
+    assert main(["tune", TINY, "--set", f"storage_path={tmp_path}", "--set", "scale.cpus_per_worker=0.5"]) == 0
+    out = capfd.readouterr()
+    lines = [ln for ln in (out.out + out.err).splitlines() if ln.strip()]
+    assert len(lines) <= 60, "\n".join(lines)
+    assert lines[0].startswith("starting sweep 'tiny': 6 trials (asha, objective ensemble/val_acc)")
+    trial_lines = [ln for ln in lines if ln.startswith("[t")]
+    assert len(trial_lines) >= 6 * 2  # started and finished (or stopped early), at least
+    assert all(re.match(r"^\[t0[0-5] (baseline seed=[01]|T=[14] kd=0\.\d+ seed=[01])\] ", ln) for ln in trial_lines)
+    assert not [ln for ln in lines if "╭" in ln or "Trial status" in ln or "tensorboard --logdir" in ln]
+    assert lines[-1].startswith("verdict: ")
+    assert os.path.getsize(os.path.join(tmp_path, "tiny", "run.log")) > 0  # Tune's own lines are kept there

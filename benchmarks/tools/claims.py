@@ -2,9 +2,9 @@
 is searched on the validation split, the pick is rerun on fresh seeds, and last-epoch test
 accuracy is paired seed by seed with a baseline that had the same learning-rate search.
 
-    python -m online_distill.bench.claims run --profile cpu --out benchmarks/raw/cpu
-    python -m online_distill.bench.claims cost --profile cpu --out benchmarks/E3_kd/compression.csv
-    python -m online_distill.bench.tables benchmarks --runs benchmarks/raw/cpu/runs.csv
+    python -m benchmarks.tools.claims run --profile cpu --out benchmarks/raw/cpu
+    python -m benchmarks.tools.claims cost --profile cpu --out benchmarks/E3_kd/compression.csv
+    python -m benchmarks.tools.tables benchmarks --runs benchmarks/raw/cpu/runs.csv
 
 (`--claims E3` runs some claims only; `--profile gpu` is the same on a GPU, with CNNs.)
 
@@ -38,8 +38,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from .. import config as config_mod
-from ..config import Config, ConfigError
+from online_distill import config as config_mod
+from online_distill.config import Config, ConfigError
 
 LOSSES = {"hinton": {"loss.kd_weight": 0.5, "loss.ce_weight": None},  # 0.5 CE + 0.5 T^2 KL (Hinton's mix)
           "sum": {"loss.kd_weight": 1.0, "loss.ce_weight": 1.0}}      # CE + T^2 KL (DML, ONE, MCL-OKD)
@@ -200,7 +200,7 @@ def checkpoint_of(runs: pd.DataFrame, arm: str, stage: str, seed: int, lr: float
 def run(p: Profile, out: str, work: str, data_root: str | None = None,
         claims: tuple[str, ...] = ("E1", "E2", "E3", "E4")) -> pd.DataFrame:
     """The three stages, for `claims`; returns every finished trial's rows (also in out/runs.csv)."""
-    from ..run.launch import init_ray
+    from online_distill.run.launch import init_ray
 
     earlier = sorted(d for d in (os.listdir(work) if os.path.isdir(work) else []) if d.startswith("claims-"))
     if earlier:  # Tune would resume them, and trials finished before would never reach runs.csv
@@ -268,8 +268,8 @@ def write_picks(path: str, picks: dict, a: dict[str, Arm], p: Profile, base: Con
 # ---- one stage: one Tune sweep -------------------------------------------------------------------
 
 def run_stage(stage: str, entries: list[Entry], p: Profile, base: Config, work: str, writer: "RowWriter") -> pd.DataFrame:
-    from ..sweep.driver import run_sweep
-    from ..sweep.spec import SchedulerSpec, SweepSpec
+    from online_distill.sweep.driver import run_sweep
+    from online_distill.sweep.spec import SchedulerSpec, SweepSpec
 
     # an arm that is another arm's twin (on the cpu profile the E4 model is E3's student) runs once
     groups: dict[str, tuple[dict, list[dict]]] = {}
@@ -329,7 +329,7 @@ class RowWriter:
 
 
 def _record(writer: RowWriter, labels: dict[str, dict], trial) -> None:
-    from ..sweep.results import _history
+    from online_distill.sweep.results import _history
 
     group = labels.get(_key(dict(trial.config)))
     history = _history(trial)
@@ -353,8 +353,8 @@ def cost(p: Profile, path: str) -> pd.DataFrame:
     side on this machine (1 thread; weights do not change either, so fresh models will do)."""
     import torch
 
-    from ..models import build_model
-    from ..run.compression import cpu_latency, size_bytes
+    from online_distill.models import build_model
+    from online_distill.run.compression import cpu_latency, size_bytes
 
     torch.manual_seed(0)
     sample = torch.randn(8, 1, 28, 28)  # Fashion-MNIST's shape; the speed does not depend on the values
@@ -372,7 +372,7 @@ def cost(p: Profile, path: str) -> pd.DataFrame:
 # ---- the command line ----------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m online_distill.bench.claims", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.tools.claims", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="search, then confirm on fresh seeds: writes OUT/runs.csv and OUT/picks.yaml")
     r.add_argument("--profile", choices=sorted(PROFILES), default="gpu")
@@ -424,6 +424,6 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     # run from the importable module, not __main__: Tune pickles the callbacks, and classes of
     # __main__ would travel by value with this module's globals
-    from online_distill.bench import claims
+    from benchmarks.tools import claims
 
     sys.exit(claims.main())

@@ -1,6 +1,6 @@
 """What the two host settings of online_distill.host buy a CPU training step, side by side.
 
-    python -m online_distill.bench.host --model small_cnn --repeats 5
+    python -m benchmarks.tools.host --model small_cnn --repeats 5
 
 One training step (forward, CE, backward, SGD with momentum) of one model on a batch of 28 x 28
 images, on one thread, in four settings: PyTorch's default layout or channels-last
@@ -22,14 +22,14 @@ SETTINGS = [("default layout, glibc as is", False, False), ("channels-last", Tru
 
 def _step_time(model: str, batch_size: int, steps: int, channels_last: bool, keep: bool, out) -> None:
     if keep:
-        from ..host import keep_freed_memory
+        from online_distill.host import keep_freed_memory
 
         keep_freed_memory()  # first, before torch allocates anything
     import torch
     import torch.nn.functional as F
 
-    from ..host import memory_format, to_format
-    from ..models import build_model
+    from online_distill.host import memory_format, to_format
+    from online_distill.models import build_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -73,7 +73,7 @@ def measure(model: str = "small_cnn", batch_size: int = 128, steps: int = 20, re
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m online_distill.bench.host", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tools.host", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="small_cnn")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20)

@@ -1,6 +1,6 @@
 """Packed peers on one device, measured side by side in one run.
 
-    python -m online_distill.bench.packed --model resnet18 --peers 2 --device cuda
+    python -m benchmarks.tools.packed --model resnet18 --peers 2 --device cuda
 
 1. Through the training loop itself (no Ray): samples/s per peer of K peers packed in one worker
    (`scale.peers_per_worker: K`, DML) against one peer alone on the same device, and the cost of
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, replace_all_batch_norm_modules_, stack_module_state, vmap
 
-from .. import config as config_mod
-from ..checks import check
-from ..models import build_model
+from online_distill import config as config_mod
+from online_distill.checks import check
+from online_distill.models import build_model
 
 
 def loop_samples_per_s(model: str, peers: int, mode: str, batch_size: int, steps: int, device: torch.device) -> float:
@@ -33,7 +33,7 @@ def loop_samples_per_s(model: str, peers: int, mode: str, batch_size: int, steps
     import contextlib
     import io
 
-    from ..loop import run
+    from online_distill.loop import run
 
     cfg = check(config_mod.from_dict({
         "models": [model] * peers, "distill": {"mode": mode},
@@ -105,7 +105,7 @@ def measure_stacked(model: str, peers: int, batch_size: int, steps: int, repeats
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m online_distill.bench.packed", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tools.packed", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="small_cnn")
     p.add_argument("--peers", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=128)

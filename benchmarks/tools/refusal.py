@@ -1,4 +1,4 @@
-"""How long the CLI takes to refuse a bad config: `python -m online_distill.bench.refusal [-n 10]`.
+"""How long the CLI takes to refuse a bad config: `python -m benchmarks.tools.refusal [-n 10]`.
 
 Runs `python -m online_distill.cli train FILE --set loss.temperature=-1` (a field error) as a fresh
 subprocess N times and prints the median wall time; every run must exit 2 with one stderr line.
@@ -41,7 +41,7 @@ def time_refusal(text: str, sets: list[str], n: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m online_distill.bench.refusal", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tools.refusal", description=__doc__.splitlines()[0])
     p.add_argument("-n", type=int, default=10, help="refusals timed per case")
     p.add_argument("--cases", default="field", help=f"comma-separated, of: {', '.join(CASES)}")
     args = p.parse_args(argv)

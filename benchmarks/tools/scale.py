@@ -1,4 +1,4 @@
-"""`online-distill bench-scale`: what peers x replicas and codistillation cost, side by side.
+"""`python -m benchmarks.tools.scale`: what peers x replicas and codistillation cost, side by side.
 
 Each measurement runs the real training loop (online_distill.loop.run) in a torch.distributed
 world of its own (gloo, one process per rank, no Ray: Ray's start-up would only add noise), for
@@ -17,6 +17,7 @@ then include the device-host copies that gloo makes, an upper bound for NCCL ove
 from __future__ import annotations
 
 import contextlib
+import sys
 import io
 import json
 import os
@@ -26,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import config as config_mod
-from ..checks import check
-from ..config import Config, ConfigError
+from online_distill import config as config_mod
+from online_distill.checks import check
+from online_distill.config import Config, ConfigError
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ def measure(cfg: Config, device: str) -> dict:
 def _rank_main(rank: int, cfg: Config, tmp: str, device: str) -> None:
     import torch.distributed as dist
 
-    from ..loop import run
+    from online_distill.loop import run
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=cfg.world_size)
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
@@ -161,3 +162,32 @@ def bench_scale(*, model: str = "small_cnn", dataset: str = "fashion_mnist", bat
         with open(out, "w") as f:
             json.dump(report, f, indent=1)
     return report
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tools.scale",
+                                description="DML vs codistillation (sync_every 1, 10, 50) and 1 vs 2 replicas, side by side")
+    p.add_argument("--model", default="small_cnn")
+    p.add_argument("--dataset", default="fashion_mnist")
+    p.add_argument("--batch-size", type=int, default=128, help="per replica")
+    p.add_argument("--steps", type=int, default=103, help="steps per measurement (3 warm-up + 100 timed)")
+    p.add_argument("--repeats", type=int, default=2, help="alternating rounds of every measurement")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32,bf16")
+    p.add_argument("--suites", default="exchange,replicas", help="comma-separated: exchange,replicas")
+    p.add_argument("--out", default=None, help="also write the numbers as JSON")
+    a = p.parse_args(argv)
+    try:
+        bench_scale(model=a.model, dataset=a.dataset, batch_size=a.batch_size, steps=a.steps, repeats=a.repeats,
+                    device=a.device, precisions=tuple(a.precision.split(",")), suites=tuple(a.suites.split(",")),
+                    out=a.out)
+    except ConfigError as e:
+        print(f"bench.scale: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

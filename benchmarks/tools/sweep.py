@@ -1,7 +1,7 @@
 """ASHA against the same sweep without early stopping, side by side in one run, and what Tune
 costs on top of its trials.
 
-    python -m online_distill.bench.sweep tune_configs/fmnist_dml.yaml --set data.train_subset=4000
+    python -m benchmarks.tools.sweep tune_configs/fmnist_dml.yaml --set data.train_subset=4000
 
 Both sweeps run the same trials (same settings, same seeds), one trial at a time, one sweep
 after the other on the same Ray; the second differs only in `scheduler.name: none`. Printed per sweep: trials, training
@@ -22,8 +22,9 @@ import time
 
 import pandas as pd
 
-from .. import config as config_mod
-from ..sweep.spec import SchedulerSpec
+from online_distill import config as config_mod
+from online_distill import config_file
+from online_distill.sweep.spec import SchedulerSpec
 
 
 def _trial_times(sweep_dir: str, trial_id: str) -> tuple[float, float, float, int]:
@@ -50,16 +51,16 @@ def measure(result, spec) -> dict:
 
 
 def main(argv=None) -> int:
-    from ..run.env import use_our_lines_env
+    from online_distill.run.env import use_our_lines_env
 
     use_our_lines_env()  # before the sweep driver imports Ray: trial lines without Ray's prefix
-    from ..sweep.driver import load_sweep, run_sweep
+    from online_distill.sweep.driver import load_sweep, run_sweep
 
-    p = argparse.ArgumentParser(prog="python -m online_distill.bench.sweep", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tools.sweep", description=__doc__.split("\n\n")[0])
     p.add_argument("config")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     args = p.parse_args(argv)
-    spec = load_sweep(args.config, config_mod.parse_sets(args.sets))
+    spec = load_sweep(args.config, config_file.parse_sets(args.sets))
     stamp = time.strftime("%H%M%S")
     rows = {}
     for label, sched in (("asha", dataclasses.replace(spec.scheduler, name="asha")),

@@ -16,3 +16,10 @@ def train(cfg, *, models: dict | None = None, datasets: dict | None = None, verb
         return train_cohort(cfg, models=models, datasets=datasets, verbose=verbose)
     check(cfg, models, datasets)
     return train_generations(with_absolute_checkpoint(cfg), models=models, datasets=datasets, verbose=verbose)
+
+
+def preflight(cfg, *, models: dict | None = None, datasets: dict | None = None, dry_run: bool = False):
+    """The preflight of one run (run.plan.make_plan): every check, nothing started."""
+    from .plan import make_plan
+
+    return make_plan(cfg, models=models, datasets=datasets, dry_run=dry_run)

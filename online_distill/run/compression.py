@@ -24,7 +24,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .. import storage
+from ..rundir import COMPRESSION, TEACHER, RunDir
+from ..teachers.frozen import teacher_members
 from ..config import Config
 from ..host import to_format
 
@@ -82,43 +83,51 @@ def cpu_latency(models: list[nn.Module], sample: torch.Tensor, rounds: int = 3,
 
 
 @torch.no_grad()
+@torch.no_grad()
 def accuracy(model: nn.Module, batches) -> float:
+    """Share of examples (or of real tokens, for sequences) whose label is the model's argmax."""
     model = model.cpu().eval()
     correct = n = 0
     for x, y in batches:
-        correct += (model(x).argmax(1) == y).sum().item()
-        n += len(y)
+        mask = y != -100
+        correct += ((model(x).argmax(-1) == y) & mask).sum().item()
+        n += int(mask.sum())
     return correct / n if n else float("nan")
 
 
-def compression_table(cfg: Config, checkpoint_dir: str, *, models=None, datasets=None,
-                      test_acc: dict[str, float] | None = None) -> pd.DataFrame:
-    """One row per student (each peer) and per teacher that holds a model, from a checkpoint.
-    `test_acc`: the accuracies the run already measured, by member (peer0, ...); the others
-    are evaluated here."""
+def compression_table(cfg: Config, checkpoint_dir: str, *, run: RunDir | None = None, data=None, models=None,
+                      datasets=None, test_acc: dict[str, float] | None = None) -> pd.DataFrame:
+    """One row per student (each peer) and per teacher that holds a model, from a checkpoint
+    (a frozen teacher from the run's own copy). `data`: the dataset as the driver read it (None:
+    read here). `test_acc`: the accuracies the run already measured, by member (peer0, ...); the
+    others are evaluated here."""
     from ..checkpoint import load_peer
     from ..data import Batches, load_data
     from ..host import memory_format
     from ..models import build_model
 
-    data = load_data(cfg.data, datasets)
+    data = data if data is not None else load_data(cfg.data, datasets)
     fmt = memory_format(data.sample, cfg.scale.channels_last)
 
     def build(name: str, state: dict) -> nn.Module:
-        m = build_model(name, data.sample, data.num_classes, models, memory_format=fmt)
+        m = build_model(name, data.sample, data.num_classes, models, memory_format=fmt, label_shape=data.label_shape)
         m.load_state_dict(state)
         return m.eval()
 
+    frozen = _frozen_teacher(run)
     rows, nets = [], []
     for p, name in enumerate(cfg.models):
         state = load_peer(checkpoint_dir, p)
         rows.append({"member": f"peer{p}", "role": "student", "model": name})
         nets.append(build(name, state["model"]))
         t = state.get("teacher") or {}
-        if isinstance(t.get("model"), dict) and isinstance(t.get("model_name"), str):
-            role = f"teacher ({cfg.distill.mode})"
-            rows.append({"member": f"peer{p}/teacher", "role": role, "model": t["model_name"]})
-            nets.append(build(t["model_name"], t["model"]))
+        members = [t] if isinstance(t.get("model"), dict) else teacher_members(frozen) if frozen is not None else []
+        for k, m in enumerate(members):
+            if isinstance(m.get("model"), dict) and isinstance(m.get("model_name"), str):
+                role = f"teacher ({cfg.distill.mode}{', ensemble member' if len(members) > 1 else ''})"
+                rows.append({"member": f"peer{p}/teacher" + (f"{k}" if len(members) > 1 else ""), "role": role,
+                             "model": m["model_name"]})
+                nets.append(build(m["model_name"], m["model"]))
     first = {}  # one net per architecture to time
     for row, net in zip(rows, nets):
         first.setdefault(row["model"], net)
@@ -134,12 +143,17 @@ def compression_table(cfg: Config, checkpoint_dir: str, *, models=None, datasets
     return pd.DataFrame(rows)
 
 
-def write_report(cfg: Config, run_dir: str, checkpoint, *, models=None, datasets=None,
+def _frozen_teacher(run: RunDir | None) -> dict | None:
+    data = run.read_bytes(TEACHER) if run is not None else None
+    return None if data is None else torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def write_report(cfg: Config, run: RunDir, checkpoint_dir: str, data=None, *, models=None, datasets=None,
                  test_acc: dict[str, float] | None = None) -> pd.DataFrame:
-    """compression.csv for a finished run, from its final ray.train.Checkpoint."""
-    with checkpoint.as_directory() as d:
-        table = compression_table(cfg, d, models=models, datasets=datasets, test_acc=test_acc)
-    storage.write_text(storage.join(run_dir, "compression.csv"), table.to_csv(index=False))
+    """compression.csv for a finished run, from its last checkpoint."""
+    table = compression_table(cfg, checkpoint_dir, run=run, data=data, models=models, datasets=datasets,
+                              test_acc=test_acc)
+    run.write(COMPRESSION, table.to_csv(index=False))
     return table
 
 

@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import config as config_mod
 from .compression import accuracy, cpu_latency
 from ..config import ConfigError
 
@@ -100,25 +99,28 @@ def _save_onnx(model: nn.Module, example: Tensor, path: str):
 
 
 def load_trained(run_dir: str, peer: int, *, models=None, datasets=None):
-    """(config, checkpoint directory, the peer's trained model in eval mode, data) of a run."""
+    """(config, checkpoint directory, the peer's trained model in eval mode, data) of a run. Its
+    models are rebuilt from the run's config.yaml: a name, or an import path (online_distill.specs)."""
     from ..checkpoint import load_peer
+    from ..config_file import load
     from ..data import load_data
     from ..models import build_model
-    from ..teachers.frozen import find_checkpoint_dir
+    from ..rundir import CONFIG, RunDir, checkpoint_dir_of
 
-    if not os.path.exists(os.path.join(run_dir, "config.yaml")):
-        raise ConfigError(f"RUN_DIR: {run_dir!r} has no config.yaml; allowed: a run directory made by "
+    run = RunDir(run_dir)
+    if not run.exists(CONFIG):
+        raise ConfigError(f"RUN_DIR: {run_dir!r} has no {CONFIG}; allowed: a run directory made by "
                           "online-distill train")
-    cfg = config_mod.load(os.path.join(run_dir, "config.yaml"))
+    cfg = load(run.file(CONFIG))
     if not 0 <= peer < cfg.num_peers:
         raise ConfigError(f"--peer: got {peer}; allowed: 0..{cfg.num_peers - 1} "
                           f"(the run's peers: {', '.join(cfg.models)})")
-    ckpt = find_checkpoint_dir(run_dir)
+    ckpt = checkpoint_dir_of(run.path)
     if ckpt is None:
-        raise ConfigError(f"RUN_DIR: {run_dir!r} holds no checkpoint_* directory; allowed: a run with at least "
-                          "one epoch done")
+        raise ConfigError(f"RUN_DIR: {run_dir!r} holds no checkpoint; allowed: a run with at least one epoch done")
     data = load_data(cfg.data, datasets)
-    model = build_model(cfg.models[peer], data.sample, data.num_classes, models)
+    model = build_model(cfg.models[peer], data.sample, data.num_classes, models, field=f"models[{peer}] of {run.file(CONFIG)}",
+                        label_shape=data.label_shape)
     model.load_state_dict(load_peer(ckpt, peer)["model"])
     return cfg, ckpt, model.eval(), data
 

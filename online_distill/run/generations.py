@@ -16,77 +16,70 @@ resumes from its last checkpoint.
 from __future__ import annotations
 
 import io
-import json
 
 import pandas as pd
 
-from .. import storage
-from ..config import Config, with_overrides
+from .. import config_file
+from ..config import Config, ConfigError
+from ..rundir import (COMPRESSION, CONFIG, CURVES, FINAL, GENERATIONS, METRICS_CSV, RESULT, RunDir,
+                      checkpoint_dir_of, generation_name)
+from .results import final_table, format_table, plot_curves
 
 
-def generation_config(cfg: Config, g: int, run_dir: str) -> Config:
-    """Generation g of a born-again run, as an ordinary run inside the born-again run directory."""
-    over: dict = {"run.storage_path": run_dir, "run.name": f"gen{g}"}
-    if g == 0:
-        over["distill.mode"] = "independent"
-    else:
-        over.update({"distill.mode": "offline", "distill.teacher_checkpoint": storage.join(run_dir, f"gen{g - 1}"),
-                     "distill.teacher_peer": 0, "distill.teacher_model": None})
-    return with_overrides(cfg, over)
-
-
-def _read_csv(path: str) -> pd.DataFrame:
-    text = storage.read_text(path)
+def _read_csv(run: RunDir, name: str) -> pd.DataFrame:
+    text = run.read_text(name)
     return pd.read_csv(io.StringIO(text)) if text is not None else pd.DataFrame()
 
 
 def train_generations(cfg: Config, *, models=None, datasets=None, verbose: bool = True):
     """Train cfg.distill.generations generations one after another; returns a RunResult whose
     history has one member per generation (gen0, gen1, ...) and a `generation` column."""
-    import ray.train
+    from .launch import RunResult, train_cohort
+    from .plan import Plan, check_run_directory, generation_config, make_plan
 
-    from .launch import RunResult, prepare_run_dir, train_cohort
-    from .results import final_table, format_table, plot_curves
-    from ..teachers.frozen import find_checkpoint_dir
+    run = RunDir.of(cfg)
+    if run.finished:
+        raise ConfigError(f"run.name: run {cfg.run.name!r} already finished in {run.path}; its results are kept. "
+                          f"Allowed: a new name, e.g. --set run.name={cfg.run.name}-2", "run.name")
+    outer = Plan(cfg, run, in_process=True)
+    check_run_directory(outer, dry_run=False)  # refuses a changed config under the same name
+    with run.lock():
+        run.write(CONFIG, config_file.dump(cfg))
+        histories, reports, metrics = [], [], {}
+        for g in range(cfg.distill.generations):
+            child = generation_config(cfg, g, run)
+            child_run = run.generation(g)
+            if child_run.finished:
+                if verbose:
+                    print(f"generation {g}: finished earlier, kept ({child_run.path})", flush=True)
+            else:
+                if verbose:
+                    teacher = "labels only" if g == 0 else f"taught by frozen generation {g - 1}"
+                    print(f"\n=== born-again generation {g}/{cfg.distill.generations - 1}: {teacher}", flush=True)
+                train_cohort(child, models=models, datasets=datasets, verbose=verbose,
+                             plan=make_plan(child, models=models, datasets=datasets))
+            histories.append(_read_csv(child_run, METRICS_CSV).assign(generation=g))
+            reports.append(_read_csv(child_run, COMPRESSION).assign(generation=g))
+            metrics = child_run.read_json(RESULT)["metrics"]
 
-    run_dir = storage.join(cfg.run.storage, cfg.run.name)
-    prepare_run_dir(cfg, run_dir)  # refuses a finished run or a changed config; keeps config.yaml
-    histories, reports, metrics = [], [], {}
-    for g in range(cfg.distill.generations):
-        child = generation_config(cfg, g, run_dir)
-        child_dir = storage.join(run_dir, child.run.name)
-        if storage.exists(storage.join(child_dir, "result.json")):
-            if verbose:
-                print(f"generation {g}: finished earlier, kept ({child_dir})", flush=True)
-        else:
-            if verbose:
-                teacher = "labels only" if g == 0 else f"taught by frozen generation {g - 1}"
-                print(f"\n=== born-again generation {g}/{cfg.distill.generations - 1}: {teacher}", flush=True)
-            train_cohort(child, models=models, datasets=datasets, verbose=verbose)
-        histories.append(_read_csv(storage.join(child_dir, "metrics.csv")).assign(generation=g))
-        reports.append(_read_csv(storage.join(child_dir, "compression.csv")).assign(generation=g))
-        metrics = json.loads(storage.read_text(storage.join(child_dir, "result.json")))["metrics"]
-
-    history = _per_generation(pd.concat(histories, ignore_index=True))
-    last = history[history["epoch"] == history["epoch"].max()]
-    table = last[["generation", "model", "val_acc", "val_nll", "test_acc", "test_nll"]]
-    compression = pd.concat(reports, ignore_index=True)
-    storage.write_text(storage.join(run_dir, "generations.csv"), table.to_csv(index=False))
-    storage.write_text(storage.join(run_dir, "final.csv"), final_table(history).to_csv(index=False))
-    storage.write_text(storage.join(run_dir, "metrics.csv"), history.to_csv(index=False))
-    storage.write_text(storage.join(run_dir, "compression.csv"), compression.to_csv(index=False))
-    storage.write_bytes(storage.join(run_dir, "curves.png"), plot_curves(history))
-    result = json.dumps({"complete": True, "metrics": metrics}, indent=1)
-    storage.write_text(storage.join(run_dir, "result.json"), result)
+        history = _per_generation(pd.concat(histories, ignore_index=True))
+        last = history[history["epoch"] == history["epoch"].max()]
+        table = last[[c for c in ("generation", "model", "val_acc", "val_nll", "test_acc", "test_nll") if c in last]]
+        run.write(GENERATIONS, table.to_csv(index=False))
+        run.write(FINAL, final_table(history).to_csv(index=False))
+        run.write(METRICS_CSV, history.to_csv(index=False))
+        run.write(COMPRESSION, pd.concat(reports, ignore_index=True).to_csv(index=False))
+        run.write(CURVES, plot_curves(history))
+        run.write_json(RESULT, {"complete": True, "metrics": metrics})
     if verbose:
-        print(f"\nfinished born-again run {cfg.run.name!r} ({run_dir}):\n{format_table(table)}", flush=True)
-    last_ckpt = find_checkpoint_dir(storage.join(run_dir, f"gen{cfg.distill.generations - 1}"))
-    return RunResult(run_dir, history, metrics, ray.train.Checkpoint(last_ckpt))
+        print(f"\nfinished born-again run {cfg.run.name!r} ({run.path}):\n{format_table(table)}", flush=True)
+    last_ckpt = checkpoint_dir_of(run.generation(cfg.distill.generations - 1).path)
+    return RunResult(run.path, history, metrics, last_ckpt)
 
 
 def _per_generation(history: pd.DataFrame) -> pd.DataFrame:
     """One model per generation, so the member is the generation (gen0, gen1, ...); the
     one-model 'ensemble' rows repeat the model's and are left out."""
     df = history[history["member"] != "ensemble"].copy()
-    df["member"] = [f"gen{g}" for g in df["generation"]]
+    df["member"] = [generation_name(g) for g in df["generation"]]
     return df

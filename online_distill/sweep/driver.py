@@ -15,6 +15,7 @@ aborts its Train run before its actor goes, so its workers' CPUs come back (Stop
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -31,9 +32,15 @@ import ray
 from ray.train.v2._internal.execution.callback import ControllerCallback
 from ray.train.v2.api.callback import UserCallback
 
+import pyarrow.fs as pafs
+
+from .. import config_file
 from .. import storage
 from . import spec as sweep_config
 from ..config import Config, ConfigError
+from ..errors import NotRetryable
+from ..rundir import CONFIG
+from .console import SweepConsole, quiet_tune
 from .spec import SweepSpec, trial_resources
 
 
@@ -121,47 +128,41 @@ def _abort_cohort(timeout_s: float = 30.0) -> None:
         pass
 
 
-def _report_to_tune(metrics, cfg, topo, epoch, peers, teacher, history) -> None:
-    """The loop's reporter for a cohort in Train's local mode (one worker, in the trial's own
-    process): local mode keeps only its last report in memory and calls no callbacks, so each
-    epoch goes to Tune directly. ray.tune.report copies the checkpoint into the trial's directory
-    before it returns, so the temporary directory may go then."""
-    import ray.tune
-
-    from .. import checkpoint as ckpt
-
-    with tempfile.TemporaryDirectory(prefix="od-trial-") as tmp:
-        ckpt.save(tmp, topo, epoch, peers, teacher, history, metrics)
-        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint.from_directory(tmp))
-
-
-def _trial_driver(params: dict, *, spec: SweepSpec, models=None, datasets=None) -> None:
+def _trial_driver(params: dict, *, spec: SweepSpec, models=None, datasets=None, services=None) -> None:
     """One Tune trial: build the cohort's config from the trial's params, fit its TorchTrainer
     (resuming from the checkpoint Tune gives this start, if any) and relay its reports. A cohort
     of one worker runs in Train's local mode, in this process: no controller, no worker group,
-    no process group to start, so the trial's first epoch starts within seconds."""
+    no process group to start, so the trial's first epoch starts within seconds. Either way the
+    cohort's ranks write each epoch's checkpoint into the cohort's run directory
+    (reporting.py), and Tune gets a copy of it with the epoch's metrics."""
     import ray.tune
     from ray.util.queue import Empty, Queue
 
+    from ..reporting import CHECKPOINT_KEY
+    from ..rundir import RunDir
     from ..run.launch import make_trainer
 
     # Tune logs every checkpoint it persists at INFO ("Checkpoint successfully created at ..."),
     # a line per trial and epoch; the epoch lines and Tune's status table say it better
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     trial_id = ray.tune.get_context().get_trial_id()
-    start = ray.tune.get_checkpoint()  # None, this trial's last one, or a PBT donor's
+    start = _local_checkpoint(ray.tune.get_checkpoint())  # None, this trial's last one, or a PBT donor's
     # the date stamp makes a trial's Train runs sort in the order they started
     stamp = time.strftime("%Y%m%d-%H%M%S")
     cfg = spec.trial_config(params, run_name=f"{trial_id}-{stamp}-{uuid.uuid4().hex[:4]}",
                             storage_path=storage.join(spec.sweep_dir, "cohorts"))
+    run = RunDir.of(cfg)
+    run.write(CONFIG, config_file.dump(cfg))  # a frozen teacher is read from its source (no copy per trial)
+    service = (services or {}).get(service_key(cfg))  # the sweep's one teacher, when it serves it
     if cfg.in_one_process:
-        make_trainer(cfg, models=models, datasets=datasets, resume_from_checkpoint=start,
-                     local_reporter=_report_to_tune).fit()
+        make_trainer(cfg, run, models=models, datasets=datasets, resume_from=start, local=True, notify="tune",
+                     group=spec.name, verbose=False, service=service).fit()
         return
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     _COHORT["queue"] = queue
-    trainer = make_trainer(cfg, models=models, datasets=datasets,
-                           callbacks=[RelayReports(queue), AnnounceController(queue)], resume_from_checkpoint=start)
+    trainer = make_trainer(cfg, run, models=models, datasets=datasets, resume_from=start, notify="train",
+                           group=spec.name, verbose=False, service=service,
+                           callbacks=[RelayReports(queue), AnnounceController(queue)])
     outcome: dict = {}
 
     def fit() -> None:
@@ -182,16 +183,100 @@ def _trial_driver(params: dict, *, spec: SweepSpec, models=None, datasets=None) 
         if kind == "controller":
             _COHORT["controller"] = item
             continue
-        metrics, ckpt = item
-        tune_ckpt = ray.tune.Checkpoint(ckpt.path, ckpt.filesystem) if ckpt is not None else None
-        ray.tune.report(metrics, checkpoint=tune_ckpt)
+        metrics, _ = item
+        path = metrics.pop(CHECKPOINT_KEY, None)
+        ray.tune.report(metrics, checkpoint=ray.tune.Checkpoint(path) if path else None)
     _COHORT.clear()
     queue.shutdown()
     if "error" in outcome:
-        raise outcome["error"]
+        from ..run.launch import _unwrapped
+
+        raise _unwrapped(outcome["error"])
+
+
+def _local_checkpoint(checkpoint) -> str | None:
+    """A Tune checkpoint as a local directory the cohort can start from (copied down from
+    remote storage; on a local disk, the directory itself)."""
+    if checkpoint is None:
+        return None
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        return checkpoint.path
+    return checkpoint.to_directory(tempfile.mkdtemp(prefix="od-start-"))
 
 
 _trial_driver.__mixins__ = (StopsItsCohort,)
+
+
+def _fill_teacher_caches(configs: list[Config], datas: dict, models, datasets, verbose) -> None:
+    """Before any trial starts: each distinct frozen teacher's outputs into its disk cache, so
+    every trial reads them and runs the teacher zero times (distill.teacher_cache_dir)."""
+    from ..run.plan import fill_teacher_cache
+    from ..teachers import check_teacher
+
+    done = set()
+    for c in configs:
+        key = (c.distill, c.data, c.loss.temperature if c.distill.logits != "dense" else None)
+        if c.distill.mode != "offline" or not c.distill.teacher_cache_dir or key in done:
+            continue
+        done.add(key)
+        line = fill_teacher_cache(c, datas[c.data], check_teacher(c, models, datasets, data=datas[c.data]), models)
+        if verbose:
+            print(line, flush=True)
+
+
+def service_key(c: Config) -> str:
+    """Which trials share one teacher service: the same frozen teacher, data and logits form."""
+    form = (c.distill.logits, c.distill.logits_k, None if c.distill.logits == "dense" else c.loss.temperature)
+    return repr((c.distill.teacher_checkpoint, c.distill.teacher_peer, c.distill.teacher_ensemble, c.distill.teacher_model,
+                 c.data.dataset, c.data.seq_len, form, c.distill.service_replicas))
+
+
+def _start_teacher_services(configs: list[Config], models, datasets, verbose) -> dict[str, list[str]]:
+    """One teacher service per distinct teacher of the sweep, started before any trial (every
+    trial of that teacher calls it: one copy of the teacher, not one per trial)."""
+    from ..run.plan import start_teacher_service
+    from ..teachers import check_teacher
+
+    out: dict[str, list[str]] = {}
+    for c in configs:
+        if c.distill.mode != "offline" or not c.distill.teacher_service or service_key(c) in out:
+            continue
+        from ..data import load_data
+
+        data = load_data(c.data, datasets)
+        out[service_key(c)] = start_teacher_service(c, data, check_teacher(c, models, datasets, data=data))
+        if verbose:
+            print(f"teacher service for {c.distill.teacher_checkpoint}: {c.distill.service_replicas} replica(s), "
+                  f"shared by every trial of this teacher", flush=True)
+    return out
+
+
+@contextlib.contextmanager
+def no_retry_for_not_retryable():
+    """Tune retries a failed trial (FailureConfig.max_failures) whatever it failed with; a trial
+    that failed on an error a retry cannot fix (errors.NotRetryable: a NaN loss, a bad label, a
+    full disk) is not retried while this holds. Tune has no hook for it, so Trial.should_recover
+    (read in the driver, where this runs) is wrapped for the length of the sweep."""
+    from ray.tune.experiment.trial import Trial
+
+    from ..run.failures import root_error
+
+    original = Trial.should_recover
+
+    def should_recover(self):
+        try:
+            error = self.get_pickled_error()
+        except Exception:  # noqa: BLE001 - no readable error: Tune's own rule
+            error = None
+        if error is not None and isinstance(root_error(error), NotRetryable):
+            return False
+        return original(self)
+
+    Trial.should_recover = should_recover
+    try:
+        yield
+    finally:
+        Trial.should_recover = original
 
 
 # ---- schedulers, concurrency ----------------------------------------------------------------
@@ -254,17 +339,6 @@ def _scheduler(spec: SweepSpec, epochs: int, n_trials: int, n_at_once: int):
     return FIFOScheduler()
 
 
-def concurrency(configs: list[Config], resources: Mapping[str, float]) -> int:
-    """How many trials fit at once when each needs all its workers at the same time: the
-    cluster's CPUs (and GPUs) over the biggest trial's demand, at least 1."""
-    cpu = max(c.world_size * c.scale.cpus_per_worker for c in configs)
-    n = math.floor(resources.get("CPU", 0) / cpu + 1e-9)
-    gpu = max((c.world_size * c.scale.gpus_per_worker for c in configs if c.scale.use_gpu), default=0)
-    if gpu:
-        n = min(n, math.floor(resources.get("GPU", 0) / gpu + 1e-9))
-    return max(1, n)
-
-
 def _check_same_sweep(spec: SweepSpec, sweep_dir: str) -> None:
     """Resume only the same sweep: a changed file under the same name would mix two experiments."""
     import yaml
@@ -293,29 +367,45 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
 
     from . import results as sweep_results
     from ..run.env import use_sweep_env
-    from ..run.launch import check_resources, init_ray, preflight_data
+    from ..run.launch import init_ray
+    from ..run.plan import check_resources, cluster_resources, concurrency, read_data
 
     from ..teachers.frozen import with_absolute_checkpoint
 
     # trials run in their own working directories: paths are made absolute here, where they were written
     spec = dataclasses.replace(spec, storage_path=spec.storage_root, base=with_absolute_checkpoint(spec.base))
     configs = spec.check(models, datasets)
+    if spec.base.run.loggers:
+        from ..trackers import check_trackers
+
+        check_trackers(spec.base.run.loggers, "loggers")
     use_sweep_env()
-    init_ray()
+    init_ray(workers_print=False)  # each trial's own lines stay in its worker's log: the console says ours
     for cfg in configs:
-        check_resources(cfg)
-    if not os.environ.get("RAY_ADDRESS"):
-        for cfg in {(c.data, c.train.batch_size, c.scale.replicas): c for c in configs}.values():
-            preflight_data(cfg, datasets, models)
+        check_resources(cfg, *cluster_resources())
+    if not os.environ.get("RAY_ADDRESS"):  # each distinct dataset read once, every model built on it
+        datas = {}
+        for cfg in {(c.data, c.train.batch_size, c.scale.replicas, c.models): c for c in configs}.values():
+            datas[cfg.data] = read_data(cfg, models, datasets)
+        _fill_teacher_caches(configs, datas, models, datasets, verbose)
+    services = _start_teacher_services(configs, models, datasets, verbose)
     n_at_once = spec.max_concurrent or concurrency(configs, ray.cluster_resources())
     trials = spec.trials()
     sweep_dir = spec.sweep_dir
     trainable = tune.with_resources(
-        tune.with_parameters(_trial_driver, spec=spec, models=models, datasets=datasets),
+        tune.with_parameters(_trial_driver, spec=spec, models=models, datasets=datasets, services=services),
         lambda params: resource_dict_to_pg_factory(trial_resources(spec.trial_config(params))))
     # every key in the space Tune sees; each trial's values come as a preset point
     param_space = {k: tune.choice(list(dict.fromkeys(t[k] for t in trials))) for k in trials[0]}
 
+    log_path = quiet_tune(sweep_dir)  # Tune's tables, dumps and hints: into the sweep's log file
+    settings = [t for t in trials if not t.get("baseline")] or trials  # what the baseline differs in is its role
+    keys = [k for k in trials[0] if len({str(t[k]) for t in settings}) > 1 and k != "baseline"]
+    epochs = max(c.train.epochs for c in configs)
+    console = [SweepConsole(trials, keys, spec.metric, epochs, n_at_once, mode=spec.mode)] if verbose else []
+    # a trial lost with its node (or its worker, beyond the cohort's own retries) is retried from its
+    # last checkpoint, as a run is (run.max_failures); an error a retry cannot fix is not (no_retry_for)
+    max_failures = max(c.run.max_failures for c in configs)
     resuming = tune.Tuner.can_restore(sweep_dir)
     if resuming:
         _check_same_sweep(spec, sweep_dir)
@@ -323,12 +413,12 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
                                    param_space=param_space)
     else:
         storage.write_text(storage.join(sweep_dir, "sweep.yaml"), sweep_config.dump(spec))
-        epochs = max(c.train.epochs for c in configs)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space,
             tune_config=tune.TuneConfig(
-                metric=spec.metric, mode="max", scheduler=_scheduler(spec, epochs, len(trials), n_at_once), num_samples=len(trials),
+                metric=spec.metric, mode=spec.mode, scheduler=_scheduler(spec, epochs, len(trials), n_at_once),
+                num_samples=len(trials),
                 # the generator itself limits concurrency: Tune ignores max_concurrent_trials for it
                 search_alg=BasicVariantGenerator(points_to_evaluate=trials, max_concurrent=n_at_once),
                 trial_dirname_creator=lambda t: t.trial_id,
@@ -341,14 +431,23 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.keep),
                 # a trial's workers already retry under run.max_failures; a trial that still fails is
                 # reported as an error, and the sweep goes on with the others
-                failure_config=tune.FailureConfig(max_failures=0),
-                callbacks=callbacks, verbose=verbose),
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                callbacks=[*console, *(callbacks or [])], verbose=0),
         )
     if verbose:
+        per = trial_resources(configs[0])
         print(f"{'resuming' if resuming else 'starting'} sweep {spec.name!r}: {len(trials)} trials "
-              f"({spec.scheduler.name}, objective {spec.metric}), {n_at_once} at once -> {sweep_dir}", flush=True)
+              f"({spec.scheduler.name}, objective {spec.metric}), {n_at_once} at once, each "
+              f"{', '.join(f'{v:g} {k}' for k, v in per.items())} -> {sweep_dir} (Tune's log: {log_path})", flush=True)
     t0 = time.perf_counter()
-    grid = tuner.fit()
+    try:
+        with no_retry_for_not_retryable():
+            grid = tuner.fit()
+    finally:
+        from ..teachers.service import stop
+
+        for names in services.values():
+            stop(names)
     wall = time.perf_counter() - t0
     tables = sweep_results.write(sweep_dir, spec)
     # from the saved experiment state: an interrupted sweep saves its unfinished trials as pending

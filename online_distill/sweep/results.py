@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import pandas as pd
 
 from .. import config as config_mod
+from .. import config_file
 from .. import storage
+from ..checkpoint import read_history
 from ..run.results import format_table
 from .spec import OBJECTIVES, SweepSpec
 
@@ -35,6 +37,8 @@ class SweepTables:
     """Every report of every trial: trial_id, epoch, objective (what Tune saw, in order)."""
     best_config: str | None
     paths: dict[str, str]
+    mode: str = "max"
+    """'max': a higher objective is better (accuracy); 'min': lower (NLL, bits per byte)."""
 
 
 def _last_line(err) -> str:
@@ -51,24 +55,22 @@ def _history(trial) -> list[dict]:
         return []
     try:
         with ckpt.as_directory() as d:
-            path = os.path.join(d, "history.json")
-            if not os.path.exists(path):
-                return []
-            with open(path) as f:
-                return json.load(f)["history"]
-    except (FileNotFoundError, OSError):
+            return read_history(d)
+    except (FileNotFoundError, OSError, ValueError):
         return []
 
 
-def _objective_by_epoch(history: list[dict], objective: str) -> pd.DataFrame:
-    """best_peer / mean / ensemble validation accuracy per epoch of a run's history rows."""
+def _objective_by_epoch(history: list[dict], objective: str, metric: str = "acc", mode: str = "max") -> pd.DataFrame:
+    """best_peer / mean / ensemble validation `metric` per epoch of a run's history rows."""
     df = pd.DataFrame(history)
+    col = f"val_{metric}"
     rows = []
     for epoch, g in df.groupby("epoch", sort=True):
         peers = g[g["member"] != "ensemble"]
         ens = g[g["member"] == "ensemble"]
-        value = {"best_peer": peers["val_acc"].max(), "mean": peers["val_acc"].mean(),
-                 "ensemble": ens["val_acc"].iloc[0] if len(ens) else math.nan}[objective]
+        best = peers[col].max() if mode == "max" else peers[col].min()
+        value = {"best_peer": best, "mean": peers[col].mean(),
+                 "ensemble": ens[col].iloc[0] if len(ens) else math.nan}[objective]
         first = peers.iloc[0]
         rows.append({"epoch": int(epoch), "run": first.get("run"), "temperature": first.get("temperature"),
                      "kd_weight": first.get("kd_weight"), "resumed_from_epoch": first.get("resumed_from_epoch"),
@@ -79,8 +81,8 @@ def _objective_by_epoch(history: list[dict], objective: str) -> pd.DataFrame:
 def collect(sweep_dir: str, spec: SweepSpec) -> SweepTables:
     from ray.tune import ExperimentAnalysis
 
-    metric = spec.metric
-    analysis = ExperimentAnalysis(sweep_dir, default_metric=metric, default_mode="max")
+    metric, sign = spec.metric, (1 if spec.mode == "max" else -1)
+    analysis = ExperimentAnalysis(sweep_dir, default_metric=metric, default_mode=spec.mode)
     frames = analysis.trial_dataframes
     base_epochs = spec.base.train.epochs
     rows, schedules, curves = [], [], []
@@ -97,9 +99,9 @@ def collect(sweep_dir: str, spec: SweepSpec) -> SweepTables:
         row["complete"] = trial.status == "TERMINATED" and epochs_run >= planned
         row["stopped_early"] = trial.status == "TERMINATED" and epochs_run < planned
         if metric in progress.columns and progress[metric].notna().any():
-            best_i = progress[metric].idxmax()
+            best_i = (sign * progress[metric]).idxmax()
             row["objective_final"] = float(progress[metric].iloc[-1])
-            row["objective_best"] = float(progress[metric].max())
+            row["objective_best"] = float(progress.loc[best_i, metric])
             row["best_epoch"] = int(progress.loc[best_i, "epoch"])
             curves.append(pd.DataFrame({"trial_id": trial.trial_id, "report": range(1, len(progress) + 1),
                                         "epoch": progress["epoch"].astype(int), "objective": progress[metric]}))
@@ -116,14 +118,14 @@ def collect(sweep_dir: str, spec: SweepSpec) -> SweepTables:
         rows.append(row)
         history = _history(trial)
         if history:
-            s = _objective_by_epoch(history, spec.objective)
+            s = _objective_by_epoch(history, spec.objective, spec.metric_name, spec.mode)
             s.insert(0, "trial_id", trial.trial_id)
             schedules.append(s)
     trials = pd.DataFrame(rows)
     schedules_df = pd.concat(schedules, ignore_index=True) if schedules else pd.DataFrame()
     curves_df = pd.concat(curves, ignore_index=True) if curves else pd.DataFrame()
-    summary = summarize(trials, setting_columns(trials))
-    return SweepTables(trials, summary, schedules_df, curves_df, None, {})
+    summary = summarize(trials, setting_columns(trials), sign=sign)
+    return SweepTables(trials, summary, schedules_df, curves_df, None, {}, spec.mode)
 
 
 def setting_columns(trials: pd.DataFrame) -> list[str]:
@@ -134,7 +136,7 @@ def setting_columns(trials: pd.DataFrame) -> list[str]:
     return [c for c in cols if trials[c].astype(str).nunique() > 1]
 
 
-def summarize(trials: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
+def summarize(trials: pd.DataFrame, settings: list[str], sign: int = 1) -> pd.DataFrame:
     """Per setting: objective mean/std/count over its *completed* trials (equal epochs, so
     comparable), how many stopped early or failed, and the delta to the independent baseline
     paired on the seeds both finished."""
@@ -164,8 +166,9 @@ def summarize(trials: pd.DataFrame, settings: list[str]) -> pd.DataFrame:
         df["n_paired"] = df["n_paired"].astype("Int64")
     # settings that finished on every seed first: a mean over fewer (the easier) seeds is not comparable
     everywhere = df["n_complete"] == df["n"]
-    order = df.assign(_all=everywhere).sort_values(["_all", "objective_mean"], ascending=False, na_position="last")
-    return order.drop(columns="_all").reset_index(drop=True)
+    order = df.assign(_all=everywhere, _score=sign * df["objective_mean"]).sort_values(
+        ["_all", "_score"], ascending=False, na_position="last")
+    return order.drop(columns=["_all", "_score"]).reset_index(drop=True)
 
 
 def best_setting(tables: SweepTables) -> dict | None:
@@ -216,7 +219,7 @@ def best_config_yaml(spec: SweepSpec, tables: SweepTables) -> str | None:
              + (f" +- {best['objective_std']:.4f}" if not math.isnan(best["objective_std"]) else "")
              + (f"; {delta:+.4f} vs the independent baseline on {int(best['n_paired'])} paired seed(s)"
                 if isinstance(delta, float) and not math.isnan(delta) else "") + "."]
-    return "\n".join(lines) + "\n" + config_mod.dump(cfg)
+    return "\n".join(lines) + "\n" + config_file.dump(cfg)
 
 
 # ---- pictures -------------------------------------------------------------------------------
@@ -336,4 +339,42 @@ def describe(tables: SweepTables, spec: SweepSpec) -> str:
         text += f"\n  trial {r['trial_id']} failed: {r['error']}"
     if tables.best_config:
         text += f"\nbest setting as a run config: {tables.best_config}"
-    return text
+    verdict = versus_baseline(tables)
+    return text + (f"\n{verdict}" if verdict else "")
+
+
+def versus_baseline(tables: SweepTables) -> str | None:
+    """The last line of a sweep with a baseline: whether its best setting beat it, and by how much
+    (a best setting that loses says so: it is not a recommendation)."""
+    best = best_setting(tables)
+    delta = (best or {}).get("delta_to_baseline", math.nan)
+    if best is None or not isinstance(delta, float) or math.isnan(delta):
+        return None
+    n, std = int(best["n_paired"]), best.get("delta_std", math.nan)
+    scale, unit = (100, "pt") if tables.mode == "max" else (1, "")
+    spread = f" +- {scale * std:.{2 if scale == 100 else 4}f}" if isinstance(std, float) and not math.isnan(std) else ""
+    shown = f"{scale * delta:+.{2 if scale == 100 else 4}f}{spread}{(' ' + unit) if unit else ''}"
+    if (delta > 0) == (tables.mode == "max") and delta != 0:
+        return f"verdict: the best setting beats its independent baseline: {shown} over {n} paired seed(s)"
+    return (f"verdict: NO GAIN: the best setting is {shown} against its independent baseline over "
+            f"{n} paired seed(s); distillation did not pay in this sweep, and its best setting is no recommendation")
+
+
+def report_sweep(sweep_dir: str, verbose: bool = True) -> SweepTables:
+    """`online-distill report SWEEP_DIR`: trials.csv, summary.csv, schedules.csv, best_config.yaml
+    and the plots again, from Tune's experiment state."""
+    import posixpath
+
+    import yaml
+
+    from . import spec as sweep_config
+
+    raw = yaml.safe_load(storage.read_text(storage.join(sweep_dir, "sweep.yaml")))
+    # the sweep is where it is now, whatever storage_path it was started with
+    raw["storage_path"], raw["name"] = posixpath.dirname(sweep_dir.rstrip("/")), posixpath.basename(sweep_dir.rstrip("/"))
+    spec = sweep_config.from_dict(raw, check=False)  # user builders need not be importable here
+    tables = write(sweep_dir, spec)
+    if verbose:
+        print(describe(tables, spec) + "\nwrote " + ", ".join(
+            p for p in tables.paths.values() if storage.exists(p)), flush=True)
+    return tables

@@ -20,12 +20,15 @@ from typing import Any, Mapping
 import yaml
 
 from .. import config as config_mod
+from .. import config_file
 from ..config import Config, ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid")
 OBJECTIVES = {"best_peer": "best_peer/val_acc", "mean": "mean/val_acc", "ensemble": "ensemble/val_acc"}
 """What a trial is judged by, always on the validation split: the best peer, the mean of the
-peers, or the peers' ensemble (mean of their probabilities)."""
+peers, or the peers' ensemble (mean of their probabilities); the number is `metric`'s."""
+METRICS = {"acc": "max", "nll": "min", "bpb": "min"}
+"""metric: validation accuracy (higher is better), NLL or bits per byte (text: lower is better)."""
 SCHEDULERS = ("asha", "pbt", "none")
 NOT_SWEPT = {"train.seed": "use `seeds:` (seeds are paired across settings)",
              "run.name": "each trial gets its own run name", "run.storage_path": "set `storage_path:` of the sweep"}
@@ -33,7 +36,7 @@ PBT_MUTABLE = ("loss.temperature", "loss.kd_weight", "loss.multi_teacher", "dist
 """Fields PBT may change in the middle of a trial: read afresh every step and not part of the
 restored state. (optim.lr is not: the restored LR schedule keeps the old base LR.)"""
 SWEEP_KEYS = ("name", "storage_path", "base", "space", "points", "num_samples", "seeds", "baseline",
-              "objective", "scheduler", "max_concurrent", "search_seed", "checkpoints_to_keep")
+              "objective", "metric", "scheduler", "max_concurrent", "search_seed", "checkpoints_to_keep", "loggers")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -148,9 +151,17 @@ class SweepSpec:
     """Tune checkpoints kept per trial; None: 2, or all under PBT (a donor's older checkpoint
     must still exist when a weaker trial copies it)."""
 
+    metric_name: str = "acc"
+    """`metric:` in a sweep file: 'acc' (validation accuracy), 'nll' or 'bpb' (bits per byte, for text)."""
+
     @property
     def metric(self) -> str:
-        return OBJECTIVES[self.objective]
+        return OBJECTIVES[self.objective].replace("val_acc", f"val_{self.metric_name}")
+
+    @property
+    def mode(self) -> str:
+        """'max' when higher is better (accuracy), 'min' for NLL and bits per byte."""
+        return METRICS[self.metric_name]
 
     @property
     def storage_root(self) -> str:
@@ -221,6 +232,8 @@ class SweepSpec:
             _fail("seeds", list(self.seeds), "a non-empty list of distinct integers")
         if self.objective not in OBJECTIVES:
             _fail("objective", self.objective, ", ".join(repr(o) for o in OBJECTIVES))
+        if self.metric_name not in METRICS:
+            _fail("metric", self.metric_name, ", ".join(repr(m) for m in METRICS))
         if self.max_concurrent is not None and self.max_concurrent < 1:
             _fail("max_concurrent", self.max_concurrent, "null (derived from the cluster) or an integer >= 1")
         if self.checkpoints_to_keep is not None and self.checkpoints_to_keep < 1:
@@ -237,6 +250,8 @@ class SweepSpec:
             except ConfigError as e:
                 shown = {k: v for k, v in params.items() if k != "baseline"}
                 raise ConfigError(f"trial {shown}: {e}") from None
+        if names:
+            _check_teachers(configs, models, datasets)
         epochs = max(c.train.epochs for c in configs)
         self.scheduler.check(epochs)
         if self.scheduler.name == "pbt":
@@ -254,15 +269,35 @@ class SweepSpec:
         d["points"] = [dict(p) for p in self.points]
         d["seeds"] = list(self.seeds)
         d["scheduler"] = dataclasses.asdict(self.scheduler)
+        d["metric"] = d.pop("metric_name")
         return d
 
 
 def _check_config(cfg: Config, models, datasets, names: bool) -> Config:
     if not names:
         return cfg.check_fields()
-    from ..checks import check  # the registries: torch
+    from ..checks import check_names  # the registries: torch
 
-    return check(cfg, models, datasets)
+    return check_names(cfg.check_fields(), models, datasets, teacher=False)
+
+
+def _check_teachers(configs: list[Config], models, datasets) -> None:
+    """What each trial's teacher source needs, once per distinct teacher setting (a frozen
+    teacher's checkpoint is read, and the data its check builds it on, once)."""
+    from ..data import load_data
+    from ..teachers import check_teacher
+
+    datas: dict = {}
+    seen = set()
+    for c in configs:
+        key = (c.distill, c.data, c.models, c.optim.schedule, c.optim.cycles)
+        if key in seen:
+            continue
+        seen.add(key)
+        data = None
+        if c.distill.mode == "offline":
+            data = datas.get(c.data) or datas.setdefault(c.data, load_data(c.data, datasets))
+        check_teacher(c, models, datasets, data=data)
 
 
 def _check_value(base: Config, where: str, key: str | None, value: Any, models, datasets, names: bool = True) -> None:
@@ -349,12 +384,14 @@ def from_dict(raw: Mapping[str, Any], *, base_dir: str = ".", overrides: Mapping
     base = raw["base"]
     try:
         if isinstance(base, str):
-            cfg = config_mod.load(base if os.path.isabs(base) else os.path.join(base_dir, base))
+            cfg = config_file.load(base if os.path.isabs(base) else os.path.join(base_dir, base))
         elif isinstance(base, Mapping):
             cfg = config_mod.from_dict(base)
         else:
             raise ConfigError(f"got {base!r}; allowed: a run config mapping or a path to a run config YAML")
         cfg = config_mod.with_overrides(cfg, base_overrides) if base_overrides else cfg
+        if raw.get("loggers") is not None:  # the sweep's trackers: one tracker run per trial, grouped by sweep
+            cfg = config_mod.with_overrides(cfg, {"run.loggers": raw["loggers"]})
     except ConfigError as e:
         raise ConfigError(f"base.{e}" if not str(e).startswith("config file") else f"base: {e}") from None
 
@@ -391,6 +428,7 @@ def from_dict(raw: Mapping[str, Any], *, base_dir: str = ".", overrides: Mapping
         seeds=tuple(config_mod._coerce(f"seeds[{i}]", s, int) for i, s in enumerate(seeds)),
         baseline=config_mod._coerce("baseline", raw.get("baseline", False), bool),
         objective=config_mod._coerce("objective", raw.get("objective", "best_peer"), str),
+        metric_name=config_mod._coerce("metric", raw.get("metric", "acc"), str),
         scheduler=sched,
         max_concurrent=config_mod._coerce("max_concurrent", raw.get("max_concurrent"), int | None),
         search_seed=config_mod._coerce("search_seed", raw.get("search_seed", 0), int),
@@ -406,7 +444,7 @@ def load(path: str, overrides: Mapping[str, Any] | None = None, *, models=None, 
          names: bool = True) -> SweepSpec:
     """Read a sweep file (yaml.safe_load only); a relative `base:` path is read beside it.
     `names=False`: check all but the registry names (see SweepSpec.check)."""
-    raw = config_mod.read_yaml(path, "sweep file")
+    raw = config_file.read_yaml(path, "sweep file")
     return from_dict(raw, base_dir=os.path.dirname(os.path.abspath(path)), overrides=overrides,
                      models=models, datasets=datasets, names=names)
 
@@ -424,3 +462,23 @@ def trial_resources(cfg: Config) -> dict:
     if cfg.in_one_process:
         return {"cpu": cfg.scale.cpus_per_worker, **({"gpu": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {})}
     return {"cpu": 0, "memory": 1}
+
+
+def describe(spec: SweepSpec) -> str:
+    """`tune --dry-run`: every trial with its values and what it asks Ray for; the sweep's settings."""
+    def fmt(resources: dict) -> str:
+        return ", ".join(f"{v:g} {k}" for k, v in resources.items())
+
+    trials = spec.trials()
+    configs = [spec.trial_config(t) for t in trials]
+    keys = list(trials[0])
+    rows = [[str(t[k]) for k in keys] + [f"{c.world_size}", fmt(trial_resources(c)) if c.in_one_process
+                                         else f"{c.world_size} x ({fmt(c.worker_resources)})"]
+            for t, c in zip(trials, configs)]
+    header = keys + ["workers", "resources"]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    table = [" ".join(h.rjust(w) for h, w in zip(header, widths))] + \
+            [" ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join([f"dry run: sweep {spec.name!r} -> {spec.sweep_dir}: {len(trials)} trials, scheduler "
+                      f"{spec.scheduler.name}, objective {spec.metric}, {spec.base.train.epochs} epochs each",
+                      *table])

@@ -49,9 +49,13 @@ def build_teacher(ctx: TeacherContext) -> Teacher:
     return TEACHERS[ctx.cfg.distill.mode](ctx)
 
 
-def check_teacher(cfg: Config, models: dict, datasets: dict) -> None:
-    """Driver-side checks of the chosen source (a teacher checkpoint that exists, a cyclic
-    schedule for snapshots, ...): a builder may carry a `check(cfg, models, datasets)`."""
+def check_teacher(cfg: Config, models: dict, datasets: dict, data=None):
+    """Driver-side checks of the chosen source (a teacher checkpoint that exists and loads into
+    its model, a cyclic schedule for snapshots, ...): a builder may carry a
+    `check(cfg, models, datasets, data)`; `data` is the dataset as the driver read it (None: read
+    here where needed). Returns what the check resolved, for the driver to keep (a frozen
+    teacher's source and weights), or None."""
     check = getattr(TEACHERS[cfg.distill.mode], "check", None)
     if check is not None:
-        check(cfg, models, datasets)
+        return check(cfg, models, datasets, data)
+    return None

@@ -13,6 +13,39 @@ from ..config import Config
 from ..topology import Topology
 
 
+class LogitForm:
+    """The form a worker hands teacher logits to the loss in (distill.logits): dense as they are,
+    or compressed to the logits_k most likely tokens (topk) or logits_k sampled ones, at the
+    loss's temperature (online_distill.sparse). Sampled draws come from a generator seeded by
+    (seed, step, teacher), so a teacher's draws do not depend on where it runs (packed or spread),
+    and a resumed run draws what an uninterrupted one would."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.kind, self.k, self.temperature = cfg.distill.logits, cfg.distill.logits_k, cfg.loss.temperature
+        self.seed, self.device = cfg.train.seed, device
+
+    @property
+    def dense(self) -> bool:
+        return self.kind == "dense"
+
+    def compress(self, z: Tensor, *, step: int, teacher: int):
+        """One teacher's logits (..., V) as a sparse.SparseTarget."""
+        from ..sparse import compress
+
+        g = None
+        if self.kind == "sampled":
+            g = torch.Generator(device=z.device).manual_seed((self.seed * 1_000_003 + step) * 1009 + teacher)
+        return compress(z, temperature=self.temperature, kind=self.kind, k=min(self.k, z.shape[-1])
+                        if self.kind == "topk" else self.k, generator=g)
+
+    def __call__(self, z: Tensor | None, *, step: int, teachers: list[int]):
+        """(n_teachers, ..., V) dense logits as the loss takes them: as they are, or a list of
+        SparseTargets (one per teacher, `teachers` naming each for its seed)."""
+        if z is None or self.dense:
+            return z
+        return [self.compress(zi, step=step, teacher=t) for zi, t in zip(z, teachers)]
+
+
 class Teacher:
     """A worker's teacher for the peers it holds. This base is no teacher at all (plain CE)."""
 
@@ -23,17 +56,31 @@ class Teacher:
     peers' optimizer steps must be done before it; otherwise a peer's update may still run while
     the next step's forwards start (loop.PeerRunner)."""
 
+    teacher_forwards: int = 0
+    """Examples this worker's frozen teacher has run on (a teacher cache keeps it at 0)."""
+
     def __init__(self, ctx: "TeacherContext"):
         self.n = len(ctx.topo.peers)
+        self.form = LogitForm(ctx.cfg, ctx.device)
 
     def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The batch the students train on this step. Most teachers leave it as it is; one that
         distils from earlier samples (DLB) appends them here, so the loop never asks which."""
         return x, y
 
-    def logits(self, x: Tensor, student_logits: list[Tensor]) -> list[Tensor | None]:
-        """Per local peer: teacher logits for this batch, (n_teachers, B, C), detached; None for none."""
+    def logits(self, x: Tensor, student_logits: list[Tensor], step: int = 0) -> list:
+        """Per local peer: teacher logits for this batch, (n_teachers, B, [L,] C) detached, or
+        their compressed form (LogitForm); None for none. `step`: the global optimizer step."""
         return [None] * self.n
+
+    def fidelity(self, x: Tensor, student_logits: list[Tensor]) -> dict[str, float]:
+        """What distill.logits loses on a batch (sparse.fidelity: KL(dense || reconstructed) and the
+        KD term's relative error), where this worker holds a dense teacher to compare; {} else."""
+        return {}
+
+    def prefetch(self, x: Tensor, step: int) -> None:
+        """The loop's batch of optimizer step `step` is x: a teacher served by other processes
+        (teachers/service.py) starts on it while this step trains. Others ignore it."""
 
     def after_step(self, models: list[nn.Module], step: int) -> None:
         """Called after every optimizer step with the (unwrapped) students and the global step."""
@@ -54,12 +101,20 @@ class PeerSource:
     def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return x, y
 
-    def logits(self, x: Tensor, student_logits: Tensor) -> Tensor | None:
+    def logits(self, x: Tensor, student_logits: Tensor, step: int = 0) -> Tensor | None:
         """Teacher logits for this batch, (n_teachers, B, C), detached; None for no teacher."""
         return None
 
+    def prefetch(self, x: Tensor, step: int) -> None:
+        """The batch of optimizer step `step` is next: a teacher computed elsewhere may start on it."""
+
     def after_step(self, model: nn.Module, step: int) -> None:
         pass
+
+    def reference(self, x: Tensor) -> Tensor | None:
+        """The teacher's dense logits for x, (1, B, [L,] C), outside training: what a compression is
+        measured against. By default those of `logits`; a source that counts or caches overrides it."""
+        return self.logits(x, None)
 
     def state_dict(self) -> dict:
         return {}
@@ -73,6 +128,7 @@ class PerPeer(Teacher):
 
     def __init__(self, ctx: "TeacherContext", source: Callable[["TeacherContext", int], PeerSource]):
         super().__init__(ctx)
+        self.peers = list(ctx.topo.peers)
         self.sources = [source(ctx, p) for p in ctx.topo.peers]
         self.waits_for_updates = any(s.waits_for_updates for s in self.sources)
 
@@ -81,8 +137,26 @@ class PerPeer(Teacher):
         # each is still asked, since a source may remember what it was given (DLB)
         return [s.prepare_batch(x, y) for s in self.sources][0]
 
-    def logits(self, x: Tensor, student_logits: list[Tensor]) -> list[Tensor | None]:
-        return [s.logits(x, z) for s, z in zip(self.sources, student_logits)]
+    def logits(self, x: Tensor, student_logits: list[Tensor], step: int = 0) -> list:
+        out = []
+        for s, z, p in zip(self.sources, student_logits, self.peers):
+            t = s.logits(x, z, step)  # dense logits, or already in the run's form (a teacher cache, a service)
+            out.append(t if isinstance(t, list) else self.form(t, step=step, teachers=[p]))
+        return out
+
+    @property
+    def teacher_forwards(self) -> int:
+        return sum(getattr(s, "forwards", 0) for s in self.sources)
+
+    def prefetch(self, x: Tensor, step: int) -> None:
+        for s in self.sources:
+            s.prefetch(x, step)
+
+    def fidelity(self, x: Tensor, student_logits: list[Tensor]) -> dict[str, float]:
+        if self.form.dense:
+            return {}
+        z = self.sources[0].reference(x)
+        return {} if z is None else measure_fidelity(self.form, z[0], student_logits[0], peer=self.peers[0])
 
     def after_step(self, models: list[nn.Module], step: int) -> None:
         for s, m in zip(self.sources, models):
@@ -93,6 +167,15 @@ class PerPeer(Teacher):
 
     def load_state_dict(self, i: int, state: dict) -> None:
         self.sources[i].load_state_dict(state)
+
+
+def measure_fidelity(form: LogitForm, teacher: Tensor, student: Tensor, *, peer: int, mask=None) -> dict[str, float]:
+    """sparse.fidelity of compressing `teacher` (dense logits) as `form` does, for `student`."""
+    from ..sparse import fidelity
+
+    f = fidelity(teacher, student, form.compress(teacher, step=0, teacher=peer), temperature=form.temperature,
+                 divergence="forward_kl", mask=mask)
+    return {"logits_kl": f["kl_dense_to_reconstructed"], "kd_rel_error": f["kd_rel_error"]}
 
 
 def per_peer(source: type[PeerSource]) -> Callable[["TeacherContext"], Teacher]:
@@ -115,3 +198,7 @@ class TeacherContext:
     steps_per_epoch: int
     build_model: Callable[[str], nn.Module] | None = None
     """Builds a fresh model by name for this dataset, on the CPU (a frozen teacher's architecture)."""
+    run_dir: object | None = None
+    """The run's rundir.RunDir (None outside a run: tests), e.g. where a frozen teacher's copy is."""
+    service: list[str] | None = None
+    """The names of the teacher service's actors (distill.teacher_service), started by the driver."""

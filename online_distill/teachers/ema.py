@@ -77,7 +77,7 @@ class EmaTeacher(PeerSource):
         self._pairs: tuple | None = None  # (student, paired_state): found once, not every step
 
     @torch.no_grad()
-    def logits(self, x: Tensor, student_logits: Tensor) -> Tensor:
+    def logits(self, x: Tensor, student_logits: Tensor, step: int = 0) -> Tensor:
         return self.model(x).float().unsqueeze(0)
 
     def after_step(self, model: nn.Module, step: int) -> None:

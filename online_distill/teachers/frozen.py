@@ -18,10 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import os
-import pickle
-import re
-from dataclasses import dataclass
 from typing import Mapping
 
 import pyarrow.fs as pafs
@@ -31,133 +27,62 @@ from torch import Tensor
 
 from .. import storage
 from ..config import Config, ConfigError, DistillConfig
+from ..models import resolve_model
+from ..rundir import CONFIG, checkpoint_dir_of, peer_file, peer_files, run_dir_of
 from .base import PeerSource, TeacherContext
+from .weights import Ensemble, TeacherSource, load_into, load_weights  # noqa: F401 (re-exported)
 
-_PEER_FILE = re.compile(r"^peer(\d+)\.pt$")
 _FIELD = "distill.teacher_checkpoint"
 
 
-@dataclass(frozen=True)
-class TeacherSource:
-    path: str
-    """The file the weights are read from."""
-    model_name: str
-    peer: int | None
-    """The teacher's peer index in its run; None for a user's plain state dict."""
-
-
 def _expand(path: str) -> str:
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
-def _listing(path: str) -> dict[str, pafs.FileType]:
-    """Names in a directory (local or any pyarrow filesystem URI) and their types."""
-    fs, p = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-    infos = fs.get_file_info(pafs.FileSelector(p, allow_not_found=True))
-    return {os.path.basename(i.path.rstrip("/")): i.type for i in infos}
-
-
-def _kind(path: str) -> pafs.FileType:
-    fs, p = pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-    return fs.get_file_info(p).type
-
-
-def _peer_files(names: Mapping[str, pafs.FileType]) -> list[int]:
-    return sorted(int(m.group(1)) for n in names if (m := _PEER_FILE.match(n)))
-
-
-def find_checkpoint_dir(path: str) -> str | None:
-    """The checkpoint directory a path names: itself if it holds peer files, else the latest
-    checkpoint_* directory in it, else (a born-again run) its last generation's."""
-    names = _listing(path)
-    if _peer_files(names):
-        return path
-    dirs = [n for n, t in names.items() if t == pafs.FileType.Directory]
-    ckpts = sorted(n for n in dirs if n.startswith("checkpoint_"))
-    if ckpts:
-        return storage.join(path, ckpts[-1])
-    gens = sorted((int(n[3:]), n) for n in dirs if re.fullmatch(r"gen\d+", n))
-    if gens:
-        return find_checkpoint_dir(storage.join(path, gens[-1][1]))
-    return None
+    return storage.absolute(path)
 
 
 def read_run_config(checkpoint_dir: str) -> dict | None:
     """The config.yaml of the run a checkpoint directory belongs to (it, its parent, or the
     parent's parent, as laid out by plain runs and by Tune trials)."""
-    d = checkpoint_dir
-    for _ in range(3):
-        text = storage.read_text(storage.join(d, "config.yaml"))
-        if text is not None:
-            return yaml.safe_load(text)
-        parent = d.rstrip("/").rsplit("/", 1)[0] if "://" in d else os.path.dirname(d.rstrip(os.sep))
-        if parent == d:
-            break
-        d = parent
-    return None
+    run = run_dir_of(checkpoint_dir)
+    return None if run is None else yaml.safe_load(run.read_text(CONFIG))
 
 
 def resolve_teacher(d: DistillConfig, models: Mapping | None = None) -> TeacherSource:
     """Which file and which model the teacher is; ConfigError naming the field otherwise.
-    `models` (the builders by name) is checked against when given."""
+    The model spec is resolved against `models` (user builders) and the registry."""
     if not d.teacher_checkpoint:
         raise ConfigError(f"{_FIELD}: got {d.teacher_checkpoint!r}; allowed: a checkpoint directory, run directory "
-                          "or .pt file")
+                          "or .pt file", _FIELD)
     path = _expand(d.teacher_checkpoint)
-    kind = _kind(path)
+    kind = storage.kind(path)
     if kind == pafs.FileType.NotFound:
         raise ConfigError(f"{_FIELD}: {path!r} does not exist; allowed: a checkpoint directory of an earlier run "
-                          "(with peer<p>.pt files), its run directory, or a .pt state dict")
+                          "(with peer<p>.pt files), its run directory, or a .pt state dict", _FIELD)
     run_cfg = None
     if kind == pafs.FileType.Directory:
-        ckpt = find_checkpoint_dir(path)
+        ckpt = checkpoint_dir_of(path)
         if ckpt is None:
             raise ConfigError(f"{_FIELD}: {path!r} holds no peer<p>.pt files and no checkpoint_* directories; allowed: "
-                              "a checkpoint directory of an earlier run, its run directory, or a .pt state dict")
-        peers, run_cfg = _peer_files(_listing(ckpt)), read_run_config(ckpt)
+                              "a checkpoint directory of an earlier run, its run directory, or a .pt state dict", _FIELD)
+        peers, run_cfg = peer_files(storage.listing(ckpt, files=True) or {}), read_run_config(ckpt)
         n_peers = len(run_cfg["models"]) if run_cfg else len(peers)
         if d.teacher_peer not in peers or d.teacher_peer >= n_peers:
             raise ConfigError(f"distill.teacher_peer: got {d.teacher_peer}; allowed: 0..{n_peers - 1} "
-                              f"(the peers of the teacher run in {ckpt})")
-        file, peer = storage.join(ckpt, f"peer{d.teacher_peer}.pt"), d.teacher_peer
+                              f"(the peers of the teacher run in {ckpt})", "distill.teacher_peer")
+        file, peer = storage.join(ckpt, peer_file(d.teacher_peer)), d.teacher_peer
     else:
-        m = _PEER_FILE.match(os.path.basename(path))
-        file, peer = path, (int(m.group(1)) if m else None)
+        found = peer_files([storage.basename(path)])
+        file, peer = path, (found[0] if found else None)
         if peer is not None:
-            run_cfg = read_run_config(os.path.dirname(path) if "://" not in path else path.rsplit("/", 1)[0])
+            run_cfg = read_run_config(storage.parent(path))
     name = d.teacher_model
     if name is None:
         if run_cfg is None or peer is None or peer >= len(run_cfg.get("models", [])):
             raise ConfigError(f"distill.teacher_model: got None; allowed: a model name (required: {path!r} has no run "
-                              "config.yaml beside it to read the teacher's model from)")
+                              "config.yaml beside it to read the teacher's model from)", "distill.teacher_model")
         name = run_cfg["models"][peer]
-    if models is not None and name not in models:
-        raise ConfigError(f"distill.teacher_model: got {name!r}; allowed: {', '.join(sorted(models))}")
+    field = "distill.teacher_model" if d.teacher_model else f"distill.teacher_checkpoint (its run's models[{peer}])"
+    resolve_model(name, dict(models) if models else None, field=field)
     return TeacherSource(file, name, peer)
-
-
-def load_weights(src: TeacherSource) -> dict[str, Tensor]:
-    """The teacher's state dict, read as data (weights_only); ours or a user's plain one."""
-    try:
-        obj = torch.load(io.BytesIO(storage.read_bytes(src.path)), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ConfigError(f"{_FIELD}: {src.path!r} is not a weights-only checkpoint ({str(e).splitlines()[0]}); "
-                          "allowed: a file written with torch.save(model.state_dict(), path)") from None
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):  # one of our peer{p}.pt files
-        obj = obj["model"]
-    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise ConfigError(f"{_FIELD}: {src.path!r} holds no state dict (a mapping of names to tensors)")
-    return obj
-
-
-def load_into(model: torch.nn.Module, weights: Mapping[str, Tensor], src: TeacherSource) -> None:
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ConfigError(f"distill.teacher_model: the weights in {src.path!r} do not fit model {src.model_name!r} "
-                          f"({str(e).splitlines()[0]} ...); allowed: the model those weights were trained as") from None
 
 
 class LogitCache:
@@ -180,39 +105,166 @@ class LogitCache:
 
 
 class FrozenTeacher(PeerSource):
+    """The frozen teacher of offline KD (and of a born-again generation): one model, or with
+    distill.teacher_ensemble every peer of the teacher run, whose logits are then the log of
+    their mean probability. It is read from the run's own copy (rundir.TEACHER, written once by
+    the driver: run.plan.write_teacher_copy), so a checkpoint names the teacher instead of storing
+    it again, and a resumed run goes on with the same teacher even if its source has changed
+    since; outside a run, from the source."""
+
     def __init__(self, ctx: TeacherContext, peer: int):
-        src = resolve_teacher(ctx.cfg.distill)
-        self.model_name, self.source = src.model_name, src.path
-        self.model = ctx.build_model(src.model_name)
-        load_into(self.model, load_weights(src), src)
-        self.model = self.model.to(ctx.device).eval().requires_grad_(False)
+        self.forwards, self.disk, self.cache, self.client = 0, None, None, None
+        if ctx.service:  # the teacher runs in the service's actors: nothing to build here
+            from .base import LogitForm
+            from .service import ServiceClient
+
+            self.client, self.form, self.device = ServiceClient(ctx.service), LogitForm(ctx.cfg, ctx.device), ctx.device
+            self.model_name, self.source, self.models, self.model = "service", ",".join(ctx.service), [], None
+            return
+        copy = _run_copy(ctx.run_dir)
+        if copy is not None:
+            members = [(TeacherSource(m["source"], m["model_name"], m.get("peer")), m["model"]) for m in teacher_members(copy)]
+        else:
+            members = [(src, load_weights(src)) for src in resolve_teachers(ctx.cfg.distill)]
+        self.model_name = "+".join(src.model_name for src, _ in members)
+        self.source = members[0][0].path
+        nets = []
+        for src, weights in members:
+            net = ctx.build_model(src.model_name)
+            load_into(net, weights, src)
+            nets.append(net.to(ctx.device).eval().requires_grad_(False))
+        self.models = nets
+        self.model = nets[0] if len(nets) == 1 else Ensemble(nets)
         self.cache = LogitCache() if ctx.cfg.distill.cache_teacher else None
+        self.forwards = 0
+        """Examples the teacher ran on in this process (the loop reports it as teacher_forwards)."""
+        self.disk = None
+        if ctx.cfg.distill.teacher_cache_dir:
+            from .cache import cache_key
+
+            key = cache_key(ctx.cfg, [(src.model_name, weights) for src, weights in members])
+            self.disk = shared_disk_cache(ctx.cfg.distill.teacher_cache_dir, key)
+            from .base import LogitForm
+
+            self.form = LogitForm(ctx.cfg, ctx.device)
 
     @staticmethod
-    def check(cfg: Config, models: Mapping, datasets: Mapping) -> None:
+    def check(cfg: Config, models: Mapping, datasets: Mapping, data=None) -> list[tuple[TeacherSource, dict]]:
         """On the driver: the checkpoint exists, names a known model, and its weights fit that
-        model on this dataset (a mismatch found on a worker would cost retries)."""
+        model on this dataset (a mismatch found on a worker would cost retries). Returns each
+        member's source and weights, which the driver copies into the run directory once."""
         from ..data import load_data
         from ..models import build_model
 
-        src = resolve_teacher(cfg.distill, models)
-        weights = load_weights(src)
-        data = load_data(cfg.data, datasets)  # the teacher is built for the dataset's real first examples
-        load_into(build_model(src.model_name, data.sample, data.num_classes, models, field="distill.teacher_model"),
-                  weights, src)
+        out = []
+        for src in resolve_teachers(cfg.distill, models):
+            weights = load_weights(src)
+            if data is None:
+                data = load_data(cfg.data, datasets)  # the teacher is built for the dataset's real first examples
+            load_into(build_model(src.model_name, data.sample, data.num_classes, models, field="distill.teacher_model",
+                                  label_shape=data.label_shape), weights, src)
+            out.append((src, weights))
+        return out
 
     @torch.no_grad()
-    def logits(self, x: Tensor, student_logits: Tensor) -> Tensor:
+    def logits(self, x: Tensor, student_logits: Tensor, step: int = 0):
+        if self.client is not None:
+            return self._from_service(x, step)
+        if self.disk is not None:
+            return self._from_disk(x)
         if self.cache is None:
+            self.forwards += len(x)
             return self.model(x).float().unsqueeze(0)
-        return self.cache.get(x, lambda rows: self.model(rows).float()).unsqueeze(0)
+        return self.cache.get(x, self._counted).unsqueeze(0)
+
+    def _counted(self, rows: Tensor) -> Tensor:
+        self.forwards += len(rows)
+        return self.model(rows).float()
+
+    @torch.no_grad()
+    def reference(self, x: Tensor) -> Tensor:
+        if self.client is not None:
+            return None  # the dense teacher is the service's; its form is measured there
+        return self.model(x).float().unsqueeze(0)
+
+    def prefetch(self, x: Tensor, step: int) -> None:
+        if self.client is not None:
+            self.client.prefetch(x, step)
+
+    def _from_service(self, x: Tensor, step: int):
+        from ..sparse import from_wire
+
+        out = self.client.get(x, step)
+        if isinstance(out, Tensor):
+            return out.to(self.device).unsqueeze(0)
+        return [from_wire(out).to(self.device)]
+
+    def _from_disk(self, x: Tensor):
+        """This batch's outputs from the disk cache; the examples it lacks go through the teacher
+        once and are added (written with the next checkpoint)."""
+        from .cache import digests, entry_of, stack_entries
+
+        keys = digests(x)
+        missing = self.disk.missing(keys)
+        if missing:
+            z = self._counted(x[missing])
+            out = z if self.form.dense else self.form.compress(z, step=int.from_bytes(keys[missing[0]][:4], "little"),
+                                                               teacher=0)
+            self.disk.put([keys[i] for i in missing], [entry_of(out, self.form, j) for j in range(len(missing))])
+        batch = stack_entries([self.disk.entries[k] for k in keys], x.device)
+        return batch.unsqueeze(0) if isinstance(batch, Tensor) else [batch]
 
     def state_dict(self) -> dict:
-        # kept in every checkpoint: a resumed run goes on with this teacher even if its source changed
-        return {"model": self.model.state_dict(), "model_name": self.model_name, "source": self.source}
+        if self.client is not None:
+            return {"model_name": self.model_name, "source": self.source}
+        if self.disk is not None:
+            self.disk.flush()  # the cache's new entries are kept with the checkpoint that needed them
+        # the teacher itself is in the run directory once (rundir.TEACHER), not in every checkpoint
+        return {"model_name": self.model_name, "source": self.source}
 
     def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        if "model" in state:  # a checkpoint of an earlier version, which stored the teacher in it
+            self.model.load_state_dict(state["model"])
+
+
+_DISK_CACHES: dict = {}
+
+
+def shared_disk_cache(root: str, key: str):
+    """One DiskCache per process and key: the peers of a worker share their teacher's entries."""
+    from .cache import DiskCache
+
+    if (root, key) not in _DISK_CACHES:
+        _DISK_CACHES[(root, key)] = DiskCache(root, key)
+    return _DISK_CACHES[(root, key)]
+
+
+def teacher_members(copy: dict) -> list[dict]:
+    """The members of a run's teacher copy: one, or an ensemble's."""
+    return copy.get("members") or [copy]
+
+
+def resolve_teachers(d: DistillConfig, models: Mapping | None = None) -> list[TeacherSource]:
+    """The teacher's source, or every peer's of its checkpoint with distill.teacher_ensemble."""
+    if not d.teacher_ensemble:
+        return [resolve_teacher(d, models)]
+    first = resolve_teacher(d, models)
+    if first.peer is None:
+        raise ConfigError(f"distill.teacher_ensemble: true, but {d.teacher_checkpoint!r} is a plain state dict; allowed: "
+                          "a run or checkpoint directory whose peers form the ensemble", "distill.teacher_ensemble")
+    ckpt = storage.parent(first.path)
+    return [resolve_teacher(dataclasses.replace(d, teacher_peer=p, teacher_checkpoint=ckpt), models)
+            for p in peer_files(storage.listing(ckpt, files=True) or {})]
+
+
+def _run_copy(run_dir) -> dict | None:
+    """The run's copy of its frozen teacher (None outside a run, or before the driver wrote it)."""
+    from ..rundir import TEACHER
+
+    if run_dir is None:
+        return None
+    data = run_dir.read_bytes(TEACHER)
+    return None if data is None else torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 class BornAgain(PeerSource):
@@ -224,7 +276,7 @@ class BornAgain(PeerSource):
         pass
 
     @staticmethod
-    def check(cfg: Config, models: Mapping, datasets: Mapping) -> None:
+    def check(cfg: Config, models: Mapping, datasets: Mapping, data=None) -> None:
         if cfg.distill.generations < 2:
             raise ConfigError(f"distill.generations: got {cfg.distill.generations}; allowed: an integer >= 2 when "
                               "distill.mode='born_again' (generation 0 and at least one born-again student)")
@@ -244,3 +296,38 @@ def with_absolute_checkpoint(cfg: Config) -> Config:
     if not path or _expand(path) == path:
         return cfg
     return dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, teacher_checkpoint=_expand(path)))
+
+
+@torch.no_grad()
+def fill_disk_cache(cfg: Config, data, members: list, models: Mapping | None = None, batch_size: int = 256) -> tuple[int, int]:
+    """On the driver, before any worker starts: every training example's teacher output into the
+    disk cache (distill.teacher_cache_dir), so the run, and every later run and sweep trial of the
+    same teacher, data and form, runs the teacher zero times. Returns (computed now, examples)."""
+    from ..data import Batches
+    from ..host import memory_format
+    from ..models import build_model
+    from .base import LogitForm
+    from .cache import cache_key, digests, entry_of
+
+    fmt = memory_format(data.sample, cfg.scale.channels_last)
+    nets = []
+    for src, weights in members:
+        net = build_model(src.model_name, data.sample, data.num_classes, models, memory_format=fmt,
+                          label_shape=data.label_shape)
+        load_into(net, weights, src)
+        nets.append(net.eval())
+    model = nets[0] if len(nets) == 1 else Ensemble(nets)
+    disk = shared_disk_cache(cfg.distill.teacher_cache_dir, cache_key(cfg, [(s.model_name, w) for s, w in members]))
+    form = LogitForm(cfg, torch.device("cpu"))
+    computed = 0
+    for x, _ in Batches(data.train, batch_size, torch.device("cpu"), shuffle=False, drop_last=False, memory_format=fmt):
+        keys = digests(x)
+        missing = disk.missing(keys)
+        if not missing:
+            continue
+        z = model(x[missing]).float()
+        out = z if form.dense else form.compress(z, step=int.from_bytes(keys[missing[0]][:4], "little"), teacher=0)
+        disk.put([keys[i] for i in missing], [entry_of(out, form, j) for j in range(len(missing))])
+        computed += len(missing)
+    disk.flush()
+    return computed, len(data.train)

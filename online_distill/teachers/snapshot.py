@@ -35,7 +35,7 @@ class SnapshotTeacher(PeerSource):
         """Global step after which the current snapshot was taken; None in the first cycle."""
 
     @staticmethod
-    def check(cfg: Config, models: Mapping, datasets: Mapping) -> None:
+    def check(cfg: Config, models: Mapping, datasets: Mapping, data=None) -> None:
         why = "when distill.mode='snapshot' (each cycle's last snapshot teaches the next cycle)"
         if cfg.optim.schedule != "cyclic":
             raise ConfigError(f"optim.schedule: got {cfg.optim.schedule!r}; allowed: 'cyclic' {why}")
@@ -43,7 +43,7 @@ class SnapshotTeacher(PeerSource):
             raise ConfigError(f"optim.cycles: got {cfg.optim.cycles}; allowed: an integer >= 2 {why}")
 
     @torch.no_grad()
-    def logits(self, x: Tensor, student_logits: Tensor) -> Tensor | None:
+    def logits(self, x: Tensor, student_logits: Tensor, step: int = 0) -> Tensor | None:
         if self.taken_at_step is None:  # first cycle: labels only
             return None
         return self.model(x).float().unsqueeze(0)

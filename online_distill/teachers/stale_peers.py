@@ -48,11 +48,14 @@ class StalePeerTeacher(Teacher):
         self.comm_bytes_per_step = self.bytes_per_sync / self.sync_every
 
     @torch.no_grad()
-    def logits(self, x: Tensor, student_logits: list[Tensor]) -> list[Tensor | None]:
+    def logits(self, x: Tensor, student_logits: list[Tensor], step: int = 0) -> list:
         if not self.synced:  # burn-in: plain CE until the first swap
             return [None] * self.n
         with self._autocast():
             z = {q: m(x).float() for q, m in self.copies.items()}  # each copy's forward once, shared
+        if not self.form.dense:  # each stale copy's logits compressed once, as its peer's own would be
+            targets = {q: self.form.compress(v, step=step, teacher=int(q)) for q, v in z.items()}
+            return [[t for q, t in targets.items() if int(q) != p] for p in self.topo.peers]
         return [torch.stack([v for q, v in z.items() if int(q) != p]) for p in self.topo.peers]
 
     def after_step(self, models: list[nn.Module], step: int) -> None:

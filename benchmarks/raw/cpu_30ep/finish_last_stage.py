@@ -1,5 +1,5 @@
 """The 30-epoch run's third stage, run on its own: the first run of
-`python -m online_distill.bench.claims run --profile cpu --epochs 30 --out benchmarks/raw/cpu_30ep
+`python -m benchmarks.tools.claims run --profile cpu --epochs 30 --out benchmarks/raw/cpu_30ep
 --work /tmp/claims_cpu30_work` finished stages 1 and 2 (every trial in runs.csv) and then
 stopped in the sweep's own summary (sweep/results.best_config_yaml compared 3 with 3.0; fixed in
 the same commit as this file). This picks up where it stopped, with the same functions:
@@ -11,7 +11,7 @@ import os
 
 import pandas as pd
 
-from online_distill.bench import claims as C
+from benchmarks.tools import claims as C
 from online_distill.run.launch import init_ray
 
 out, work = "benchmarks/raw/cpu_30ep", "/tmp/claims_cpu30_work"

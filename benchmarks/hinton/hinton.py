@@ -1,0 +1,448 @@
+"""Hinton, Vinyals & Dean (2015), section 3, on Fashion-MNIST, and mutual learning where it is meant
+to pay: every run is an `online-distill train` command (printed in the log), two at a time.
+
+    python benchmarks/hinton/hinton.py run --work /tmp/hinton          # ~2 h on 2 CPU cores
+    python benchmarks/hinton/hinton.py tables --work /tmp/hinton       # CSVs and tables here
+
+Claims (test accuracy at the last epoch, 3 fresh seeds, paired seed by seed with the same
+student trained on hard labels after the same learning-rate search; every setting picked on the
+validation split, with search seed 100):
+- H1 full data: the unregularized 800-800 MLP taught by a stronger teacher vs on hard labels;
+- H2 transfer set: the same student on 3% of the training images (1,650), soft vs hard targets;
+- H3 omitted class: the student never sees class 3 (dress); how many dresses it gets right, and
+  after the paper's bias shift (here chosen on validation);
+- H4 mutual learning: two 800-800 MLPs on 3% (and 10%) of the images, DML vs independent peers.
+The teacher is the ensemble of a DML cohort of two small CNNs trained on all 55,000 images with
+2-pixel jitter (configs/teacher.yaml), whose logits are cached once per example.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+SEARCH_SEED, SEEDS = 100, (0, 1, 2)
+LRS = (0.01, 0.03, 0.1)
+TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 20.0)
+OMITTED = 3  # Fashion-MNIST's "dress"
+SUBSETS = {"3pct": 1650, "10pct": 5500}  # of the 55,000 training images left after validation
+DML_LOSSES = {"hinton3": {"loss.temperature": 3.0, "loss.kd_weight": 0.5, "loss.ce_weight": None},
+              "sum1": {"loss.temperature": 1.0, "loss.kd_weight": 1.0, "loss.ce_weight": 1.0}}
+"""DML's forms: Hinton's convex mix at T 3, and the DML paper's CE + KL at T 1."""
+SMOKE: dict = {}
+"""--smoke: every run cut to one epoch on a little data, to check the pipeline in minutes."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: an arm of a claim, on a seed, with its knobs; the command that runs it."""
+
+    claim: str
+    arm: str
+    config: str
+    seed: int
+    sets: dict = field(default_factory=dict)
+    knobs: dict = field(default_factory=dict)
+
+    @property
+    def stage(self) -> str:
+        return "search" if self.seed == SEARCH_SEED else "confirm"
+
+    @property
+    def name(self) -> str:
+        knobs = "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted(self.knobs.items()))
+        return f"{self.arm}-s{self.seed}" + (f"-{knobs}" if knobs else "")
+
+    def argv(self, work: str) -> list[str]:
+        sets = {**self.sets, "train.seed": self.seed, "run.name": self.name, "run.storage_path": os.path.join(work, "runs"),
+                **SMOKE}
+        return ["train", os.path.join("benchmarks", "hinton", "configs", self.config)] + \
+            [f"--set={k}={_yaml(v)}" for k, v in sets.items()]
+
+
+def _yaml(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_yaml(x) for x in v) + "]"
+    return str(v)
+
+
+# ---- the arms ----------------------------------------------------------------------------------
+
+def teacher_job() -> Job:
+    return Job("teacher", "teacher", "teacher.yaml", SEARCH_SEED)
+
+
+def student_sets(regime: str) -> dict:
+    """The student's data: all of it, a transfer subset (its own seed), or all but one class."""
+    if regime == "full":
+        return {}
+    if regime == "omit":
+        return {"data.exclude_classes": [OMITTED]}
+    return {"data.train_subset": SUBSETS[regime], "data.subset_seed": 1, "train.epochs": 60}
+
+
+def hard_job(regime: str, seed: int, lr: float) -> Job:
+    claim = {"full": "H1", "3pct": "H2", "omit": "H3"}[regime]
+    return Job(claim, f"hard_{regime}", "student.yaml", seed, {**student_sets(regime), "optim.lr": lr}, {"lr": lr})
+
+
+def kd_job(regime: str, seed: int, lr: float, t: float, work: str) -> Job:
+    claim = {"full": "H1", "3pct": "H2", "omit": "H3"}[regime]
+    sets = {**student_sets(regime), "optim.lr": lr, "loss.temperature": t, "distill.mode": "offline",
+            "distill.teacher_checkpoint": os.path.join(work, "runs", teacher_job().name),
+            "distill.teacher_ensemble": True, "distill.cache_teacher": True}
+    return Job(claim, f"kd_{regime}", "student.yaml", seed, sets, {"lr": lr, "T": t})
+
+
+def peers_job(subset: str, mode: str, seed: int, lr: float, loss: str | None = None) -> Job:
+    sets = {"data.train_subset": SUBSETS[subset], "distill.mode": mode, "optim.lr": lr,
+            **({"train.epochs": 40} if subset == "10pct" else {}), **(DML_LOSSES[loss] if loss else {})}
+    knobs = {"lr": lr, **({"loss": loss} if loss else {})}
+    return Job("H4", f"{'dml' if mode == 'dml' else 'ind'}_{subset}", "peers.yaml", seed, sets, knobs)
+
+
+# ---- running ---------------------------------------------------------------------------------------
+
+def run_jobs(jobs: list[Job], work: str, parallel: int) -> None:
+    """Each job's command in a process of its own, `parallel` at a time; a finished job (its run
+    directory has result.json) is not run again, a failed one is recorded and not retried."""
+    todo = [j for j in jobs if not finished(j, work) and not failed(j, work)]
+    running: list[tuple[Job, subprocess.Popen, float]] = []
+    os.makedirs(os.path.join(work, "logs"), exist_ok=True)
+    print(f"[hinton] {len(jobs)} jobs, {len(jobs) - len(todo)} done before, {len(todo)} to run, {parallel} at a time",
+          flush=True)
+    while todo or running:
+        while todo and len(running) < parallel:
+            job = todo.pop(0)
+            log = open(os.path.join(work, "logs", f"{job.name}.log"), "w")
+            cmd = [sys.executable, "-m", "online_distill.cli", *job.argv(work)]
+            log.write("$ online-distill " + " ".join(job.argv(work)) + "\n")
+            log.flush()
+            running.append((job, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), time.time()))
+        time.sleep(2)
+        for item in list(running):
+            job, proc, t0 = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if proc.returncode == 0:
+                row = summary_of(job, work)
+                print(f"[hinton] done {job.name}: val {row['val_acc']:.4f} test {row['test_acc']:.4f} "
+                      f"({time.time() - t0:.0f} s)", flush=True)
+            else:
+                why = last_line(os.path.join(work, "logs", f"{job.name}.log"))
+                with open(os.path.join(work, "failed.jsonl"), "a") as f:
+                    f.write(json.dumps({"job": job.name, "rc": proc.returncode, "why": why}) + "\n")
+                print(f"[hinton] FAILED {job.name} (rc {proc.returncode}): {why}", flush=True)
+
+
+def run_dir(job: Job, work: str) -> str:
+    return os.path.join(work, "runs", job.name)
+
+
+def finished(job: Job, work: str) -> bool:
+    return os.path.exists(os.path.join(run_dir(job, work), "result.json"))
+
+
+def failed(job: Job, work: str) -> bool:
+    path = os.path.join(work, "failed.jsonl")
+    return os.path.exists(path) and any(json.loads(line)["job"] == job.name for line in open(path))
+
+
+def last_line(path: str) -> str:
+    lines = [ln.strip() for ln in open(path, errors="replace") if ln.strip()]
+    return lines[-1][:400] if lines else ""
+
+
+def summary_of(job: Job, work: str) -> dict:
+    """Mean over the job's peers of the last epoch's numbers (final.csv)."""
+    final = pd.read_csv(os.path.join(run_dir(job, work), "final.csv"))
+    peers = final[final["member"] != "ensemble"]
+    return {k: float(peers[k].mean()) for k in ("val_acc", "val_nll", "test_acc", "test_nll")}
+
+
+def pick(jobs: list[Job], work: str) -> Job | None:
+    """The search job with the best mean validation accuracy at the last epoch (a diverged or
+    failed setting is never picked)."""
+    done = [j for j in jobs if j.stage == "search" and finished(j, work)]
+    return max(done, key=lambda j: summary_of(j, work)["val_acc"]) if done else None
+
+
+def confirm(job: Job, **over) -> list[Job]:
+    return [Job(job.claim, job.arm, job.config, s, {**job.sets, **over}, job.knobs) for s in SEEDS]
+
+
+def plan(work: str) -> list[list[Job]]:
+    """The three stages; each later one depends on the picks of the ones before."""
+    hard = {r: [hard_job(r, SEARCH_SEED, lr) for lr in LRS] for r in ("full", "3pct")}
+    peers = {(sub, mode): [peers_job(sub, mode, SEARCH_SEED, lr, loss) for lr in LRS
+                           for loss in (DML_LOSSES if mode == "dml" else [None])]
+             for sub in SUBSETS for mode in ("dml", "independent")}
+    stage1 = [teacher_job(), *itertools.chain(*hard.values()), *itertools.chain(*peers.values())]
+    kd = {r: [kd_job(r, SEARCH_SEED, lr, t, work) for t in TEMPERATURES for lr in LRS] for r in ("full", "3pct")}
+    stage2 = [*itertools.chain(*kd.values())]
+    for r, jobs in hard.items():
+        best = pick(jobs, work)
+        stage2 += confirm(best) if best else []
+    best_hard_full = pick(hard["full"], work)
+    if best_hard_full:  # the omitted class: H1's picked settings, the one class left out
+        stage2 += [hard_job("omit", s, best_hard_full.knobs["lr"]) for s in SEEDS]
+    for jobs in peers.values():
+        best = pick(jobs, work)
+        stage2 += confirm(best) if best else []
+    stage3 = []
+    for r, jobs in kd.items():
+        best = pick(jobs, work)
+        stage3 += confirm(best) if best else []
+    best_kd_full = pick(kd["full"], work)
+    if best_kd_full:
+        stage3 += [kd_job("omit", s, best_kd_full.knobs["lr"], best_kd_full.knobs["T"], work) for s in SEEDS]
+    return [stage1, stage2, stage3]
+
+
+def cmd_run(args) -> int:
+    work = os.path.abspath(args.work)
+    if args.smoke:
+        SMOKE.update({"train.epochs": 1, "train.max_steps_per_epoch": 5, "data.test_subset": 500, "data.val_size": 500})
+    for i in range(3):
+        stage = plan(work)[i]  # planned again: it reads the picks of the stages before
+        print(f"[hinton] stage {i + 1}: {len(stage)} runs", flush=True)
+        run_jobs(stage, work, args.parallel)
+    print(f"[hinton] done; now: python benchmarks/hinton/hinton.py tables --work {args.work}", flush=True)
+    return 0
+
+
+# ---- tables ---------------------------------------------------------------------------------------
+
+def bias_shift(val_logits, val_labels, test_logits, test_labels, cls: int) -> dict:
+    """The paper's fix for a class the student never saw: add b to its logit, with b chosen to
+    maximize validation accuracy (the paper chose it on test), then score the test set."""
+    import torch
+
+    grid = [b / 4 for b in range(0, 81)]  # 0 .. 20 in steps of 0.25
+
+    def acc(z, y, b):
+        z = z.clone()
+        z[:, cls] += b
+        return (z.argmax(1) == y).float().mean().item()
+
+    best = max(grid, key=lambda b: (acc(val_logits, val_labels, b), -b))
+    z = test_logits.clone()
+    z[:, cls] += best
+    right = z.argmax(1) == test_labels
+    return {"bias": best, "test_acc": right.float().mean().item(),
+            "class_correct": int(right[test_labels == cls].sum()), "class_n": int((test_labels == cls).sum())}
+
+
+def job_rows(job: Job, work: str) -> list[dict]:
+    """runs.csv rows of a finished job: one per member, with its class-3 counts (test), and for
+    the omitted class the numbers after the validation-chosen bias shift."""
+    import torch
+
+    d = run_dir(job, work)
+    final = pd.read_csv(os.path.join(d, "final.csv"))
+    per_class = pd.read_csv(os.path.join(d, "per_class.csv"))
+    result = json.load(open(os.path.join(d, "result.json")))
+    rows = []
+    for _, r in final.iterrows():
+        pc = per_class[(per_class["split"] == "test") & (per_class["member"] == r["member"])]
+        row = {"claim": job.claim, "arm": job.arm, "stage": job.stage, "seed": job.seed, "job": job.name,
+               **{k: job.knobs.get(k) for k in ("lr", "T", "loss")}, "member": r["member"], "model": r["model"],
+               "val_acc": r["val_acc"], "val_nll": r["val_nll"], "test_acc": r["test_acc"], "test_nll": r["test_nll"],
+               "test_errors": int(round((1 - r["test_acc"]) * pc["n"].sum())),
+               f"class{OMITTED}_correct": int(pc[pc["class"] == OMITTED]["correct"].sum()),
+               "epochs": int(result["metrics"].get("epoch", 0))}
+        if job.arm.endswith("_omit") and r["member"] != "ensemble":
+            preds = torch.load(os.path.join(d, "predictions.pt"), weights_only=True)
+            p = int(r["member"][4:])
+            shift = bias_shift(preds["val"]["logits"][p], preds["val"]["labels"], preds["test"]["logits"][p],
+                               preds["test"]["labels"], OMITTED)
+            row.update(shifted_bias=shift["bias"], shifted_test_acc=shift["test_acc"],
+                       shifted_class_correct=shift["class_correct"])
+        rows.append(row)
+    return rows
+
+
+def collect(work: str) -> pd.DataFrame:
+    rows = []
+    for stage in plan(work):
+        for job in stage:
+            if finished(job, work):
+                rows += job_rows(job, work)
+    failed_rows = []
+    path = os.path.join(work, "failed.jsonl")
+    if os.path.exists(path):
+        failed_rows = [json.loads(line) for line in open(path)]
+    pd.DataFrame(failed_rows).to_csv(os.path.join(HERE, "failed.csv"), index=False)
+    return pd.DataFrame(rows).drop_duplicates(["job", "member"])
+
+
+def paired(runs: pd.DataFrame, method: str, baseline: str, column: str = "test_acc") -> pd.DataFrame:
+    """Per confirm seed: the method's and the baseline's mean-over-peers number, and the delta."""
+    def by_seed(arm):
+        r = runs[(runs["arm"] == arm) & (runs["stage"] == "confirm") & (runs["member"] != "ensemble")]
+        return r.groupby("seed")[column].mean()
+
+    m, b = by_seed(method), by_seed(baseline)
+    seeds = sorted(set(m.index) & set(b.index))
+    return pd.DataFrame({"seed": seeds, method: [m[s] for s in seeds], baseline: [b[s] for s in seeds],
+                         "delta_pt": [100 * (m[s] - b[s]) for s in seeds]})
+
+
+COMPARISONS = [  # claim, method, baseline, bar (pt), what it shows
+    ("H1", "kd_full", "hard_full", 0.3, "800-800 MLP taught by the CNN ensemble vs on hard labels, all 55,000 images"),
+    ("H2", "kd_3pct", "hard_3pct", 1.5, "the same student on a 3% transfer set: the teacher's soft targets vs hard labels"),
+    ("H3", "kd_omit", "hard_omit", 0.0, "the student never sees class 3 (dress): taught vs on hard labels"),
+    ("H4", "dml_3pct", "ind_3pct", 0.3, "two 800-800 MLPs on 3% of the images: DML vs independent peers"),
+    ("H4", "dml_10pct", "ind_10pct", 0.0, "the same on 10% of the images (reported, no bar)"),
+]
+
+
+def cmd_tables(args) -> int:
+    work = os.path.abspath(args.work)
+    runs = collect(work)
+    runs.to_csv(os.path.join(HERE, "runs.csv"), index=False)
+    write_tables(runs)
+    return 0
+
+
+def write_tables(runs: pd.DataFrame) -> None:
+    """per_seed.csv, summary_rows.csv (the rows benchmarks/summary.csv takes) and table.md, from
+    runs.csv alone (bench tables rebuild them byte for byte)."""
+    per_seed, summary = [], []
+    for claim, method, baseline, bar, what in COMPARISONS:
+        p = paired(runs, method, baseline)
+        if p.empty:
+            continue
+        per_seed.append(p.assign(claim=claim, method=method, baseline=baseline).rename(
+            columns={method: "method_acc", baseline: "baseline_acc"}))
+        d = p["delta_pt"]
+        met = bool(d.mean() >= bar and (d > 0).all()) if claim != "H3" else None
+        summary.append({"claim": claim, "method": method, "baseline": baseline, "delta_mean": round(d.mean(), 2),
+                        "delta_std": round(d.std(ddof=1), 2) if len(d) > 1 else float("nan"), "n_pairs": len(d),
+                        "bar": f">= +{bar}, all > 0" if claim != "H3" else "class 3: >= 700 of 1000 right",
+                        "met": met})
+    per_seed_df = pd.concat(per_seed, ignore_index=True) if per_seed else pd.DataFrame()
+    summary_df = pd.DataFrame(summary)
+    h3 = omitted_class(runs)
+    if not h3.empty and len(summary_df):
+        right = h3["kd_omit_class_correct"].min()
+        summary_df.loc[summary_df["claim"] == "H3", "met"] = bool(right >= 700)
+    per_seed_df.to_csv(os.path.join(HERE, "per_seed.csv"), index=False)
+    summary_df.to_csv(os.path.join(HERE, "summary_rows.csv"), index=False)
+    with open(os.path.join(HERE, "table.md"), "w") as f:
+        f.write(table_md(runs, per_seed_df, summary_df, h3))
+
+
+def omitted_class(runs: pd.DataFrame) -> pd.DataFrame:
+    r = runs[(runs["stage"] == "confirm") & runs["arm"].isin(["kd_omit", "hard_omit"]) & (runs["member"] != "ensemble")]
+    if r.empty:
+        return pd.DataFrame()
+    out = []
+    for seed, g in r.groupby("seed"):
+        row = {"seed": seed}
+        for arm, a in g.groupby("arm"):
+            row.update({f"{arm}_class_correct": int(a[f"class{OMITTED}_correct"].iloc[0]),
+                        f"{arm}_test_acc": float(a["test_acc"].iloc[0]),
+                        f"{arm}_shifted_class_correct": int(a["shifted_class_correct"].iloc[0]),
+                        f"{arm}_shifted_test_acc": float(a["shifted_test_acc"].iloc[0]),
+                        f"{arm}_bias": float(a["shifted_bias"].iloc[0])})
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _ms(values, scale: float = 100.0, digits: int = 2) -> str:
+    v = pd.Series(values, dtype=float) * scale
+    return f"{v.mean():.{digits}f} +- {v.std(ddof=1):.{digits}f}" if len(v) > 1 else f"{v.mean():.{digits}f}"
+
+
+def table_md(runs: pd.DataFrame, per_seed: pd.DataFrame, summary: pd.DataFrame, h3: pd.DataFrame) -> str:
+    confirm = runs[(runs["stage"] == "confirm") & (runs["member"] != "ensemble")]
+
+    def arm(a):
+        g = confirm[confirm["arm"] == a].groupby("seed").mean(numeric_only=True)
+        return g
+
+    lines = ["# Hinton et al. 2015 (section 3) on Fashion-MNIST: the paper's table and ours", "",
+             "Built from runs.csv by `python benchmarks/hinton/hinton.py tables`. Test numbers at the last epoch, "
+             "mean +- std over seeds 0, 1, 2; settings picked on validation (seed 100).", "",
+             "| model | paper (MNIST): test errors | ours (Fashion-MNIST): test errors / 10,000 | test accuracy (%) | test NLL |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    teacher = runs[(runs["arm"] == "teacher")]
+    if len(teacher):
+        ens = teacher[teacher["member"] == "ensemble"].iloc[0]
+        peers = teacher[teacher["member"] != "ensemble"]
+        lines.append(f"| teacher: ensemble of 2 small CNNs (DML, 2-px jitter), seed 100 | 67 (1200-1200, dropout, jitter) | "
+                     f"{int(ens['test_errors'])} | {100 * ens['test_acc']:.2f} | {ens['test_nll']:.3f} |")
+        lines.append(f"| its peers (each a small CNN) | | {peers['test_errors'].mean():.0f} | "
+                     f"{100 * peers['test_acc'].mean():.2f} | {peers['test_nll'].mean():.3f} |")
+    for name, paper, a in (("800-800 MLP on hard labels", "146", "hard_full"),
+                           ("800-800 MLP distilled (soft targets, 0.1 CE + 0.9 T^2 KL)", "74 (T = 20)", "kd_full"),
+                           ("hard labels, 3% transfer set", "- (speech: 44.5% vs 57%)", "hard_3pct"),
+                           ("distilled, 3% transfer set", "", "kd_3pct"),
+                           ("hard labels, class 3 never seen", "", "hard_omit"),
+                           ("distilled, class 3 never seen", "206 (bias shift: 109)", "kd_omit")):
+        g = arm(a)
+        if g.empty:
+            continue
+        t = (runs[(runs["arm"] == a)]["T"].dropna().iloc[0] if runs[(runs["arm"] == a)]["T"].notna().any() else None)
+        label = name + (f", T = {t:g}" if t is not None and not math.isnan(t) else "")
+        lines.append(f"| {label} | {paper} | {_ms(g['test_errors'], 1, 0)} | {_ms(g['test_acc'])} | "
+                     f"{_ms(g['test_nll'], 1, 3)} |")
+    if not h3.empty:
+        lines += ["", f"Class {OMITTED} (dress, 1,000 test images) when the student never saw one (per seed):", "",
+                  "| seed | hard labels: right | distilled: right | distilled after bias shift (b chosen on validation): right | b | test acc after shift |",
+                  "| ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for _, r in h3.iterrows():
+            lines.append(f"| {int(r['seed'])} | {int(r.get('hard_omit_class_correct', -1))} | "
+                         f"{int(r.get('kd_omit_class_correct', -1))} | {int(r.get('kd_omit_shifted_class_correct', -1))} | "
+                         f"{r.get('kd_omit_bias', float('nan')):g} | {100 * r.get('kd_omit_shifted_test_acc', float('nan')):.2f} |")
+    if not summary.empty:
+        lines += ["", "Paired deltas (test accuracy, points), seed by seed:", "",
+                  "| claim | method vs baseline | per seed | mean +- std | bar | met |", "| --- | --- | --- | ---: | --- | --- |"]
+        for _, s in summary.iterrows():
+            d = per_seed[(per_seed["claim"] == s["claim"]) & (per_seed["method"] == s["method"])]["delta_pt"]
+            lines.append(f"| {s['claim']} | {s['method']} vs {s['baseline']} | {', '.join(f'{v:+.2f}' for v in d)} | "
+                         f"{s['delta_mean']:+.2f} +- {s['delta_std']:.2f} | {s['bar']} | "
+                         f"{'yes' if s['met'] else 'no' if s['met'] is not None else '-'} |")
+    search = runs[(runs["stage"] == "search") & (runs["member"] != "ensemble")]
+    if len(search):
+        lines += ["", "The search (seed 100, mean over peers, last epoch): the pick is the best validation accuracy.", "",
+                  "| arm | lr | T | DML loss | val acc | val NLL |", "| --- | ---: | ---: | --- | ---: | ---: |"]
+        g = search.groupby(["arm", "lr", "T", "loss"], dropna=False)[["val_acc", "val_nll"]].mean().reset_index()
+        for _, r in g.sort_values(["arm", "val_acc"], ascending=[True, False]).iterrows():
+            t = "" if pd.isna(r["T"]) else f"{r['T']:g}"
+            loss = "" if pd.isna(r["loss"]) else r["loss"]
+            lines.append(f"| {r['arm']} | {r['lr']:g} | {t} | {loss} | {r['val_acc']:.4f} | {r['val_nll']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python benchmarks/hinton/hinton.py", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="every stage; a rerun skips finished runs")
+    r.add_argument("--work", required=True, help="where the runs and their logs go (not committed)")
+    r.add_argument("--parallel", type=int, default=2)
+    r.add_argument("--smoke", action="store_true", help="one short epoch per run: check the pipeline, not the claims")
+    r.set_defaults(fn=cmd_run)
+    t = sub.add_parser("tables", help="runs.csv, per_seed.csv, summary_rows.csv and table.md from the runs")
+    t.add_argument("--work", required=True)
+    t.set_defaults(fn=cmd_tables)
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,348 @@
+"""The driver's preflight: everything a run needs settled before anything starts, built once.
+
+`make_plan` checks the config (fields, builders, what the teacher source needs), reads the
+dataset once and builds every model of the cohort on its real first examples, works out where
+the cohort runs and whether this machine or cluster can hold it, and where the run directory
+stands (finished, another config, another live run holding it, where it resumes). The launch
+(`launch.train_cohort`), the dry run and the sweeps take a Plan, so a dry run refuses exactly
+what the run refuses, and no check is made twice. Nothing is written until `Plan.prepare`,
+which takes the run's lock and writes the config, the teacher copy, and sets aside what a
+crashed attempt left.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import config as config_mod
+from .. import config_file
+from ..checkpoint import ResumePoint, find_resume_point
+from ..config import Config, ConfigError
+from ..config import with_overrides
+from ..rundir import CONFIG, RESULT, TEACHER, RunDir, generation_name
+from .resume import refusal, set_aside
+
+# Fields that may change when a run is resumed; any other change would make the resumed
+# run a different experiment than the one its checkpoints came from.
+RESUMABLE_CHANGES = {"train.epochs", "train.log_every_s", "run.max_failures", "run.checkpoints_to_keep",
+                     "run.storage_path", "run.fail_once_at_epoch", "run.in_process", "run.loggers",
+                     # where peers run, not what they learn (tests/test_packing.py): a run started on
+                     # two GPUs may go on packed on one
+                     "scale.peers_per_worker"}
+
+
+@dataclass
+class Plan:
+    cfg: Config
+    run_dir: RunDir
+    in_process: bool
+    """The cohort trains in this process (Train's local mode), else in a Ray Train worker group."""
+    data: Any = None
+    """The dataset as the driver read it (data.Data); None where the data live on the cluster only."""
+    resume: ResumePoint = field(default_factory=ResumePoint)
+    resuming: bool = False
+    """The run directory holds an earlier attempt of this run (its config.yaml)."""
+    teacher: Any = None
+    """A frozen teacher's [(TeacherSource, state dict), ...] (one, or an ensemble's), resolved once."""
+    models: dict | None = None
+    datasets: dict | None = None
+    notes: list[str] = field(default_factory=list)
+    """Lines the plan has to say (resources it could not check, ...)."""
+    lock: Any = None
+    service: list[str] | None = None
+    """The teacher service's actor names (distill.teacher_service), once started."""
+
+    def prepare(self) -> list[str]:
+        """Take the run's lock, then write what the run starts from. Returns lines to print."""
+        lines = []
+        if self.lock is None:  # the CLI takes it first thing (cli._hold_the_run)
+            self.lock = self.run_dir.lock()
+            taken = self.lock.acquire()
+            if taken:
+                lines.append(taken)
+        try:
+            removed = self.run_dir.clean_partial()
+            if removed:
+                lines.append(f"run {self.cfg.run.name!r}: removed what an interrupted write left: {', '.join(removed)}")
+            moved = set_aside(self.run_dir, self.resume)
+            if moved:
+                lines.append(moved)
+            self.run_dir.write(CONFIG, config_file.dump(self.cfg))
+            if self.teacher is not None and not self.run_dir.exists(TEACHER):
+                write_teacher_copy(self.run_dir, self.teacher)
+            if self.teacher is not None and self.cfg.distill.teacher_cache_dir and self.data is not None:
+                lines.append(fill_teacher_cache(self.cfg, self.data, self.teacher, self.models))
+            if self.teacher is not None and self.cfg.distill.teacher_service:
+                self.service = start_teacher_service(self.cfg, self.data, self.teacher)
+                lines.append(f"teacher service: {len(self.service)} replica(s) of {self.cfg.distill.service_cpus:g} CPU, "
+                             f"{self.cfg.distill.service_gpus:g} GPU hold the teacher; the students call it")
+        except BaseException:
+            self.release()
+            raise
+        return lines
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if self.service:
+            from ..teachers.service import stop
+
+            stop(self.service)  # the run's own teacher service: its resources go back
+            self.service = None
+
+    def header(self) -> str:
+        cfg = self.cfg
+        where = "in this process" if self.in_process else \
+            f"on {cfg.world_size} Ray Train worker{'s' if cfg.world_size > 1 else ''}"
+        if self.resume.checkpoint:
+            what = f"resuming run {cfg.run.name!r} {self.resume.describe()}"
+        elif self.resuming:
+            what = f"restarting run {cfg.run.name!r} from scratch (its earlier attempt saved no checkpoint)"
+        else:
+            what = f"starting run {cfg.run.name!r}"
+        return (f"{what}: {cfg.distill.mode} cohort of {cfg.num_peers} peers ({', '.join(cfg.models)}) x "
+                f"{cfg.scale.replicas} replica(s) on {cfg.data.dataset}, {cfg.train.epochs} epochs, {where} -> "
+                f"{self.run_dir.path}")
+
+
+def make_plan(cfg: Config, *, models=None, datasets=None, dry_run: bool = False, run_dir: RunDir | None = None,
+              check_run_dir: bool = True) -> Plan:
+    """Every check of a run, made once (see the module docstring). `dry_run`: start nothing and
+    write nothing (a worker group's resources are checked against this machine unless a cluster
+    is joined). `check_run_dir=False`: the caller owns the directory's state (a sweep trial)."""
+    from ..checks import check_names
+    from ..teachers import check_teacher
+    from ..teachers.frozen import with_absolute_checkpoint
+    from .env import cluster_address
+    from .in_process import runs_in_process
+
+    cfg = check_names(cfg.check_fields(), models, datasets, teacher=False)
+    cfg = with_absolute_checkpoint(cfg)  # workers do not share the driver's working directory
+    if cfg.distill.mode == "born_again":
+        return _born_again_plan(cfg, models, datasets, dry_run, run_dir, check_run_dir)
+    plan = Plan(cfg, run_dir or RunDir.of(cfg), in_process=runs_in_process(cfg), models=models, datasets=datasets)
+    if not os.environ.get("RAY_ADDRESS"):  # a cluster's data may live only where its workers run
+        plan.data = read_data(cfg, models, datasets)
+    plan.teacher = check_teacher(cfg, models, datasets, data=plan.data)
+    if cfg.run.loggers:
+        from ..trackers import check_trackers
+
+        check_trackers(cfg.run.loggers)  # their libraries, here, before any worker starts
+    if plan.in_process:
+        check_machine(cfg)
+    elif dry_run and cluster_address() is None:
+        check_resources(cfg, *local_resources())
+    elif dry_run:
+        plan.notes.append(f"resources not checked: a dry run does not join the cluster at {cluster_address()}")
+    else:
+        from .env import init_ray
+
+        init_ray()
+        check_resources(cfg, *cluster_resources())
+    if check_run_dir:
+        check_run_directory(plan, dry_run=dry_run)
+    return plan
+
+
+def _born_again_plan(cfg: Config, models, datasets, dry_run: bool, run_dir: RunDir | None, check_run_dir: bool) -> Plan:
+    """A born-again chain is a run of runs (generations.py): its own directory is checked here,
+    and the plan is generation 0's, each later generation being the same cohort taught by the one
+    before (each makes its own plan when it starts)."""
+    from ..teachers import check_teacher
+    check_teacher(cfg, models, datasets)
+    outer = Plan(cfg, run_dir or RunDir.of(cfg), in_process=True)
+    if check_run_dir:
+        check_run_directory(outer, dry_run=dry_run)
+    first = make_plan(generation_config(cfg, 0, outer.run_dir), models=models, datasets=datasets, dry_run=dry_run,
+                      check_run_dir=False)
+    first.notes.append(f"born-again: {cfg.distill.generations} generations, each this cohort in "
+                       f"{outer.run_dir.path}/gen<g>; generation g > 0 is taught by frozen generation g - 1")
+    return first
+
+
+def read_data(cfg: Config, models=None, datasets=None):
+    """Load the data once on the driver and build every model of the cohort on its real first
+    examples: a missing dataset, a split that does not fit, labels outside [0, num_classes), or
+    a model builder that fails or returns logits of the wrong shape is a ConfigError now, not a
+    worker retry later (and downloads happen once)."""
+    import torch
+
+    from ..data import load_data
+    from ..host import memory_format
+    from ..models import build_model
+
+    data = load_data(cfg.data, datasets)
+    disjoint = cfg.distill.peer_data == "disjoint"  # codistilling peers may each take their own shard
+    shard = len(data.train) // (cfg.world_size if disjoint else cfg.scale.replicas)  # disjoint: one peer per worker
+    if cfg.train.batch_size > shard:
+        raise ConfigError(f"train.batch_size: got {cfg.train.batch_size}; allowed: at most {shard}, "
+                          f"the training examples per {'worker' if disjoint else 'replica'}", "train.batch_size")
+    for i, name in enumerate(dict.fromkeys(cfg.models)):  # one build per architecture (a resnet costs a second)
+        with torch.random.fork_rng():  # the driver's RNG is not the workers' business
+            build_model(name, data.sample, data.num_classes, models, field=f"models[{cfg.models.index(name)}]",
+                        memory_format=memory_format(data.sample, cfg.scale.channels_last), label_shape=data.label_shape)
+    return data
+
+
+def check_run_directory(plan: Plan, *, dry_run: bool) -> None:
+    """Refuse a finished run, a run of another config under the same name, a run another live
+    process holds, and a run none of whose checkpoints loads; find where it resumes."""
+    cfg, run = plan.cfg, plan.run_dir
+    if run.exists(RESULT):
+        raise ConfigError(f"run.name: run {cfg.run.name!r} already finished in {run.path}; its results are kept. "
+                          f"Allowed: a new name, e.g. --set run.name={cfg.run.name}-2", "run.name")
+    holder = run.lock().holder() if dry_run else None
+    if holder is not None:
+        raise ConfigError(run.lock().refusal(holder), "run.name")
+    old = run.read_text(CONFIG)
+    if old is not None:
+        import yaml
+
+        before, now = _flatten(yaml.safe_load(old)), _flatten(config_mod.to_dict(cfg))
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
+        if changed:
+            diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
+            raise ConfigError(f"run.name: {cfg.run.name!r} exists in {run.path} with another config ({diffs}). "
+                              f"Allowed: the same config to resume it, or a new run.name", "run.name")
+    plan.resuming = old is not None
+    plan.resume = find_resume_point(run, cfg.num_peers)
+    if plan.resume.refused:
+        raise refusal(cfg, run, plan.resume)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def start_teacher_service(cfg: Config, data, members: list) -> list[str]:
+    """The teacher's actor pool (teachers/service.py), on Ray (started here if need be)."""
+    from ..teachers.cache import cache_key
+    from ..teachers.service import start
+    from .env import init_ray
+
+    if data is None:
+        from ..data import load_data
+
+        data = load_data(cfg.data)
+    init_ray()
+    return start(cfg, members, data, cache_key(cfg, [(s.model_name, w) for s, w in members]))
+
+
+def fill_teacher_cache(cfg: Config, data, members: list, models=None) -> str:
+    """The frozen teacher's outputs for every training example, in the disk cache, before any
+    worker starts; the line that says what it cost (the teacher's runs) and where it is."""
+    from ..teachers.frozen import fill_disk_cache
+
+    computed, total = fill_disk_cache(cfg, data, members, models)
+    where = cfg.distill.teacher_cache_dir
+    if computed:
+        return (f"teacher cache {where}: the teacher ran on {computed} of {total} training examples, once; this run "
+                f"and every later one with the same teacher, data and logits ({cfg.distill.logits}) read them")
+    return f"teacher cache {where}: all {total} training examples there: the teacher runs 0 times"
+
+
+def write_teacher_copy(run: RunDir, members: list) -> None:
+    """The frozen teacher, once per run: every checkpoint names it instead of storing it again,
+    and a resumed run goes on with this copy even if its source has changed since. `members`:
+    (source, weights) of the teacher, or of each model of an ensemble teacher."""
+    import io
+
+    import torch
+
+    rows = [{"model": weights, "model_name": src.model_name, "source": src.path, "peer": src.peer}
+            for src, weights in members]
+    buf = io.BytesIO()
+    torch.save({**rows[0], **({"members": rows} if len(rows) > 1 else {})}, buf)
+    run.write(TEACHER, buf.getvalue())
+
+
+# --- resources ----------------------------------------------------------------------------------
+
+def check_machine(cfg: Config) -> None:
+    """What check_resources is for a worker group: refuse what this process cannot give."""
+    cpus = os.cpu_count() or 1
+    if cfg.scale.cpus_per_worker > cpus:
+        raise ConfigError(f"scale.cpus_per_worker: got {cfg.scale.cpus_per_worker:g}; allowed: at most {cpus}, the CPUs "
+                          "of this machine (the cohort trains in this process: run.in_process)", "scale.cpus_per_worker")
+    if cfg.scale.use_gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("scale.use_gpu: true, but this machine has no GPU that torch can use (the cohort trains "
+                              "in this process: run.in_process). Allowed: false, or a cluster with GPUs (RAY_ADDRESS)",
+                              "scale.use_gpu")
+
+
+def local_resources() -> tuple[dict, list[dict]]:
+    """What an embedded local Ray would have: this machine's CPUs and GPUs, as one node."""
+    import torch
+
+    total = {"CPU": float(os.cpu_count() or 1), "GPU": float(torch.cuda.device_count())}
+    return total, [total]
+
+
+def cluster_resources() -> tuple[dict, list[dict]]:
+    import ray
+
+    return ray.cluster_resources(), [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+
+
+def check_resources(cfg: Config, total: dict, nodes: list[dict]) -> None:
+    """Refuse a cohort that the cluster can never place: all workers must run at once, and each
+    worker's CPUs and GPUs must fit on one node."""
+    ppw = cfg.scale.peers_per_worker
+    where = (f"{cfg.num_peers} models / scale.peers_per_worker={ppw} x scale.replicas={cfg.scale.replicas} = "
+             f"{cfg.world_size} worker{'s' if cfg.world_size > 1 else ''}")
+    packed_hint = (f", or more peers per worker (scale.peers_per_worker: a divisor of {cfg.num_peers})"
+                   if ppw < cfg.num_peers else "")
+    biggest = max((n.get("CPU", 0) for n in nodes), default=total.get("CPU", 0))
+    if cfg.scale.cpus_per_worker > biggest + 1e-9:
+        raise ConfigError(f"scale.cpus_per_worker: got {cfg.scale.cpus_per_worker:g}; allowed: at most {biggest:g}, "
+                          "the CPUs of the largest node (a worker runs on one node)", "scale.cpus_per_worker")
+    need_cpu = cfg.world_size * cfg.scale.cpus_per_worker
+    if need_cpu > total.get("CPU", 0) + 1e-9:
+        raise ConfigError(f"scale: {where} at scale.cpus_per_worker={cfg.scale.cpus_per_worker:g} need "
+                          f"{need_cpu:g} CPUs; the cluster has {total.get('CPU', 0):g}. Allowed: fewer replicas, "
+                          f"a smaller scale.cpus_per_worker{packed_hint}", "scale")
+    if cfg.scale.use_gpu:
+        gpus = cfg.world_size * cfg.scale.gpus_per_worker
+        if gpus > total.get("GPU", 0) + 1e-9:
+            raise ConfigError(f"scale.use_gpu: {where} need {gpus:g} GPUs; the cluster has {total.get('GPU', 0):g}. "
+                              f"Allowed: use_gpu=false, fewer replicas{packed_hint}", "scale.use_gpu")
+
+
+def concurrency(configs: list[Config], resources: dict) -> int:
+    """How many cohorts fit at once when each needs all its workers at the same time: the
+    cluster's CPUs (and GPUs) over the biggest cohort's demand, at least 1."""
+    cpu = max(c.world_size * c.scale.cpus_per_worker for c in configs)
+    n = math.floor(resources.get("CPU", 0) / cpu + 1e-9)
+    gpu = max((c.world_size * c.scale.gpus_per_worker for c in configs if c.scale.use_gpu), default=0)
+    if gpu:
+        n = min(n, math.floor(resources.get("GPU", 0) / gpu + 1e-9))
+    return max(1, n)
+
+
+def say(lines: list[str]) -> None:
+    for line in lines:
+        print(line, file=sys.stderr, flush=True)
+
+
+def generation_config(cfg: Config, g: int, run: RunDir) -> Config:
+    """Generation g of a born-again run, as an ordinary run inside the born-again run directory."""
+    over: dict = {"run.storage_path": run.path, "run.name": generation_name(g)}
+    if g == 0:
+        over["distill.mode"] = "independent"
+    else:
+        over.update({"distill.mode": "offline", "distill.teacher_checkpoint": run.generation(g - 1).path,
+                     "distill.teacher_peer": 0, "distill.teacher_model": None})
+    return with_overrides(cfg, over)

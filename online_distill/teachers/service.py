@@ -1,0 +1,223 @@
+"""One frozen teacher for many students: a pool of Ray actors that every worker and sweep trial
+calls (distill.teacher_service).
+
+Without it, every worker and every Tune trial of an offline KD run holds its own copy of the
+teacher and runs it on the same examples: 16 trials on one GPU hold 16 teachers. The service
+holds the teacher once per replica, on resources of its own (distill.service_cpus / _gpus,
+_precision), started by the driver of a run or of a whole sweep before any student starts.
+
+- Batching: requests that arrive while the teacher is busy are run together in one forward
+  pass (up to MAX_ROWS rows), whoever sent them.
+- Once per example: without jitter an example's output never changes, so the service keeps it
+  by the example's digest, and N trials on the same data cost the teacher one pass, not N.
+- Prefetch: a student asks for the next batch's logits (FrozenTeacher.prefetch) while it trains
+  on this one, so its step waits only for what the service has not finished yet.
+- Failure: a lost actor is restarted by Ray (max_restarts) and the students' requests to it are
+  retried (max_task_retries): a request is a pure function of the batch, so a retry is exact.
+- Counters: forwards (examples the teacher ran on), requests, rows served, queue time and bytes
+  sent back (`stats`), which the run and the bench report beside the students' step times.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+
+import ray
+import torch
+from torch import Tensor
+
+MAX_ROWS = 4096
+"""Rows of one forward pass at most (requests are merged up to this)."""
+NAMESPACE = "online_distill"
+
+
+@ray.remote(max_restarts=-1, max_task_retries=-1)
+class TeacherReplica:
+    def __init__(self, members: list, model_args: dict, form: dict, precision: str, threads: int, keep: bool):
+        from ..models import build_model
+        from .weights import Ensemble, TeacherSource, load_into
+
+        torch.set_num_threads(max(1, threads))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        nets = []
+        for m in members:
+            net = build_model(m["model_name"], model_args["sample"], model_args["num_classes"],
+                              label_shape=model_args["label_shape"])
+            load_into(net, m["model"], TeacherSource(m["source"], m["model_name"], m.get("peer")))
+            nets.append(net.to(self.device).eval().requires_grad_(False))
+        self.model = nets[0] if len(nets) == 1 else Ensemble(nets)
+        self.bf16 = precision == "bf16"
+        self.form = form
+        self.keep = keep
+        self.kept: dict[bytes, object] = {}
+        self.queue: list = []
+        self.busy = False
+        self.counters = {"forwards": 0, "requests": 0, "rows": 0, "batches": 0, "queue_s": 0.0, "bytes_out": 0,
+                         "busy_s": 0.0, "started": time.time()}
+
+    def ready(self) -> bool:
+        return True
+
+    async def logits(self, x: Tensor, step: int = 0):
+        """The teacher's output for a batch, in the run's form: dense logits (B, ..., V) float32,
+        or a sparse wire dict (compact dtypes)."""
+        done = asyncio.get_running_loop().create_future()
+        self.queue.append((x, step, done, time.perf_counter()))
+        self.counters["requests"] += 1
+        if not self.busy:
+            self.busy = True
+            try:
+                while self.queue:
+                    await asyncio.sleep(0)  # let requests that arrived meanwhile join this forward
+                    self._serve()
+            finally:
+                self.busy = False
+        return await done
+
+    def _serve(self) -> None:
+        from ..sparse import nbytes
+
+        take, rows = [], 0
+        while self.queue and (not take or rows + len(self.queue[0][0]) <= MAX_ROWS):
+            item = self.queue.pop(0)
+            take.append(item)
+            rows += len(item[0])
+        t0 = time.perf_counter()
+        for _, _, _, arrived in take:
+            self.counters["queue_s"] += t0 - arrived
+        xs = [x for x, _, _, _ in take]
+        outs = self._outputs(torch.cat(xs), steps=[s for _, s, _, _ in take], sizes=[len(x) for x in xs])
+        self.counters["busy_s"] += time.perf_counter() - t0
+        self.counters["batches"] += 1
+        self.counters["rows"] += rows
+        for (_, _, done, _), out in zip(take, outs):
+            self.counters["bytes_out"] += out.numel() * out.element_size() if isinstance(out, Tensor) else nbytes(out)
+            done.set_result(out)
+
+    @torch.no_grad()
+    def _outputs(self, x: Tensor, *, steps: list[int], sizes: list[int]) -> list:
+        """Each request's output: the examples kept from before, the others through the teacher."""
+        keys = _digests(x) if self.keep else [None] * len(x)
+        fresh = [i for i, k in enumerate(keys) if k is None or k not in self.kept]
+        rows: dict[int, object] = {}
+        if fresh:
+            xb = x[fresh].to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                z = self.model(xb).float()
+            self.counters["forwards"] += len(fresh)
+            for j, i in enumerate(fresh):
+                rows[i] = z[j].cpu()
+                if keys[i] is not None:
+                    self.kept[keys[i]] = rows[i]
+        dense = [rows[i] if i in rows else self.kept[keys[i]] for i in range(len(x))]
+        out, start = [], 0
+        for size, step in zip(sizes, steps):
+            z = torch.stack(dense[start:start + size])
+            start += size
+            out.append(z if self.form["kind"] == "dense" else self._compress(z, step))
+        return out
+
+    def _compress(self, z: Tensor, step: int) -> dict:
+        from ..sparse import compress, to_wire
+
+        g = None
+        if self.form["kind"] == "sampled":
+            g = torch.Generator().manual_seed((self.form["seed"] * 1_000_003 + step) * 1009)
+        k = min(self.form["k"], z.shape[-1]) if self.form["kind"] == "topk" else self.form["k"]
+        return to_wire(compress(z, temperature=self.form["temperature"], kind=self.form["kind"], k=k, generator=g))
+
+    def stats(self) -> dict:
+        c = dict(self.counters)
+        elapsed = max(1e-9, time.time() - c.pop("started"))
+        c.update(rows_per_s=c["rows"] / elapsed, mean_queue_s=c["queue_s"] / max(1, c["requests"]),
+                 param_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
+                 pid=__import__("os").getpid())
+        return c
+
+
+def _digests(x: Tensor) -> list[bytes]:
+    rows = x.detach().cpu().contiguous().view(len(x), -1).numpy()
+    return [hashlib.blake2b(r.tobytes(), digest_size=8).digest() for r in rows]
+
+
+def service_name(key: str, i: int) -> str:
+    return f"teacher-{key}-{i}"
+
+
+def start(cfg, members: list, data, key: str) -> list[str]:
+    """Start the pool (or find it running: one per key per Ray cluster) and wait until every
+    replica has built its teacher. Returns the actors' names. A replica that cannot start (no
+    resources, a model that does not build) raises here, on the driver, before any student."""
+    from ..config import ConfigError
+
+    d = cfg.distill
+    rows = [{"model": w, "model_name": s.model_name, "source": s.path, "peer": s.peer} for s, w in members]
+    model_args = {"sample": data.sample, "num_classes": data.num_classes, "label_shape": data.label_shape}
+    form = {"kind": d.logits, "k": d.logits_k, "temperature": cfg.loss.temperature, "seed": cfg.train.seed}
+    names, handles = [], []
+    for i in range(d.service_replicas):
+        name = service_name(key, i)
+        try:
+            handle = ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            handle = TeacherReplica.options(name=name, namespace=NAMESPACE, num_cpus=d.service_cpus,
+                                            num_gpus=d.service_gpus, lifetime=None).remote(
+                rows, model_args, form, d.service_precision, int(max(1, d.service_cpus)), not cfg.data.augments)
+        names.append(name)
+        handles.append(handle)
+    try:
+        ray.get([h.ready.remote() for h in handles], timeout=START_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        for h in handles:
+            ray.kill(h)
+        raise ConfigError(f"distill.teacher_service: the teacher's {d.service_replicas} replica(s) of "
+                          f"{d.service_cpus:g} CPU, {d.service_gpus:g} GPU did not start within {START_TIMEOUT_S:.0f} s; "
+                          f"the cluster has {ray.available_resources()} free. Allowed: smaller distill.service_cpus / "
+                          "service_gpus / service_replicas", "distill.teacher_service") from None
+    return names
+
+
+START_TIMEOUT_S = 120.0
+
+
+class ServiceClient:
+    """A student's side: requests round-robin over the pool's replicas; a prefetched request is
+    kept until the loop asks for that batch."""
+
+    def __init__(self, names: list[str]):
+        self.handles = [ray.get_actor(n, namespace=NAMESPACE) for n in names]
+        self.next = 0
+        self.pending: tuple[int, object] | None = None  # (step, ObjectRef)
+        self.wait_s = 0.0
+
+    def request(self, x: Tensor, step: int):
+        handle = self.handles[self.next % len(self.handles)]
+        self.next += 1
+        return handle.logits.remote(x.detach().cpu(), step)
+
+    def prefetch(self, x: Tensor, step: int) -> None:
+        self.pending = (step, self.request(x, step))
+
+    def get(self, x: Tensor, step: int):
+        if self.pending is not None and self.pending[0] == step:
+            ref = self.pending[1]
+        else:
+            ref = self.request(x, step)
+        self.pending = None
+        t0 = time.perf_counter()
+        out = ray.get(ref)
+        self.wait_s += time.perf_counter() - t0
+        return out
+
+    def stats(self) -> list[dict]:
+        return ray.get([h.stats.remote() for h in self.handles])
+
+
+def stop(names: list[str]) -> None:
+    """End the pool's actors (a run's or a sweep's own service, when it ends)."""
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+        except ValueError:  # already gone
+            pass

@@ -1,0 +1,365 @@
+"""One owner for the run directory (rundir.py): the names on disk are spelled in one module, a run
+holds its directory, a full disk is said plainly and spends no retry, errors a retry cannot fix
+end the run at once, and the driver's preflight is made once and refuses what the run refuses."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pyarrow.fs as pafs
+import pytest
+import torch
+
+import online_distill
+import online_distill.checkpoint
+from online_distill import config as C
+from online_distill import config_file as CF
+from online_distill import storage
+from online_distill.cli import main
+from online_distill.errors import LabelError, NonFiniteError, RunLocked, StorageError
+from online_distill.rundir import RunDir
+from online_distill.run import train
+
+PKG = os.path.dirname(online_distill.__file__)
+ROOT = os.path.dirname(PKG)
+NAMES = ["checkpoint_epoch", "config.yaml", "result.json", "history.json", "metrics.json", "manifest_rank", "rng_rank",
+         ".saving-", "damaged-", "incomplete-", "superseded-", "teacher.pt", "predictions.pt", "per_class.csv",
+         "final.csv", "metrics.csv", "metrics.parquet", "compression.csv", "curves.png", "generations.csv", "run.log"]
+
+
+def test_the_names_on_disk_are_spelled_in_one_module():
+    """Only rundir.py spells the names of a run directory (docstrings may mention them)."""
+    offenders = []
+    for dp, _, files in os.walk(PKG):
+        for f in files:
+            path = os.path.join(dp, f)
+            if not f.endswith(".py") or path == os.path.join(PKG, "rundir.py"):
+                continue
+            code = _without_docstrings(open(path).read())
+            for name in NAMES:
+                pattern = r"([\"'])[^\"'\n]*(?<![\w.])" + re.escape(name) + r"(?![\w])[^\"'\n]*\1"
+                for m in re.finditer(pattern, code):
+                    offenders.append(f"{os.path.relpath(path, ROOT)}: {m.group(0)}")
+    assert offenders == []
+
+
+def _without_docstrings(code: str) -> str:
+    import ast
+
+    tree = ast.parse(code)
+    spans = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                spans.append((first.lineno, first.end_lineno))
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            spans.append((node.lineno, node.end_lineno))  # attribute docstrings
+    lines = code.splitlines()
+    for a, b in spans:
+        for i in range(a - 1, b):
+            lines[i] = ""
+    return "\n".join(line.split("#")[0] for line in lines)  # and comments
+
+
+# --- the lock -------------------------------------------------------------------------------------
+
+def test_a_run_directory_has_one_live_holder(tmp_path):
+    run = RunDir(tmp_path / "r")
+    code = ("import sys, time; sys.path.insert(0, %r); from online_distill.rundir import RunDir; "
+            "l = RunDir(%r).lock(); l.acquire(); print('held', flush=True); time.sleep(60)") % (ROOT, run.path)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunLocked, match=rf"^run.name: run 'r' is in use by pid {holder.pid} on host .*Allowed: wait"):
+            run.lock().acquire()
+        assert run.lock().holder().pid == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel released it with the process; the file still names the dead holder: taken over, said once
+    lock = run.lock()
+    said = lock.acquire()
+    assert said == f"run 'r': taking over the lock left by " + said.split("left by ")[1] and f"pid {holder.pid}" in said
+    assert "no longer running" in said
+    lock.release()
+    again = run.lock()
+    assert again.acquire() is None  # released cleanly: nothing to take over
+    again.release()
+
+
+def test_the_same_run_started_twice_at_once_trains_once(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CF.dump(C.from_dict({
+        "models": ["tiny_cnn", "tiny_cnn"], "data": {"dataset": "synthetic", "val_size": 200, "train_subset": 512,
+                                                      "test_subset": 200},
+        "optim": {"lr": 0.05}, "train": {"epochs": 3, "batch_size": 64},
+        "scale": {"peers_per_worker": 2, "cpus_per_worker": 1},
+        "run": {"name": "twice", "storage_path": str(tmp_path / "runs")}})))
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    cmd = [sys.executable, "-m", "online_distill.cli", "train", str(cfg)]
+    started = time.monotonic()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    ends = {}
+    while len(ends) < 2:
+        for i, p in enumerate(procs):
+            if i not in ends and p.poll() is not None:
+                ends[i] = time.monotonic() - started
+        time.sleep(0.05)
+    outs = [p.communicate() for p in procs]
+    codes = sorted((p.returncode, i) for i, p in enumerate(procs))
+    assert [c for c, _ in codes] == [0, 2], outs
+    loser = codes[1][1]
+    err = outs[loser][1].strip().splitlines()
+    assert len(err) == 1 and "run.name: run 'twice' is in use by pid" in err[0], err
+    assert ends[loser] < 3.0, ends  # refused before torch is imported (2 s on an idle machine)
+    run = RunDir(tmp_path / "runs" / "twice")
+    assert run.finished and run.checkpoints() == ["checkpoint_epoch_0002", "checkpoint_epoch_0003"]
+    assert json.loads(run.read_text("result.json"))["metrics"]["epoch"] == 3
+
+
+# --- failed writes ---------------------------------------------------------------------------------
+
+class FullDisk:
+    """A local filesystem that has `budget` bytes left: a write past it fails as a full disk
+    does (what fitted is written, then ENOSPC)."""
+
+    def __init__(self, budget: int):
+        self.fs, self.left = pafs.LocalFileSystem(), budget
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+    def open_output_stream(self, path, *a, **k):
+        disk, stream = self, self.fs.open_output_stream(path, *a, **k)
+
+        class Out:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                stream.close()
+
+            def write(self, data):
+                if len(data) > disk.left:
+                    stream.write(data[: disk.left])
+                    disk.left = 0
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+                disk.left -= len(data)
+                stream.write(data)
+
+        return Out()
+
+
+def tiny(make_cfg, **over):
+    return make_cfg(**{"models": ["mlp", "mlp"], "train__epochs": 4, "scale__peers_per_worker": 2,
+                       "run__max_failures": 2, **over})
+
+
+def test_a_full_disk_ends_the_run_in_one_line_spends_no_retry_and_keeps_the_last_checkpoint(make_cfg, monkeypatch,
+                                                                                              capsys):
+    cfg = tiny(make_cfg, run__name="full")
+    run = RunDir.of(cfg)
+    sizes = []
+    real_save = online_distill.checkpoint.save
+
+    def measure(directory, epoch):  # how big one checkpoint is, to leave room for two
+        real_save(directory, epoch)
+        sizes.append(sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)))
+
+    monkeypatch.setattr(online_distill.checkpoint, "save", measure)
+    probe = tiny(make_cfg, run__name="probe", train__epochs=1)
+    train(probe, verbose=False)
+    monkeypatch.setattr(online_distill.checkpoint, "save", real_save)
+    disk = FullDisk(int(2.5 * sizes[0]))
+    real_resolve = storage.resolve
+    monkeypatch.setattr(storage, "resolve", lambda path: (disk, real_resolve(path)[1]))
+    capsys.readouterr()
+    with pytest.raises(StorageError) as e:
+        train(cfg, verbose=False)
+    msg = str(e.value)
+    assert "No space left on device" in msg and run.path in msg and "\n" not in msg
+    assert "retry" not in capsys.readouterr().err  # none spent
+    monkeypatch.setattr(storage, "resolve", real_resolve)
+    names = os.listdir(run.path)
+    assert not [n for n in names if n.startswith(".saving-") or ".tmp-" in n], names  # nothing half-named
+    assert run.checkpoints() == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]
+    from online_distill.checkpoint import find_resume_point
+
+    assert find_resume_point(run, 2).checkpoint.endswith("checkpoint_epoch_0002")
+    # the CLI says it in one line and exits 1
+    path = cfg_file(cfg, run.path + "-cli")
+    disk = FullDisk(int(2.5 * sizes[0]))
+    monkeypatch.setattr(storage, "resolve", lambda path: (disk, real_resolve(path)[1]))
+    assert main(["train", path]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("online-distill: StorageError: storage: writing ") and "No space left" in err[-1]
+
+
+def cfg_file(cfg, run_path: str) -> str:
+    name = os.path.basename(run_path)
+    out = C.with_overrides(cfg, {"run.name": name})
+    path = os.path.join(os.path.dirname(run_path), f"{name}.yaml")
+    with open(path, "w") as f:
+        f.write(CF.dump(out))
+    return path
+
+
+@pytest.mark.e2e
+def test_a_real_full_disk(make_cfg, tmp_path, capsys):
+    """On a 3 MiB tmpfs: the checkpoint that does not fit ends the run; the one before stays."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the injected full disk above covers the logic")
+    try:
+        cfg = make_cfg(models=["mlp(hidden=[256, 256])"], train__epochs=6, run__name="tmpfs",
+                       run__storage_path=str(mnt), run__max_failures=2, run__checkpoints_to_keep=3)
+        with pytest.raises(StorageError, match="No space left on device"):
+            train(cfg, verbose=False)
+        run = RunDir.of(cfg)
+        names = os.listdir(run.path)
+        assert not [n for n in names if n.startswith(".saving-") or ".tmp-" in n], names
+        from online_distill.checkpoint import find_resume_point
+
+        point = find_resume_point(run, 1)
+        assert point.checkpoint is not None and point.checkpoint.endswith(run.checkpoints()[-1])
+        assert "retry" not in capsys.readouterr().err
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+# --- errors a retry cannot fix -----------------------------------------------------------------------
+
+def test_a_run_made_to_diverge_stops_in_its_first_epoch_and_saves_no_nan(make_cfg, capsys):
+    cfg = tiny(make_cfg, run__name="diverges", optim__lr=1000.0, train__epochs=3)
+    t0 = time.perf_counter()
+    with pytest.raises(NonFiniteError) as e:
+        train(cfg, verbose=False)
+    msg = str(e.value)
+    assert msg.startswith("non-finite loss in peer ") and "at epoch 1, step " in msg and "\n" not in msg
+    assert "loss.temperature=3" in msg and "optim.lr=1000" in msg and "Nothing was saved" in msg
+    assert "retry" not in capsys.readouterr().err and time.perf_counter() - t0 < 60
+    run = RunDir.of(cfg)
+    assert run.checkpoints() == [] and not run.finished  # no checkpoint from that state, no NaN saved
+
+
+def test_grad_clip_keeps_the_gradient_norm_and_is_searchable(make_cfg):
+    from online_distill.sweep.spec import from_dict
+
+    cfg = make_cfg(optim__grad_clip=1.0, scale__peers_per_worker=2)
+    assert cfg.check_fields().optim.grad_clip == 1.0
+    with pytest.raises(C.ConfigError, match=r"^optim.grad_clip: got -1.0; allowed: null \(no clipping\) or a number > 0"):
+        make_cfg(optim__grad_clip=-1.0).check_fields()
+    spec = from_dict({"name": "s", "base": C.to_dict(cfg), "space": {"optim.grad_clip": {"grid": [0.5, 5.0]}}},
+                     base_dir=".", check=False)
+    assert [t["optim.grad_clip"] for t in spec.trials()] == [0.5, 5.0]
+    # the loop clips each peer's gradient to that global norm before its step
+    from online_distill.loop import run as run_loop
+
+    seen = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *a, **k):
+        norm = real(params, max_norm, *a, **k)
+        seen.append((float(norm), max_norm))
+        return norm
+
+    torch.nn.utils.clip_grad_norm_ = spy
+    try:
+        run_loop(C.with_overrides(cfg, {"train.epochs": 1, "train.max_steps_per_epoch": 3}), 0, torch.device("cpu"),
+                 verbose=False)
+    finally:
+        torch.nn.utils.clip_grad_norm_ = real
+    assert len(seen) == 2 * 3 and all(m == 1.0 for _, m in seen)
+
+
+def test_labels_outside_the_classes_in_a_tensor_dataset_are_refused_on_the_driver(make_cfg, no_ray):
+    from torch.utils.data import TensorDataset
+
+    from online_distill.data import Splits
+
+    def shifted(cfg):  # labels 1..10 for 10 classes, in a plain TensorDataset
+        x, y = torch.randn(300, 1, 8, 8), torch.arange(300) % 10 + 1
+        return Splits(TensorDataset(x, y), TensorDataset(x[:50], y[:50]), num_classes=10)
+
+    cfg = make_cfg(models=["mlp"], distill__mode="independent", data__dataset="shifted", data__val_size=50,
+                   run__max_failures=2)
+    with pytest.raises(C.ConfigError, match=r"^data.dataset: the dataset builder 'shifted' .* labels range over \[1, 10\], "
+                                            r"but num_classes=10"):
+        train(cfg, datasets={"shifted": shifted}, verbose=False)
+
+
+def test_a_bad_label_found_in_a_batch_ends_the_run_without_a_retry(make_cfg, capsys):
+    from torch.utils.data import Dataset
+
+    from online_distill.data import Splits
+
+    class Hidden(Dataset):  # labels only known by reading each example
+        def __init__(self, n, bad_from):
+            self.n, self.bad_from = n, bad_from
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, i):
+            return torch.full((1, 8, 8), float(i % 7)), (i % 10) + (10 if i >= self.bad_from else 0)
+
+    def hidden(cfg):
+        return Splits(Hidden(600, 0 if False else 590), Hidden(100, 10**9), num_classes=10)
+
+    cfg = make_cfg(models=["mlp"], distill__mode="independent", data__dataset="hidden", data__val_size=10,
+                   data__test_subset=None, data__train_subset=None, run__max_failures=2, train__batch_size=64)
+    with pytest.raises(LabelError, match=r"^data.dataset: a training batch of 'hidden' \(epoch 1, step \d+\) has labels "
+                                         r"in \[\d+, 1\d\], but the dataset says num_classes=10"):
+        train(cfg, datasets={"hidden": hidden}, verbose=False)
+    assert "retry" not in capsys.readouterr().err
+
+
+# --- one preflight ------------------------------------------------------------------------------------
+
+def test_the_quick_starts_dataset_is_read_once(monkeypatch, tmp_path):
+    from online_distill import data as data_mod
+
+    calls = []
+    real = data_mod.fashion_mnist
+
+    def counted(cfg):
+        calls.append(1)
+        return real(cfg)
+
+    monkeypatch.setitem(data_mod.DATASETS, "fashion_mnist", counted)
+    cfg = CF.load(os.path.join(ROOT, "configs", "fmnist_dml.yaml"))
+    cfg = C.with_overrides(cfg, {"train.epochs": 1, "train.max_steps_per_epoch": 3, "data.test_subset": 500,
+                                 "run.storage_path": str(tmp_path)})
+    train(cfg, verbose=False)
+    assert len(calls) == 1
+
+
+def test_a_dry_run_refuses_what_the_run_refuses(make_cfg, tmp_path, capsys):
+    cfg = make_cfg(models=["mlp"], distill__mode="independent", train__epochs=1, run__name="done")
+    train(cfg, verbose=False)
+    path = cfg_file(cfg, os.path.join(cfg.run.storage, "done"))
+    capsys.readouterr()
+    assert main(["train", path, "--dry-run"]) == 2
+    assert main(["train", path]) == 2
+    errs = capsys.readouterr().err.strip().splitlines()
+    assert len(errs) == 2 and errs[0] == errs[1] and "run 'done' already finished" in errs[0]
+
+
+def test_a_rerun_of_a_run_killed_before_its_first_checkpoint_says_it_starts_over(make_cfg, capsys):
+    from online_distill.run.plan import make_plan
+
+    cfg = make_cfg(models=["mlp"], distill__mode="independent", train__epochs=1, run__name="killed")
+    plan = make_plan(cfg)
+    plan.prepare()  # config.yaml written, as a run killed in its first epoch leaves it
+    plan.release()
+    again = make_plan(cfg)
+    assert again.resuming and again.resume.checkpoint is None
+    assert again.header().startswith("restarting run 'killed' from scratch (its earlier attempt saved no checkpoint)")

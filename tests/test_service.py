@@ -1,0 +1,101 @@
+"""One frozen teacher for many students (distill.teacher_service) on the shared local Ray: the same
+student as with the teacher in its own process, one teacher for a whole sweep, and a teacher
+actor lost in the middle of a run that is restarted with no change to the numbers."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pandas as pd
+import pytest
+import ray
+
+from online_distill import config as C
+from online_distill.run import train
+from online_distill.sweep.spec import SchedulerSpec, SweepSpec
+
+pytestmark = pytest.mark.e2e
+COLS = ["epoch", "member", "val_acc", "val_nll", "train_ce", "train_kd"]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(ray_session, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("service")
+    cfg = C.from_dict({
+        "models": ["tiny_cnn"], "distill": {"mode": "independent"},
+        "data": {"dataset": "synthetic", "val_size": 300, "train_subset": 512, "test_subset": 300},
+        "optim": {"lr": 0.05, "schedule": "constant"}, "train": {"epochs": 1, "batch_size": 64},
+        "scale": {"cpus_per_worker": 1}, "run": {"name": "teacher", "storage_path": str(storage), "max_failures": 0}})
+    return train(cfg, verbose=False).run_dir, storage
+
+
+def student(teacher_dir: str, storage, name: str, **over) -> C.Config:
+    cfg = C.from_dict({
+        "models": ["mlp"], "distill": {"mode": "offline", "teacher_checkpoint": teacher_dir},
+        "data": {"dataset": "synthetic", "val_size": 300, "train_subset": 512, "test_subset": 300},
+        "loss": {"temperature": 3.0, "kd_weight": 0.7}, "optim": {"lr": 0.05, "schedule": "constant"},
+        "train": {"epochs": 2, "batch_size": 64}, "scale": {"cpus_per_worker": 1},
+        "run": {"name": name, "storage_path": str(storage), "max_failures": 0}})
+    return C.with_overrides(cfg, over)
+
+
+def replicas() -> list:
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(filters=[("class_name", "=", "TeacherReplica")], limit=1000)]
+
+
+def test_the_service_teaches_what_the_teacher_in_process_teaches(teacher_run):
+    teacher_dir, storage = teacher_run
+    here = train(student(teacher_dir, storage, "in_process"), verbose=False)
+    served = train(student(teacher_dir, storage, "served", **{"distill.teacher_service": True}), verbose=False)
+    pd.testing.assert_frame_equal(served.history[COLS], here.history[COLS], rtol=1e-5, atol=1e-6)
+    result = served.metrics
+    assert served.history["teacher_forwards"].sum() == 0  # the students ran no teacher of their own
+
+
+def test_a_lost_teacher_actor_is_restarted_and_the_run_ends_with_the_same_numbers(teacher_run):
+    teacher_dir, storage = teacher_run
+    calm = train(student(teacher_dir, storage, "calm", **{"distill.teacher_service": True,
+                                                           "distill.service_replicas": 1}), verbose=False)
+    killed: list = []
+
+    def kill_once() -> None:  # as soon as the students have started asking, the teacher's actor dies
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for a in replicas():
+                if a.state == "ALIVE":
+                    handle = ray.get_actor(a.name, namespace="online_distill")
+                    if ray.get(handle.stats.remote())["requests"] >= 3:
+                        ray.kill(handle, no_restart=False)
+                        killed.append(a.name)
+                        return
+            time.sleep(0.05)
+
+    cfg = student(teacher_dir, storage, "storm", **{"distill.teacher_service": True, "distill.service_replicas": 2})
+    t = threading.Thread(target=kill_once, daemon=True)
+    t.start()
+    stormy = train(cfg, verbose=False)
+    t.join(timeout=5)
+    assert killed, "the teacher actor was never killed"
+    pd.testing.assert_frame_equal(stormy.history[COLS], calm.history[COLS], rtol=1e-5, atol=1e-6)
+
+
+def test_a_sweep_of_four_kd_trials_starts_the_teacher_once(teacher_run, tmp_path):
+    from online_distill.sweep.driver import run_sweep
+
+    teacher_dir, storage = teacher_run
+    before = {a.actor_id for a in replicas()}
+    base = student(teacher_dir, tmp_path, "base", **{"distill.teacher_service": True, "scale.cpus_per_worker": 0.5,
+                                                        "train.epochs": 1})
+    spec = SweepSpec(name="served", base=base, points=tuple({"loss.temperature": t} for t in (1.0, 2.0, 4.0)),
+                     seeds=(0,), scheduler=SchedulerSpec(name="none"), storage_path=str(tmp_path / "sweeps"))
+    res = run_sweep(spec, verbose=0)
+    started = [a for a in replicas() if a.actor_id not in before]
+    assert len(started) == 1  # one teacher for every trial
+    assert len(res.trials) == 4 and (res.trials["status"] == "TERMINATED").all()
+    for t, row in res.trials.set_index("loss.temperature").iterrows():
+        own = train(C.with_overrides(base, {"loss.temperature": float(t), "distill.teacher_service": False,
+                                            "run.name": f"own-{t}", "run.storage_path": str(tmp_path)}), verbose=False)
+        assert row["objective_final"] == pytest.approx(own.history.query("member == 'peer0'")["val_acc"].iloc[-1],
+                                                        abs=1e-5)
