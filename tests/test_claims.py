@@ -169,3 +169,43 @@ def test_a_sweep_setting_matches_its_trials_whatever_the_column_dtypes():
 
     assert _same(3, 3.0) and _same(None, math.nan) and _same("mlp,mlp", "mlp,mlp") and _same(0.1, 0.1)
     assert not _same(0.1, 0.2) and not _same(None, 1.0) and not _same("mlp", "mlp_small") and not _same(1, None)
+
+
+def _script(name: str):
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", os.path.join(root, "benchmarks", name, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_hinton_tables_are_what_their_runs_csv_gives(tmp_path, monkeypatch):
+    """benchmarks/hinton: per_seed.csv, summary_rows.csv and table.md rebuilt from runs.csv alone."""
+    h = _script("hinton")
+    committed = {n: open(os.path.join(h.HERE, n)).read() for n in ("per_seed.csv", "summary_rows.csv", "table.md")}
+    runs = pd.read_csv(os.path.join(h.HERE, "runs.csv"))
+    monkeypatch.setattr(h, "HERE", str(tmp_path))
+    import shutil
+
+    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "hinton",
+                             "failed.csv"), tmp_path / "failed.csv")
+    h.write_tables(runs)
+    for name, text in committed.items():
+        assert (tmp_path / name).read_text() == text, name
+    summary = pd.read_csv(tmp_path / "summary_rows.csv")
+    assert list(summary.columns) == tables.SUMMARY_COLUMNS and (summary["n_pairs"] >= 3).all()
+
+
+def test_the_bias_shift_is_chosen_on_validation():
+    import torch
+
+    h = _script("hinton")
+    # class 1 is never predicted until its logit is raised by 2; validation says so, test is then scored
+    val = torch.tensor([[2.0, 0.5], [2.0, 0.5], [0.0, -5.0]])
+    val_y = torch.tensor([1, 1, 0])
+    test = torch.tensor([[1.0, 0.0], [0.0, -5.0]])
+    test_y = torch.tensor([1, 0])
+    out = h.bias_shift(val, val_y, test, test_y, 1)
+    assert 1.5 < out["bias"] <= 5.0 and out["class_correct"] == 1 and out["test_acc"] == 1.0

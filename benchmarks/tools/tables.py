@@ -21,6 +21,9 @@ from dataclasses import dataclass
 import pandas as pd
 
 FOLDERS = {"E1": "E1_dml", "E2": "E2_ensemble", "E3": "E3_kd", "E4": "E4_self"}
+EXTRA_FOLDERS = {"H": "hinton", "L": "lm"}
+"""Claims built by their own scripts (benchmarks/hinton/hinton.py, benchmarks/lm/lm.py), whose
+summary_rows.csv join summary.csv here."""
 TITLES = {"E1": "Deep mutual learning vs the same peers trained independently",
           "E2": "The cohort's ensemble vs its best peer (picked on validation)",
           "E3": "A small student taught by a converged teacher vs the same student from scratch",
@@ -210,16 +213,27 @@ def build(bench_dir: str, runs_csv: str | None = None) -> pd.DataFrame:
         with open(os.path.join(bench_dir, folder, "table.md"), "w") as f:
             f.write(text)
         summaries.append(summary)
-    summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(columns=SUMMARY_COLUMNS)
+    e_summary = pd.concat(summaries, ignore_index=True) if summaries else pd.DataFrame(columns=SUMMARY_COLUMNS)
+    extra = [pd.read_csv(os.path.join(bench_dir, folder, "summary_rows.csv"))[SUMMARY_COLUMNS]
+             for folder in EXTRA_FOLDERS.values() if os.path.exists(os.path.join(bench_dir, folder, "summary_rows.csv"))]
+    summary = pd.concat([e_summary, *extra], ignore_index=True) if extra else e_summary
     summary.to_csv(os.path.join(bench_dir, "summary.csv"), index=False)
-    md = ["| claim | method | baseline | paired delta (pt) | pairs | bar | met |", "|---|---|---|---|---|---|---|"]
+    md = ["| claim | method | baseline | paired delta | pairs | bar | met |", "|---|---|---|---|---|---|---|"]
     for _, s in summary.iterrows():
-        md.append(f"| [{s['claim']}]({FOLDERS[s['claim']]}/table.md) | {s['method']} | {s['baseline']} | "
-                  f"{s['delta_mean']:+.2f} +- {s['delta_std']:.2f} | {s['n_pairs']} | {s['bar']} | {'yes' if s['met'] else '**no**'} |")
+        folder = FOLDERS.get(s["claim"]) or EXTRA_FOLDERS[s["claim"][0]]
+        if pd.isna(s["delta_mean"]):
+            delta = "-"
+        elif s["claim"].startswith("L"):  # language models: bits per byte, lower is better
+            delta = f"{s['delta_mean']:+.4f} +- {s['delta_std']:.4f} bits/byte"
+        else:
+            delta = f"{s['delta_mean']:+.2f} +- {s['delta_std']:.2f} pt"
+        met = "yes" if str(s["met"]) == "True" else "**no**" if str(s["met"]) == "False" else "-"
+        md.append(f"| [{s['claim']}]({folder}/table.md) | {s['method']} | {s['baseline']} | {delta} | {s['n_pairs']} | "
+                  f"{s['bar']} | {met} |")
     with open(os.path.join(bench_dir, "summary.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     if pairs:
-        plot_deltas(pd.concat(pairs, ignore_index=True), summary, os.path.join(bench_dir, "summary.png"))
+        plot_deltas(pd.concat(pairs, ignore_index=True), e_summary, os.path.join(bench_dir, "summary.png"))
     return summary
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -444,8 +445,12 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
         with no_retry_for_not_retryable():
             grid = tuner.fit()
     finally:
+        from ..run.launch import service_summary
         from ..teachers.service import stop
 
+        if services:  # what the sweep's teachers did, for the record (and the service bench)
+            storage.write_text(storage.join(sweep_dir, "service.json"), json.dumps(
+                {key: service_summary(names) for key, names in services.items()}, indent=1))
         for names in services.values():
             stop(names)
     wall = time.perf_counter() - t0

@@ -124,12 +124,15 @@ def stack_entries(values: list, device: torch.device):
     return from_wire(wire)
 
 
-def entry_of(output, form, i: int):
-    """One example's entry from a batch's output: its dense row (float32, on the CPU), or its
-    sparse wire dict (compact dtypes)."""
+def entries_of(output) -> list:
+    """Each example's entry of a batch's output: its dense row (float32, on the CPU), or its sparse
+    wire dict (compact dtypes). Rows are copied out, so an entry never keeps its batch alive."""
     from ..sparse import to_wire
 
     if isinstance(output, Tensor):
-        return output[i].detach().float().cpu()
+        return [row.clone() for row in output.detach().float().cpu()]
     wire = to_wire(output)
-    return {k: (v[i].cpu() if isinstance(v, Tensor) else v) for k, v in wire.items()}
+    tensors = {k: v.cpu() for k, v in wire.items() if isinstance(v, Tensor)}
+    header = {k: v for k, v in wire.items() if not isinstance(v, Tensor)}
+    n = len(next(iter(tensors.values())))
+    return [{**header, **{k: v[i].clone() for k, v in tensors.items()}} for i in range(n)]

@@ -202,7 +202,7 @@ class FrozenTeacher(PeerSource):
     def _from_disk(self, x: Tensor):
         """This batch's outputs from the disk cache; the examples it lacks go through the teacher
         once and are added (written with the next checkpoint)."""
-        from .cache import digests, entry_of, stack_entries
+        from .cache import digests, entries_of, stack_entries
 
         keys = digests(x)
         missing = self.disk.missing(keys)
@@ -210,7 +210,7 @@ class FrozenTeacher(PeerSource):
             z = self._counted(x[missing])
             out = z if self.form.dense else self.form.compress(z, step=int.from_bytes(keys[missing[0]][:4], "little"),
                                                                teacher=0)
-            self.disk.put([keys[i] for i in missing], [entry_of(out, self.form, j) for j in range(len(missing))])
+            self.disk.put([keys[i] for i in missing], entries_of(out))
         batch = stack_entries([self.disk.entries[k] for k in keys], x.device)
         return batch.unsqueeze(0) if isinstance(batch, Tensor) else [batch]
 
@@ -307,7 +307,7 @@ def fill_disk_cache(cfg: Config, data, members: list, models: Mapping | None = N
     from ..host import memory_format
     from ..models import build_model
     from .base import LogitForm
-    from .cache import cache_key, digests, entry_of
+    from .cache import cache_key, digests, entries_of
 
     fmt = memory_format(data.sample, cfg.scale.channels_last)
     nets = []
@@ -327,7 +327,7 @@ def fill_disk_cache(cfg: Config, data, members: list, models: Mapping | None = N
             continue
         z = model(x[missing]).float()
         out = z if form.dense else form.compress(z, step=int.from_bytes(keys[missing[0]][:4], "little"), teacher=0)
-        disk.put([keys[i] for i in missing], [entry_of(out, form, j) for j in range(len(missing))])
+        disk.put([keys[i] for i in missing], entries_of(out))
         computed += len(missing)
     disk.flush()
     return computed, len(data.train)

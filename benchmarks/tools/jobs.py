@@ -1,0 +1,146 @@
+"""A claim's runs as `online-distill train` commands, a few at a time (benchmarks/hinton, benchmarks/lm).
+
+Each job is one command line: a config file of the claim's folder and `--set` items. A job whose
+run directory holds result.json is done and never runs again; a failed one is recorded in
+failed.jsonl with its last line (a NaN, say) and not retried. Every command is written at the top
+of its log, so each number in a table can be rerun by hand.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run: an arm of a claim, on a seed, with its knobs; the command that runs it."""
+
+    claim: str
+    arm: str
+    config: str
+    """A config file, relative to the repository root."""
+    seed: int
+    sets: dict = field(default_factory=dict)
+    knobs: dict = field(default_factory=dict)
+    search_seed: int = 100
+
+    @property
+    def stage(self) -> str:
+        return "search" if self.seed == self.search_seed else "confirm"
+
+    @property
+    def name(self) -> str:
+        knobs = "-".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}{v}" for k, v in sorted(self.knobs.items()))
+        return f"{self.arm}-s{self.seed}" + (f"-{knobs}" if knobs else "")
+
+    def argv(self, work: str, extra: dict | None = None) -> list[str]:
+        sets = {**self.sets, "train.seed": self.seed, "run.name": self.name, "run.storage_path": os.path.join(work, "runs"),
+                **(extra or {})}
+        return ["train", self.config] + [f"--set={k}={yaml_value(v)}" for k, v in sets.items()]
+
+    def confirm(self, seeds, **over) -> list["Job"]:
+        """The same setting on each of `seeds`."""
+        return [Job(self.claim, self.arm, self.config, s, {**self.sets, **over}, self.knobs, self.search_seed) for s in seeds]
+
+
+def yaml_value(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(yaml_value(x) for x in v) + "]"
+    return str(v)
+
+
+def run_jobs(jobs: list[Job], work: str, parallel: int, extra: dict | None = None, tag: str = "jobs") -> None:
+    """Each job's command in a process of its own, `parallel` at a time (`extra`: --set items for
+    every job, e.g. a smoke test's)."""
+    todo = [j for j in jobs if not finished(j, work) and not failed(j, work)]
+    running: list[tuple[Job, subprocess.Popen, float]] = []
+    os.makedirs(os.path.join(work, "logs"), exist_ok=True)
+    print(f"[{tag}] {len(jobs)} jobs, {len(jobs) - len(todo)} done before, {len(todo)} to run, {parallel} at a time",
+          flush=True)
+    while todo or running:
+        while todo and len(running) < parallel:
+            job = todo.pop(0)
+            log = open(os.path.join(work, "logs", f"{job.name}.log"), "w")
+            log.write("$ online-distill " + " ".join(job.argv(work, extra)) + "\n")
+            log.flush()
+            cmd = [sys.executable, "-m", "online_distill.cli", *job.argv(work, extra)]
+            running.append((job, subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT), time.time()))
+        time.sleep(2)
+        for item in list(running):
+            job, proc, t0 = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if proc.returncode == 0:
+                row = summary_of(job, work)
+                shown = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k.startswith("val_") or k.startswith("test_"))
+                print(f"[{tag}] done {job.name}: {shown} ({time.time() - t0:.0f} s)", flush=True)
+            else:
+                why = last_line(os.path.join(work, "logs", f"{job.name}.log"))
+                with open(os.path.join(work, "failed.jsonl"), "a") as f:
+                    f.write(json.dumps({"job": job.name, "rc": proc.returncode, "why": why}) + "\n")
+                print(f"[{tag}] FAILED {job.name} (rc {proc.returncode}): {why}", flush=True)
+
+
+def run_dir(job: Job, work: str) -> str:
+    return os.path.join(work, "runs", job.name)
+
+
+def finished(job: Job, work: str) -> bool:
+    return os.path.exists(os.path.join(run_dir(job, work), "result.json"))
+
+
+def failed(job: Job, work: str) -> bool:
+    path = os.path.join(work, "failed.jsonl")
+    return os.path.exists(path) and any(json.loads(line)["job"] == job.name for line in open(path))
+
+
+def failures(work: str) -> pd.DataFrame:
+    path = os.path.join(work, "failed.jsonl")
+    return pd.DataFrame([json.loads(line) for line in open(path)] if os.path.exists(path) else [])
+
+
+def last_line(path: str) -> str:
+    lines = [ln.strip() for ln in open(path, errors="replace") if ln.strip()]
+    return lines[-1][:400] if lines else ""
+
+
+def summary_of(job: Job, work: str) -> dict:
+    """Mean over the job's peers of the last epoch's numbers (final.csv)."""
+    final = pd.read_csv(os.path.join(run_dir(job, work), "final.csv"))
+    peers = final[final["member"] != "ensemble"]
+    return {k: float(peers[k].mean()) for k in peers.columns if k.startswith(("val_", "test_"))}
+
+
+def pick(jobs: list[Job], work: str, key: str = "val_acc", mode: str = "max") -> Job | None:
+    """The search job with the best mean validation number at the last epoch (a diverged or
+    failed setting is never picked)."""
+    done = [j for j in jobs if j.stage == "search" and finished(j, work)]
+    if not done:
+        return None
+    sign = 1 if mode == "max" else -1
+    return max(done, key=lambda j: sign * summary_of(j, work)[key])
+
+
+def paired(runs: pd.DataFrame, method: str, baseline: str, column: str) -> pd.DataFrame:
+    """Per confirm seed: the method's and the baseline's mean-over-peers number, and the delta."""
+    def by_seed(arm):
+        r = runs[(runs["arm"] == arm) & (runs["stage"] == "confirm") & (runs["member"] != "ensemble")]
+        return r.groupby("seed")[column].mean()
+
+    m, b = by_seed(method), by_seed(baseline)
+    seeds = sorted(set(m.index) & set(b.index))
+    return pd.DataFrame({"seed": seeds, method: [m[s] for s in seeds], baseline: [b[s] for s in seeds],
+                         "delta": [m[s] - b[s] for s in seeds]})
