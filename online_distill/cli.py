@@ -143,8 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retry-errored", action="store_true", help="when resuming, rerun trials that errored")
     p.set_defaults(fn=cmd_tune)
 
-    p = sub.add_parser("report", help="rebuild tables and plots of a finished run or sweep directory")
-    p.add_argument("path")
+    p = sub.add_parser("report", help="rebuild tables and plots of a finished run or sweep directory",
+                       description="Rebuild, from what is on disk, a run's tables and plots (the metrics table, "
+                                   "the final and per-class tables, the curves: from the history and logits in its "
+                                   "newest checkpoint) or a sweep's (trials, summary, schedules, the best setting "
+                                   "as a run config, the plots: from Tune's experiment state). Nothing is trained.")
+    p.add_argument("path", help="a run directory (runs/NAME) or a sweep directory (runs/sweeps/NAME, with sweep.yaml)")
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("bench", help="step time of DML vs independent peers vs plain PyTorch, side by side")

@@ -68,6 +68,7 @@ class LocalCluster:
         self.gcs_port, self.dashboard_port, self.client_port = free_ports(3)
         self.node_retries = node_retries
         self._procs: list[subprocess.Popen] = []
+        self._named: dict[str, subprocess.Popen] = {}
 
     # --- addresses and environments -----------------------------------------------------------
 
@@ -120,6 +121,7 @@ class LocalCluster:
         proc = subprocess.Popen(cmd, env=self._node_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
         self._procs.append(proc)
+        self._named[name] = proc
         return proc
 
     def start(self, timeout_s: float = 300.0) -> "LocalCluster":
@@ -216,6 +218,14 @@ class LocalCluster:
         except ProcessLookupError:
             pass
         proc.wait()
+
+    def kill_node(self, name: str) -> None:
+        """Lose a node at once, as a machine that dies: SIGKILL to all of its processes
+        ("worker1", "worker2", ...: the order of `workers`)."""
+        proc = self._named[name]
+        self._kill_group(proc)
+        if proc in self._procs:
+            self._procs.remove(proc)
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

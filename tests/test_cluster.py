@@ -130,3 +130,61 @@ def test_stopping_the_cluster_leaves_other_ray_sessions_running(cluster, ray_ses
         return 1
 
     assert ray_session.get(alive.remote(), timeout=60) == 1
+
+
+def test_a_sweep_survives_losing_the_node_of_one_of_its_trials(tmp_path):
+    """Three nodes; two trials, each a cohort in its trial's process. The node of the first trial
+    to report an epoch is killed: Tune retries that trial from its last checkpoint on a node that
+    is left, says so in one line, and the sweep finishes every trial with exit status 0."""
+    import time
+
+    c = LocalCluster(f"/tmp/odk-{os.getpid()}", head=NodeSpec(1, {"od_head": 1}), node_retries=5,
+                     workers=[NodeSpec(1, {"od_w1": 1}), NodeSpec(1, {"od_w2": 1})])
+    c.start()
+    try:
+        sweep = tmp_path / "s.yaml"
+        sweep.write_text(f"""name: lose
+storage_path: {tmp_path / 'sweeps'}
+base:
+  models: [tiny_cnn, tiny_cnn]
+  data: {{dataset: synthetic, val_size: 300, train_subset: 2048, test_subset: 300}}
+  optim: {{lr: 0.05, schedule: constant}}
+  train: {{epochs: 4, batch_size: 64}}
+  scale: {{cpus_per_worker: 1, peers_per_worker: 2}}
+  run: {{max_failures: 2}}
+space:
+  loss.temperature: {{grid: [1.0, 4.0]}}
+scheduler: {{name: none}}
+max_concurrent: 2
+""")
+        env = {**_env_without_ray_auth(), **c.client_env()}
+        proc = subprocess.Popen([sys.executable, "-m", "online_distill.cli", "tune", str(sweep)], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(tmp_path))
+        lines, killed = [], None
+        deadline = time.time() + 600
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if killed is None and " epoch 1/4" in line:
+                label = line.split("]")[0] + "]"
+                trials = [a for a in c.actors("ImplicitFunc") if a.get("state") == "ALIVE"]
+                nodes = {n["node_id"]: n["resources_total"] for n in c.alive_nodes()}
+                for a in trials:
+                    res = nodes.get(a["node_id"], {})
+                    name = "worker1" if "od_w1" in res else "worker2" if "od_w2" in res else None
+                    if name:
+                        c.kill_node(name)
+                        killed = (name, label)
+                        break
+            if time.time() > deadline:
+                proc.kill()
+                break
+        rc = proc.wait(timeout=60)
+        text = "\n".join(lines)
+        assert killed is not None, text
+        assert rc == 0, text
+        assert "retrying from its last checkpoint (retry 1 of 2)" in text, text
+        assert text.count("finished: best_peer/val_acc") == 2, text
+        assert "sweep interrupted" not in text
+    finally:
+        c.stop()
+        c.remove()

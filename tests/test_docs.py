@@ -178,3 +178,30 @@ def test_the_checker_fails_on_a_broken_copy(tmp_path, monkeypatch):
     problems = [check(c) for c in found]
     assert all(p is not None for p in problems[:7]), problems
     assert problems[7] is None
+
+
+TIMING = re.compile(r"\d+(\.\d+)? (ms/step|samples/s)|(?<=\s)\d+\.\d+(?=\s+\d+\.\d+\s+0\.\d{4}$)|(?<=\s)\d+\.\d+(?=\s+0\.\d{4}$)")
+"""Step times, throughput and the CPU latency columns of the size table: what a machine changes."""
+
+
+def _normal(line: str) -> str:
+    line = re.sub(r"-> \S*runs/fmnist_dml", "-> runs/fmnist_dml", line.rstrip())
+    line = re.sub(r"\(\S*runs/fmnist_dml\)", "(runs/fmnist_dml)", line)
+    return " ".join(TIMING.sub("T", line).split())  # table columns pad to their widest value
+
+
+@pytest.mark.e2e
+def test_the_readme_shows_the_quick_starts_output_as_printed(tmp_path, monkeypatch, capsys):
+    """The README's output block is what `bash quickstart.sh train` prints: each of its lines (but
+    `...`, which stands for lines left out) comes out of a real run, in that order, timings aside."""
+    readme = open(DOCS[0], encoding="utf-8").read()
+    block = next(m.group(1) for m in FENCE.finditer(readme) if m.group(1).startswith("starting run 'fmnist_dml'"))
+    shown = [_normal(line) for line in block.splitlines() if line.strip() and line.strip() != "..."]
+    monkeypatch.chdir(ROOT)
+    capsys.readouterr()
+    assert cli.main(["train", "configs/fmnist_dml.yaml", "--set", f"run.storage_path={tmp_path}/runs"]) == 0
+    printed = [_normal(line) for line in capsys.readouterr().out.splitlines()]
+    at = 0
+    for line in shown:
+        assert line in printed[at:], f"the README shows {line!r}, the run printed:\n" + "\n".join(printed)
+        at = printed.index(line, at) + 1

@@ -17,7 +17,7 @@ from .. import storage
 from ..config import Config
 from ..errors import NotRetryable
 from ..rundir import COMPRESSION, LOG, PREDICTIONS, RAY_TRAIN, RESULT, RunDir
-from .env import init_ray  # noqa: F401 (the place callers have always found it)
+from .env import cluster_address, init_ray  # noqa: F401 (init_ray: the place callers have always found it)
 from .in_process import fit_in_process
 from .plan import Plan, make_plan, say
 from .results import final_table, format_table, history_frame, write_predictions, write_run_tables
@@ -62,6 +62,15 @@ def make_trainer(cfg: Config, run_dir: RunDir, *, models=None, datasets=None, ca
             kwargs["failure_policy"] = OurFailurePolicy(self.run_config.failure_config, cfg.run.name, run_dir.path,
                                                         cfg.num_peers)
             return super()._initialize_and_run_controller(**kwargs)
+
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if cluster_address() is None:
+                # An embedded Ray ends with this process, placement groups and all, so Train's
+                # cleaner of a dead driver's placement groups has nothing to do; it asks the state
+                # API for the controller and prints a traceback when another Ray runs on the machine.
+                callbacks = [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
+            return callbacks
 
     said = [] if local else [SayWhatHappens(cfg.run.name, cfg.world_size, cfg.worker_resources)]
     return Trainer(

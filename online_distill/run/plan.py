@@ -181,11 +181,35 @@ def read_data(cfg: Config, models=None, datasets=None):
     if cfg.train.batch_size > shard:
         raise ConfigError(f"train.batch_size: got {cfg.train.batch_size}; allowed: at most {shard}, "
                           f"the training examples per {'worker' if disjoint else 'replica'}", "train.batch_size")
+    _same_output_size(cfg, data, models)
     for i, name in enumerate(dict.fromkeys(cfg.models)):  # one build per architecture (a resnet costs a second)
         with torch.random.fork_rng():  # the driver's RNG is not the workers' business
             build_model(name, data.sample, data.num_classes, models, field=f"models[{cfg.models.index(name)}]",
                         memory_format=memory_format(data.sample, cfg.scale.channels_last), label_shape=data.label_shape)
     return data
+
+
+def _same_output_size(cfg: Config, data, models=None) -> None:
+    """Peers that predict different numbers of classes (a language model's vocabulary) cannot
+    teach each other: refused in one line naming every model and its size. A model that fails to
+    build is left to build_model, whose message says why."""
+    import torch
+
+    from ..models import resolve_model
+
+    sizes = {}
+    for i, name in enumerate(cfg.models):
+        try:
+            with torch.no_grad(), torch.random.fork_rng():
+                out = resolve_model(name, models)(tuple(data.sample.shape[1:]), data.num_classes).eval()(data.sample)
+            sizes[i] = int(out.shape[-1])
+        except Exception:  # noqa: BLE001 - build_model names what went wrong
+            continue
+    if len(set(sizes.values())) > 1 or any(v != data.num_classes for v in sizes.values()):
+        named = ", ".join(f"models[{i}] {cfg.models[i]!r} predicts {v}" for i, v in sizes.items())
+        raise ConfigError(f"models: {named}; allowed: every model predicting the dataset's {data.num_classes} classes "
+                          f"({'tokens of its vocabulary' if data.is_sequence else 'classes'}), or a mapping between "
+                          "vocabularies in the model", "models")
 
 
 def check_run_directory(plan: Plan, *, dry_run: bool) -> None:
