@@ -248,7 +248,9 @@ class DistillConfig:
     teacher_cache_dir: str | None = None
     """offline: a directory where the frozen teacher's logits (in the distill.logits form) are
     written once per training example, keyed by the teacher, the data and the form, and read by
-    every later run and sweep trial, which then run the teacher zero times. null: no disk cache."""
+    every later run and sweep trial, which then run the teacher zero times. null: no disk cache.
+    Other modes leave it unused, like teacher_checkpoint: `--set distill.mode=independent` makes a
+    KD config its own baseline."""
     teacher_service: bool = False
     """offline: run the frozen teacher in a pool of Ray actors with their own resources, started
     once per run or sweep and shared by every worker and trial (teachers/service.py)."""
@@ -292,10 +294,6 @@ class DistillConfig:
             _fail("distill.logits", self.logits, ", ".join(repr(v) for v in LOGITS))
         if self.logits_k < 1:
             _fail("distill.logits_k", self.logits_k, "an integer >= 1")
-        for name in ("teacher_cache_dir", "teacher_service"):
-            if getattr(self, name) and self.mode != "offline":
-                _fail(f"distill.{name}", getattr(self, name), f"{'null' if name.endswith('dir') else 'false'} with "
-                      f"distill.mode={self.mode!r} (a frozen teacher: distill.mode='offline')")
         if self.service_replicas < 1:
             _fail("distill.service_replicas", self.service_replicas, "an integer >= 1")
         if self.service_cpus < 0 or self.service_gpus < 0:
@@ -572,6 +570,18 @@ def to_dict(cfg: Config) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d["models"] = list(cfg.models)
     return d
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'loss': {'temperature': 3}} -> {'loss.temperature': 3}. Tuples become lists, so a config
+    read back from YAML compares equal to the one that wrote it; lists and empty mappings stay values."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
 
 
 def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:

@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Se
 import yaml
 
 from . import rundir as names
-from .config import ConfigError
+from .config import ConfigError, flatten
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -181,17 +181,6 @@ def open_trackers(names: Sequence[str], run: TrackerRun) -> Trackers:
         except Exception as e:
             _say(f"{name} tracker could not start ({_one_line(e)}); the run goes on without it")
     return Trackers(opened)
-
-
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'loss': {'temperature': 3}} -> {'loss.temperature': 3}; lists stay values."""
-    out: dict[str, Any] = {}
-    for k, v in config.items():
-        if isinstance(v, Mapping) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _say(message: str) -> None:

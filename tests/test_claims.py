@@ -2,6 +2,7 @@
 points that pin their seed, and the whole search-then-confirm pipeline on tiny synthetic data."""
 import math
 import os
+import re
 
 import pandas as pd
 import pytest
@@ -133,6 +134,7 @@ def test_the_committed_results_are_what_their_csvs_give(tmp_path):
 
     root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
     trees = [root] + sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "*", "summary.csv")))
+    summaries = []
     for tree in trees:
         out = tmp_path / os.path.basename(tree)
         for folder in tables.FOLDERS.values():
@@ -140,6 +142,10 @@ def test_the_committed_results_are_what_their_csvs_give(tmp_path):
                 if os.path.exists(os.path.join(tree, folder, name)):
                     os.makedirs(out / folder, exist_ok=True)
                     shutil.copy(os.path.join(tree, folder, name), out / folder / name)
+        for folder in tables.EXTRA_FOLDERS.values():  # their own scripts build these (tests below)
+            if os.path.exists(os.path.join(tree, folder, "summary_rows.csv")):
+                os.makedirs(out / folder, exist_ok=True)
+                shutil.copy(os.path.join(tree, folder, "summary_rows.csv"), out / folder / "summary_rows.csv")
         summary = tables.build(str(out))
         pd.testing.assert_frame_equal(summary, pd.read_csv(os.path.join(tree, "summary.csv")))
         for folder in tables.FOLDERS.values():
@@ -147,10 +153,17 @@ def test_the_committed_results_are_what_their_csvs_give(tmp_path):
                 assert (out / folder / "table.md").read_text() == open(os.path.join(tree, folder, "table.md")).read()
         if tree == root:
             assert open(os.path.join(root, "summary.md")).read() in open(os.path.join(root, "README.md")).read()
-            readme = open(os.path.join(os.path.dirname(root), "README.md")).read()
-            for s in summary.itertuples():
-                if not s.method.startswith("independent") and pd.notna(s.delta_mean):  # not the reference ensembles
-                    assert f"{s.delta_mean:+.2f}" in readme, (s.claim, s.method)
+        summaries.append(summary)
+    # the README's "delta +- std" figures are rows of these summaries, at the precision it shows;
+    # and it quotes every H and L claim's delta
+    readme = open(os.path.join(os.path.dirname(root), "README.md")).read()
+    quoted = set(re.findall(r"([+-]\d+\.\d+) \+- (\d+\.\d+)", readme))
+    rows = [r for summary in summaries for r in summary.itertuples() if pd.notna(r.delta_mean)]
+    known = {(f"{r.delta_mean:+.{d}f}", f"{r.delta_std:.{d}f}") for r in rows for d in (2, 3, 4)}
+    assert quoted and quoted <= known, sorted(quoted - known)
+    for r in summaries[0].itertuples():
+        if r.claim[0] in "HL" and pd.notna(r.delta_mean):
+            assert any((f"{r.delta_mean:+.{d}f}", f"{r.delta_std:.{d}f}") in quoted for d in (2, 3, 4)), (r.claim, r.method)
 
 
 def test_a_work_folder_holding_earlier_sweeps_is_refused_before_ray_starts(tmp_path, no_ray, capsys):
@@ -181,19 +194,21 @@ def _script(name: str):
     return module
 
 
-def test_the_hinton_tables_are_what_their_runs_csv_gives(tmp_path, monkeypatch):
-    """benchmarks/hinton: per_seed.csv, summary_rows.csv and table.md rebuilt from runs.csv alone."""
-    h = _script("hinton")
-    committed = {n: open(os.path.join(h.HERE, n)).read() for n in ("per_seed.csv", "summary_rows.csv", "table.md")}
-    runs = pd.read_csv(os.path.join(h.HERE, "runs.csv"))
-    monkeypatch.setattr(h, "HERE", str(tmp_path))
+@pytest.mark.parametrize("name,files", [("hinton", ("per_seed.csv", "summary_rows.csv", "table.md")),
+                                        ("lm", ("per_seed.csv", "summary_rows.csv", "bytes.csv", "table.md"))])
+def test_a_benchmarks_tables_are_what_its_runs_csv_gives(tmp_path, monkeypatch, name, files):
+    """benchmarks/hinton and benchmarks/lm: every table rebuilt from runs.csv alone is the committed one."""
     import shutil
 
-    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "hinton",
+    h = _script(name)
+    committed = {n: open(os.path.join(h.HERE, n)).read() for n in files}
+    runs = pd.read_csv(os.path.join(h.HERE, "runs.csv"))
+    monkeypatch.setattr(h, "HERE", str(tmp_path))
+    shutil.copy(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", name,
                              "failed.csv"), tmp_path / "failed.csv")
     h.write_tables(runs)
-    for name, text in committed.items():
-        assert (tmp_path / name).read_text() == text, name
+    for n, text in committed.items():
+        assert (tmp_path / n).read_text() == text, n
     summary = pd.read_csv(tmp_path / "summary_rows.csv")
     assert list(summary.columns) == tables.SUMMARY_COLUMNS and (summary["n_pairs"] >= 3).all()
 

@@ -147,9 +147,9 @@ def test_a_sweep_survives_losing_the_node_of_one_of_its_trials(tmp_path):
 storage_path: {tmp_path / 'sweeps'}
 base:
   models: [tiny_cnn, tiny_cnn]
-  data: {{dataset: synthetic, val_size: 300, train_subset: 2048, test_subset: 300}}
+  data: {{dataset: synthetic, val_size: 300, train_subset: 8192, test_subset: 300}}
   optim: {{lr: 0.05, schedule: constant}}
-  train: {{epochs: 4, batch_size: 64}}
+  train: {{epochs: 5, batch_size: 64}}
   scale: {{cpus_per_worker: 1, peers_per_worker: 2}}
   run: {{max_failures: 2}}
 space:
@@ -164,7 +164,7 @@ max_concurrent: 2
         deadline = time.time() + 600
         for line in proc.stdout:
             lines.append(line.rstrip())
-            if killed is None and " epoch 1/4" in line:
+            if killed is None and " epoch 1/5" in line:
                 label = line.split("]")[0] + "]"
                 trials = [a for a in c.actors("ImplicitFunc") if a.get("state") == "ALIVE"]
                 nodes = {n["node_id"]: n["resources_total"] for n in c.alive_nodes()}
@@ -182,7 +182,7 @@ max_concurrent: 2
         text = "\n".join(lines)
         assert killed is not None, text
         assert rc == 0, text
-        assert "retrying from its last checkpoint (retry 1 of 2)" in text, text
+        assert "retrying from its last checkpoint (retry 1 of 2)" in text, (killed, text)
         assert text.count("finished: best_peer/val_acc") == 2, text
         assert "sweep interrupted" not in text
     finally:

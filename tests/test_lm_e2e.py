@@ -104,3 +104,20 @@ def test_mismatched_vocabularies_and_lengths_are_refused_on_the_driver(tmp_path,
 
 def test_the_builtin_corpus_is_registered():
     assert "fortunes" in DATASETS
+
+
+@pytest.mark.e2e
+def test_a_sweep_over_the_divergence_judged_by_bits_per_byte(ray_session, tmp_path):
+    from online_distill.sweep.driver import run_sweep
+    from online_distill.sweep.spec import Dist, SchedulerSpec, SweepSpec
+
+    base = lm_cfg(tmp_path, train__epochs=1, scale__peers_per_worker=2, scale__cpus_per_worker=0.5)
+    spec = SweepSpec(name="div", base=base, space={"loss.divergence": Dist("grid", ("forward_kl", "reverse_kl", "jsd"))},
+                     seeds=(0,), baseline=True, metric_name="bpb", scheduler=SchedulerSpec(name="none"),
+                     storage_path=str(tmp_path / "sweeps"))
+    assert spec.metric == "best_peer/val_bpb" and spec.mode == "min"
+    res = run_sweep(spec, verbose=0)
+    assert len(res.trials) == 4 and (res.trials["status"] == "TERMINATED").all()
+    settings = res.summary[res.summary["role"] == "setting"]
+    assert settings["objective_mean"].is_monotonic_increasing  # the best (lowest bits per byte) first
+    assert set(settings["loss.divergence"]) == {"forward_kl", "reverse_kl", "jsd"}

@@ -74,4 +74,5 @@ def test_a_run_with_no_checkpoint_that_loads_is_refused_before_any_worker_starts
     capsys.readouterr()
     assert cli.main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("online-distill: config error: run.name: 'ruined' cannot resume, no checkpoint in ")
+    assert err[-1].startswith(f"online-distill: config error: config file '{path}', line ")  # where run.name is set
+    assert ": run.name: 'ruined' cannot resume, no checkpoint in " in err[-1]

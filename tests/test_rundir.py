@@ -219,7 +219,7 @@ def test_a_real_full_disk(make_cfg, tmp_path, capsys):
                                            capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root); the injected full disk above covers the logic")
     try:
-        cfg = make_cfg(models=["mlp(hidden=[256, 256])"], train__epochs=6, run__name="tmpfs",
+        cfg = make_cfg(models=["mlp(hidden=[256, 256])"], distill__mode="independent", train__epochs=6, run__name="tmpfs",
                        run__storage_path=str(mnt), run__max_failures=2, run__checkpoints_to_keep=3)
         with pytest.raises(StorageError, match="No space left on device"):
             train(cfg, verbose=False)

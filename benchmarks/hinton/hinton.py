@@ -17,7 +17,6 @@ The teacher is the ensemble of a DML cohort of two small CNNs trained on all 55,
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import math
@@ -29,7 +28,8 @@ import pandas as pd
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)  # benchmarks.tools, when run as a script
-from benchmarks.tools.jobs import Job, failures, finished, pick, run_dir, run_jobs  # noqa: E402
+from benchmarks.tools.jobs import main as jobs_main  # noqa: E402
+from benchmarks.tools.jobs import Job, failures, finished, pick, plot_paired, run_dir  # noqa: E402
 from benchmarks.tools.jobs import paired as paired_raw  # noqa: E402
 SEARCH_SEED, SEEDS = 100, (0, 1, 2)
 LRS = (0.01, 0.03, 0.1)
@@ -113,18 +113,6 @@ def plan(work: str) -> list[list[Job]]:
     return [stage1, stage2, stage3]
 
 
-def cmd_run(args) -> int:
-    work = os.path.abspath(args.work)
-    if args.smoke:
-        SMOKE.update({"train.epochs": 1, "train.max_steps_per_epoch": 5, "data.test_subset": 500, "data.val_size": 500})
-    for i in range(3):
-        stage = plan(work)[i]  # planned again: it reads the picks of the stages before
-        print(f"[hinton] stage {i + 1}: {len(stage)} runs", flush=True)
-        run_jobs(stage, work, args.parallel, SMOKE, tag="hinton")
-    print(f"[hinton] done; now: python benchmarks/hinton/hinton.py tables --work {args.work}", flush=True)
-    return 0
-
-
 # ---- tables ---------------------------------------------------------------------------------------
 
 def bias_shift(val_logits, val_labels, test_logits, test_labels, cls: int) -> dict:
@@ -201,12 +189,10 @@ COMPARISONS = [  # claim, method, baseline, bar (pt), what it shows
 ]
 
 
-def cmd_tables(args) -> int:
-    work = os.path.abspath(args.work)
+def tables(work: str) -> None:
     runs = collect(work)
     runs.to_csv(os.path.join(HERE, "runs.csv"), index=False)
     write_tables(runs)
-    return 0
 
 
 def write_tables(runs: pd.DataFrame) -> None:
@@ -234,35 +220,13 @@ def write_tables(runs: pd.DataFrame) -> None:
         summary_df.loc[summary_df["claim"] == "H3", "met"] = bool(right >= 700)
     per_seed_df.to_csv(os.path.join(HERE, "per_seed.csv"), index=False)
     if len(per_seed_df):
-        plot(per_seed_df, summary_df, os.path.join(HERE, "summary.png"))
+        plot_paired(per_seed_df, summary_df, os.path.join(HERE, "summary.png"), delta="delta_pt",
+                    xlabel="paired delta of test accuracy (points), per seed; dashed: the bar",
+                    title="Hinton et al. 2015 on Fashion-MNIST: what distillation buys (green: bar met)",
+                    bars={("H1", "kd_full"): [0.3], ("H2", "kd_3pct"): [1.5], ("H4", "dml_3pct"): [0.3]})
     summary_df.to_csv(os.path.join(HERE, "summary_rows.csv"), index=False)
     with open(os.path.join(HERE, "table.md"), "w") as f:
         f.write(table_md(runs, per_seed_df, summary_df, h3))
-
-
-def plot(per_seed: pd.DataFrame, summary: pd.DataFrame, path: str) -> None:
-    """Each claim's paired deltas (test accuracy, points): a dot per seed, the mean as a bar, the bar as a line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = list(summary.itertuples(index=False))
-    fig, ax = plt.subplots(figsize=(8, 0.55 * len(rows) + 1.2))
-    for y, s in enumerate(rows):
-        d = per_seed[(per_seed["claim"] == s.claim) & (per_seed["method"] == s.method)]["delta_pt"]
-        ax.barh(y, d.mean(), color="C2" if s.met else "C3" if s.met is False else "C7", alpha=0.4)
-        ax.scatter(d, [y] * len(d), color="k", s=14, zorder=3)
-        target = {"H1": 0.3, "H2": 1.5, "H4": 0.3 if s.method == "dml_3pct" else None}.get(s.claim)
-        if target is not None:
-            ax.plot([target, target], [y - 0.4, y + 0.4], "k--", lw=1)
-    ax.axvline(0, color="k", lw=0.8)
-    ax.set_yticks(range(len(rows)), [f"{s.claim} {s.method} vs {s.baseline}" for s in rows], fontsize=8)
-    ax.set_xlabel("paired delta of test accuracy (points), per seed; dashed: the bar")
-    ax.set_title("Hinton et al. 2015 on Fashion-MNIST: what distillation buys (green: bar met)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def omitted_class(runs: pd.DataFrame) -> pd.DataFrame:
@@ -355,18 +319,8 @@ def table_md(runs: pd.DataFrame, per_seed: pd.DataFrame, summary: pd.DataFrame, 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python benchmarks/hinton/hinton.py", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="every stage; a rerun skips finished runs")
-    r.add_argument("--work", required=True, help="where the runs and their logs go (not committed)")
-    r.add_argument("--parallel", type=int, default=2)
-    r.add_argument("--smoke", action="store_true", help="one short epoch per run: check the pipeline, not the claims")
-    r.set_defaults(fn=cmd_run)
-    t = sub.add_parser("tables", help="runs.csv, per_seed.csv, summary_rows.csv and table.md from the runs")
-    t.add_argument("--work", required=True)
-    t.set_defaults(fn=cmd_tables)
-    args = ap.parse_args(argv)
-    return args.fn(args)
+    return jobs_main(argv, prog="python benchmarks/hinton/hinton.py", doc=__doc__, tag="hinton", plan=plan, tables=tables,
+                     smoke=SMOKE, smoke_sets={"train.epochs": 1, "train.max_steps_per_epoch": 5, "data.test_subset": 500, "data.val_size": 500})
 
 
 if __name__ == "__main__":

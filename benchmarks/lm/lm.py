@@ -15,7 +15,6 @@ setting picked on validation with seed 100; student and baseline with the same l
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,7 +23,8 @@ import pandas as pd
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)  # benchmarks.tools, when run as a script
-from benchmarks.tools.jobs import Job, failures, finished, paired, pick, run_dir, run_jobs  # noqa: E402
+from benchmarks.tools.jobs import main as jobs_main  # noqa: E402
+from benchmarks.tools.jobs import Job, failures, finished, paired, pick, plot_paired, run_dir  # noqa: E402
 
 SEARCH_SEED, SEEDS = 100, (0, 1, 2)
 CONFIGS = os.path.join("benchmarks", "lm", "configs")
@@ -69,18 +69,6 @@ def plan(work: str) -> list[list[Job]]:
     stage3 = ([kd(s, setting, work, "topk") for s in SEEDS[1:]] + [kd(s, setting, work, "sampled") for s in SEEDS]
               if setting else [])
     return [stage1, stage2, stage3]
-
-
-def cmd_run(args) -> int:
-    work = os.path.abspath(args.work)
-    if args.smoke:
-        SMOKE.update({"train.epochs": 1, "train.max_steps_per_epoch": 4, "data.val_size": 64})
-    for i in range(3):
-        stage = plan(work)[i]  # planned again: it reads the pick of the stage before
-        print(f"[lm] stage {i + 1}: {len(stage)} runs", flush=True)
-        run_jobs(stage, work, args.parallel, SMOKE, tag="lm")
-    print(f"[lm] done; now: python benchmarks/lm/lm.py tables --work {args.work}", flush=True)
-    return 0
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -149,6 +137,10 @@ def write_tables(runs: pd.DataFrame) -> None:
                         "met": bool(len(later) and (later["teacher_forwards"] == 0).all())})
     pd.concat(per_seed).to_csv(os.path.join(HERE, "per_seed.csv"), index=False)
     pd.DataFrame(summary).to_csv(os.path.join(HERE, "summary_rows.csv"), index=False)
+    plot_paired(pd.concat(per_seed), pd.DataFrame(summary), os.path.join(HERE, "summary.png"), delta="delta",
+                xlabel="paired delta of test bits per byte, per seed (negative: better); dashed: the bar",
+                title="Language models on fortunes (green: bar met, red: missed, grey: reported)",
+                bars={("L1", "kd_dense"): [0.0], ("L2", "kd_topk"): [-0.02, 0.02]})
     bytes_table().to_csv(os.path.join(HERE, "bytes.csv"), index=False)
     with open(os.path.join(HERE, "table.md"), "w") as f:
         f.write(table_md(runs, pd.concat(per_seed), pd.DataFrame(summary)))
@@ -195,26 +187,15 @@ def table_md(runs: pd.DataFrame, per_seed: pd.DataFrame, summary: pd.DataFrame) 
     return "\n".join(lines) + "\n"
 
 
-def cmd_tables(args) -> int:
-    runs = collect(os.path.abspath(args.work))
+def tables(work: str) -> None:
+    runs = collect(work)
     runs.to_csv(os.path.join(HERE, "runs.csv"), index=False)
     write_tables(runs)
-    return 0
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python benchmarks/lm/lm.py", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="every stage; a rerun skips finished runs")
-    r.add_argument("--work", required=True, help="where the runs, the teacher cache and the logs go (not committed)")
-    r.add_argument("--parallel", type=int, default=2)
-    r.add_argument("--smoke", action="store_true", help="a few steps per run: check the pipeline, not the claims")
-    r.set_defaults(fn=cmd_run)
-    t = sub.add_parser("tables", help="runs.csv, per_seed.csv, summary_rows.csv, bytes.csv and table.md")
-    t.add_argument("--work", required=True)
-    t.set_defaults(fn=cmd_tables)
-    args = ap.parse_args(argv)
-    return args.fn(args)
+    return jobs_main(argv, prog="python benchmarks/lm/lm.py", doc=__doc__, tag="lm", plan=plan, tables=tables,
+                     smoke=SMOKE, smoke_sets={"train.epochs": 1, "train.max_steps_per_epoch": 4, "data.val_size": 64})
 
 
 if __name__ == "__main__":

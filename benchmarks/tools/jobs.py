@@ -144,3 +144,60 @@ def paired(runs: pd.DataFrame, method: str, baseline: str, column: str) -> pd.Da
     seeds = sorted(set(m.index) & set(b.index))
     return pd.DataFrame({"seed": seeds, method: [m[s] for s in seeds], baseline: [b[s] for s in seeds],
                          "delta": [m[s] - b[s] for s in seeds]})
+
+
+def plot_paired(per_seed: pd.DataFrame, summary: pd.DataFrame, path: str, *, delta: str, xlabel: str, title: str,
+                bars: dict | None = None) -> None:
+    """Each comparison's paired deltas: a dot per seed, the mean as a bar (green: bar met, red:
+    missed, grey: reported), each (claim, method)'s bar lines from `bars` dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = list(summary[summary["n_pairs"] > 0].itertuples(index=False))
+    rows = [s for s in rows if len(per_seed[(per_seed["claim"] == s.claim) & (per_seed["method"] == s.method)])]
+    fig, ax = plt.subplots(figsize=(8, 0.55 * len(rows) + 1.2))
+    for y, s in enumerate(rows):
+        d = per_seed[(per_seed["claim"] == s.claim) & (per_seed["method"] == s.method)][delta]
+        ax.barh(y, d.mean(), color="C2" if s.met is True else "C3" if s.met is False else "C7", alpha=0.4)
+        ax.scatter(d, [y] * len(d), color="k", s=14, zorder=3)
+        for x in (bars or {}).get((s.claim, s.method), ()):
+            ax.plot([x, x], [y - 0.4, y + 0.4], "k--", lw=1)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(range(len(rows)), [f"{s.claim} {s.method} vs {s.baseline}" for s in rows], fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv, *, prog: str, doc: str, tag: str, plan, tables, smoke: dict, smoke_sets: dict) -> int:
+    """The command line of a claim's script: `run` (every stage of `plan(work)`, planned again
+    before each, since a stage reads the picks of the ones before; a rerun skips finished runs)
+    and `tables` (`tables(work)`). `smoke`: the dict of extra --set items a --smoke run fills with
+    `smoke_sets`."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="every stage; a rerun skips finished runs")
+    r.add_argument("--work", required=True, help="where the runs and their logs go (not committed)")
+    r.add_argument("--parallel", type=int, default=2)
+    r.add_argument("--smoke", action="store_true", help="a few steps per run: check the pipeline, not the claims")
+    t = sub.add_parser("tables", help="runs.csv, per_seed.csv, summary_rows.csv and table.md from the runs")
+    t.add_argument("--work", required=True)
+    args = ap.parse_args(argv)
+    work = os.path.abspath(args.work)
+    if args.command == "tables":
+        tables(work)
+        return 0
+    if args.smoke:
+        smoke.update(smoke_sets)
+    for i in range(len(plan(work))):
+        stage = plan(work)[i]
+        print(f"[{tag}] stage {i + 1}: {len(stage)} runs", flush=True)
+        run_jobs(stage, work, args.parallel, smoke, tag=tag)
+    print(f"[{tag}] done; now: python {prog.split()[-1]} tables --work {args.work}", flush=True)
+    return 0

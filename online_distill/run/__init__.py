@@ -1,7 +1,7 @@
-"""The driver side of one run: find or start Ray, check everything before a worker starts, fit
-the cohort's TorchTrainer (launch), chains of runs (generations: born-again), what a run leaves
-(results, compression, export, report), resuming (resume), a local multi-node Ray (cluster) and
-`--dry-run` (dry_run)."""
+"""The driver side of one run: its preflight plan, made once (plan: every check, the data read
+once, the run's lock, where it resumes), then the cohort in this process or a Ray Train worker
+group (launch, in_process, failures), chains of runs (generations: born-again), what a run
+leaves (results, compression, export, report), resuming (resume) and `--dry-run` (dry_run)."""
 
 
 def train(cfg, *, models: dict | None = None, datasets: dict | None = None, verbose: bool = True):

@@ -82,35 +82,41 @@ class OurFailurePolicy(DefaultFailurePolicy):
 
 
 class SayWhatHappens(ControllerCallback):
-    """One line every WAIT_S while the controller waits for the resources of a new worker group
-    (the first start, or after a lost worker or node), and one when the group runs again."""
+    """One line every WAIT_S while a worker group is not running yet: waiting for its resources
+    (after a lost worker or node, until one comes back or is replaced) or for its processes to
+    start. A first start says so only once it has taken longer than a start should."""
 
-    WAIT_S = 10.0
+    WAIT_S = 30.0
 
     def __init__(self, run_name: str, workers: int, resources: dict):
         self.run_name, self.workers, self.resources = run_name, workers, resources
         self._stop: threading.Event | None = None
-        self._restarts = 0
+        self._starts = 0
 
     def before_controller_execute_resize_decision(self, resize_decision) -> None:
         self._stopped()
-        stop, since = threading.Event(), time.monotonic()
+        self._starts += 1
+        stop, since, restart = threading.Event(), time.monotonic(), self._starts > 1
         self._stop = stop
         need = ", ".join(f"{v:g} {k}" for k, v in self.resources.items())
+        first_after = self.WAIT_S if restart else 2 * self.WAIT_S
 
         def watch() -> None:
-            while not stop.wait(self.WAIT_S):
-                print(f"run {self.run_name!r}: waiting for resources for {self.workers} worker(s) of {need} each, "
-                      f"{time.monotonic() - since:.0f} s so far (a lost node must come back or be replaced)",
-                      file=sys.stderr, flush=True)
+            if stop.wait(first_after):
+                return
+            while True:
+                why = ("waiting for resources (a lost node must come back or be replaced) or for the workers to start"
+                       if restart else "waiting for resources or for the workers to start")
+                print(f"run {self.run_name!r}: the worker group ({self.workers} worker(s) of {need}) is not running yet "
+                      f"after {time.monotonic() - since:.0f} s: {why}", file=sys.stderr, flush=True)
+                if stop.wait(self.WAIT_S):
+                    return
 
         threading.Thread(target=watch, name="say-waiting", daemon=True).start()
 
     def after_controller_state_update(self, previous_state, current_state) -> None:
-        name = type(current_state).__name__
-        if name == "RunningState":
-            self._stopped()
-        elif name in ("ErroredState", "FinishedState", "AbortedState", "ShuttingDownState"):
+        if type(current_state).__name__ in ("RunningState", "ErroredState", "FinishedState", "AbortedState",
+                                             "ShuttingDownState"):
             self._stopped()
 
     def _stopped(self) -> None:

@@ -140,6 +140,7 @@ def train_cohort(cfg: Config, *, models: dict | None = None, datasets: dict | No
                                          test_acc=_measured(final_rows, "test_acc"))
         served = service_summary(plan.service) if plan.service else {}
         final.update(served)
+        metrics = {**metrics, **served}
         run.write_json(RESULT, {"complete": True, "metrics": final})  # last: the run finished
     finally:
         plan.release()

@@ -181,7 +181,8 @@ def read_data(cfg: Config, models=None, datasets=None):
     if cfg.train.batch_size > shard:
         raise ConfigError(f"train.batch_size: got {cfg.train.batch_size}; allowed: at most {shard}, "
                           f"the training examples per {'worker' if disjoint else 'replica'}", "train.batch_size")
-    _same_output_size(cfg, data, models)
+    if data.is_sequence:  # a vocabulary per model: say which disagree (classes: build_model names the model)
+        _same_output_size(cfg, data, models)
     for i, name in enumerate(dict.fromkeys(cfg.models)):  # one build per architecture (a resnet costs a second)
         with torch.random.fork_rng():  # the driver's RNG is not the workers' business
             build_model(name, data.sample, data.num_classes, models, field=f"models[{cfg.models.index(name)}]",
@@ -226,7 +227,7 @@ def check_run_directory(plan: Plan, *, dry_run: bool) -> None:
     if old is not None:
         import yaml
 
-        before, now = _flatten(yaml.safe_load(old)), _flatten(config_mod.to_dict(cfg))
+        before, now = config_mod.flatten(yaml.safe_load(old)), config_mod.flatten(config_mod.to_dict(cfg))
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k not in RESUMABLE_CHANGES)
         if changed:
             diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed)
@@ -236,16 +237,6 @@ def check_run_directory(plan: Plan, *, dry_run: bool) -> None:
     plan.resume = find_resume_point(run, cfg.num_peers)
     if plan.resume.refused:
         raise refusal(cfg, run, plan.resume)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 def start_teacher_service(cfg: Config, data, members: list) -> list[str]:

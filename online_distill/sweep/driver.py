@@ -38,7 +38,7 @@ import pyarrow.fs as pafs
 from .. import config_file
 from .. import storage
 from . import spec as sweep_config
-from ..config import Config, ConfigError
+from ..config import Config, ConfigError, flatten
 from ..errors import NotRetryable
 from ..rundir import CONFIG
 from .console import SweepConsole, quiet_tune
@@ -347,7 +347,7 @@ def _check_same_sweep(spec: SweepSpec, sweep_dir: str) -> None:
     old = storage.read_text(storage.join(sweep_dir, "sweep.yaml"))
     if old is None:
         return
-    before, now = sweep_config.flatten(yaml.safe_load(old)), sweep_config.flatten(spec.to_dict())
+    before, now = flatten(yaml.safe_load(old)), flatten(spec.to_dict())
     changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k) and k != "max_concurrent")
     if changed:
         diffs = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:6])

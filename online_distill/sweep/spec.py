@@ -212,7 +212,7 @@ class SweepSpec:
                        if getattr(self.base.distill, k.split(".")[1]) != v}
             rows += [{"distill.mode": "independent", **cleared, "train.seed": seed, "baseline": True} for seed in self.seeds]
         keys = list(dict.fromkeys(k for r in rows for k in r))
-        flat = flatten(config_mod.to_dict(self.base))
+        flat = config_mod.flatten(config_mod.to_dict(self.base))
         return [{k: r.get(k, to_tune_value(flat[k]) if k in flat else None) for k in keys} for r in rows]
 
     def trial_config(self, params: Mapping[str, Any], *, run_name: str | None = None, storage_path: str | None = None) -> Config:
@@ -313,16 +313,6 @@ def _check_value(base: Config, where: str, key: str | None, value: Any, models, 
         _check_config(config_mod.with_overrides(base, overrides), models, datasets, names)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
-
-
-def flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def to_tune_value(v: Any) -> Any:

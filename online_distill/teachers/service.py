@@ -155,6 +155,12 @@ def start(cfg, members: list, data, key: str) -> list[str]:
     rows = [{"model": w, "model_name": s.model_name, "source": s.path, "peer": s.peer} for s, w in members]
     model_args = {"sample": data.sample, "num_classes": data.num_classes, "label_shape": data.label_shape}
     form = {"kind": d.logits, "k": d.logits_k, "temperature": cfg.loss.temperature, "seed": cfg.train.seed}
+    free = ray.available_resources()
+    for kind, per in (("CPU", d.service_cpus), ("GPU", d.service_gpus)):
+        if per * d.service_replicas > free.get(kind, 0.0) + 1e-9:
+            raise ConfigError(f"distill.service_{kind.lower()}s: {d.service_replicas} replica(s) of {per:g} {kind} need "
+                              f"{per * d.service_replicas:g} {kind}, and the cluster has {free.get(kind, 0.0):g} free. "
+                              f"Allowed: fewer distill.service_replicas or a smaller share", f"distill.service_{kind.lower()}s")
     names, handles = [], []
     for i in range(d.service_replicas):
         name = service_name(key, i)
@@ -166,19 +172,22 @@ def start(cfg, members: list, data, key: str) -> list[str]:
                 rows, model_args, form, d.service_precision, int(max(1, d.service_cpus)), not cfg.data.augments)
         names.append(name)
         handles.append(handle)
+        _HELD[name] = handle  # a named actor without a live handle is garbage-collected by Ray
     try:
         ray.get([h.ready.remote() for h in handles], timeout=START_TIMEOUT_S)
     except ray.exceptions.GetTimeoutError:
         for h in handles:
             ray.kill(h)
         raise ConfigError(f"distill.teacher_service: the teacher's {d.service_replicas} replica(s) of "
-                          f"{d.service_cpus:g} CPU, {d.service_gpus:g} GPU did not start within {START_TIMEOUT_S:.0f} s; "
-                          f"the cluster has {ray.available_resources()} free. Allowed: smaller distill.service_cpus / "
-                          "service_gpus / service_replicas", "distill.teacher_service") from None
+                          f"{d.service_cpus:g} CPU, {d.service_gpus:g} GPU did not start within {START_TIMEOUT_S:.0f} s "
+                          f"(the cluster has {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU free). Allowed: "
+                          "smaller distill.service_cpus / service_gpus / service_replicas", "distill.teacher_service") from None
     return names
 
 
-START_TIMEOUT_S = 120.0
+START_TIMEOUT_S = 600.0
+_HELD: dict = {}
+"""The driver's handles of the services it started, held for as long as they serve."""
 
 
 class ServiceClient:
@@ -217,6 +226,7 @@ class ServiceClient:
 def stop(names: list[str]) -> None:
     """End the pool's actors (a run's or a sweep's own service, when it ends)."""
     for name in names:
+        _HELD.pop(name, None)
         try:
             ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
         except ValueError:  # already gone
