@@ -44,14 +44,14 @@ def alone(seed: int) -> Job:
     return Job("L1", "alone", os.path.join(CONFIGS, "student.yaml"), seed)
 
 
-def kd(seed: int, setting: dict, work: str, logits: str = "dense") -> Job:
+def kd(seed: int, setting: dict, work: str, logits: str = "dense", k: int = K) -> Job:
     sets = {**setting, "distill.mode": "offline", "distill.teacher_checkpoint": run_dir(teacher_job(), work),
-            "distill.logits": logits, "distill.logits_k": K}
+            "distill.logits": logits, "distill.logits_k": k}
     if logits != "dense":  # compressed outputs are small enough to keep on disk, once per example
         sets["distill.teacher_cache_dir"] = os.path.join(work, "teacher_cache")
     knobs = {"T": setting["loss.temperature"], "kd": setting["loss.kd_weight"]}
-    return Job("L1" if logits == "dense" else "L2", f"kd_{logits}", os.path.join(CONFIGS, "student.yaml"), seed, sets,
-               knobs)
+    arm = f"kd_{logits}" + ("" if k == K else str(k))
+    return Job("L1" if logits == "dense" else "L2", arm, os.path.join(CONFIGS, "student.yaml"), seed, sets, knobs)
 
 
 def peers(seed: int, mode: str) -> Job:
@@ -68,7 +68,8 @@ def plan(work: str) -> list[list[Job]]:
     stage2 = ([kd(s, setting, work) for s in SEEDS] + [kd(0, setting, work, "topk")]) if setting else []
     stage3 = ([kd(s, setting, work, "topk") for s in SEEDS[1:]] + [kd(s, setting, work, "sampled") for s in SEEDS]
               if setting else [])
-    return [stage1, stage2, stage3]
+    stage4 = [kd(s, setting, work, "topk", k=32) for s in SEEDS] if setting else []  # how much k is enough
+    return [stage1, stage2, stage3, stage4]
 
 
 # ---- tables -------------------------------------------------------------------------------------
@@ -98,6 +99,7 @@ COMPARISONS = [  # claim, method, baseline, what the bar is
     ("L1", "kd_dense", "alone", "every seed < 0"),
     ("L2", "kd_topk", "kd_dense", "abs(mean) <= 0.02"),
     ("L2", "kd_sampled", "kd_dense", "reported"),
+    ("L2", "kd_topk32", "kd_dense", "reported"),
     ("L4", "dml", "independent", "reported"),
 ]
 
@@ -128,7 +130,7 @@ def write_tables(runs: pd.DataFrame) -> None:
         summary.append({"claim": claim, "method": method, "baseline": baseline, "delta_mean": round(d.mean(), 4),
                         "delta_std": round(d.std(ddof=1), 4) if len(d) > 1 else float("nan"), "n_pairs": len(d),
                         "bar": f"test bits/byte: {bar}", "met": met})
-    cached = runs[runs["arm"].isin(["kd_topk", "kd_sampled"]) & (runs["member"] == "peer0")]
+    cached = runs[runs["arm"].isin(["kd_topk", "kd_topk32", "kd_sampled"]) & (runs["member"] == "peer0")]
     if len(cached):
         later = cached[cached["cache"].str.contains("runs 0 times")]
         summary.append({"claim": "L3", "method": "teacher cache", "baseline": "live teacher", "delta_mean": float("nan"),
@@ -159,7 +161,7 @@ def table_md(runs: pd.DataFrame, per_seed: pd.DataFrame, summary: pd.DataFrame) 
              "better); the KD setting picked on validation bits per byte (seed 100).", "",
              "| arm | test bits/byte | test NLL (nats/token) | test next-byte accuracy | KL(dense \\|\\| reconstructed) | "
              "teacher runs per run (examples) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for arm in ("teacher", "alone", "kd_dense", "kd_topk", "kd_sampled", "independent", "dml"):
+    for arm in ("teacher", "alone", "kd_dense", "kd_topk", "kd_topk32", "kd_sampled", "independent", "dml"):
         g = confirm[confirm["arm"] == arm].groupby("seed").mean(numeric_only=True)
         if g.empty:
             continue

@@ -5,7 +5,7 @@
 1. A sweep of N offline-KD trials (the same student and teacher, N temperatures), run twice: with
    the teacher in every trial, and with one teacher service for all of them. Printed: the
    teacher's memory (its weights' bytes, times the copies held, and the resident memory of the
-   service's process) and the examples the teacher ran on (forward passes), in each case.
+   service's process, read from /proc) and the examples the teacher ran on (forward passes), in each case.
 2. A student's step time with the service (prefetching the next batch) over the same student
    with its teacher in its own process, alternating `repeats` times: the ratio's median and range.
 The teacher is a wide CNN (370k parameters) trained for an epoch here; the student an MLP.
@@ -72,7 +72,8 @@ def main(argv=None) -> int:
         if served:
             svc = next(iter(json.load(open(os.path.join(spec.sweep_dir, "service.json"))).values()))
             report[key] = {"teacher_copies": 1, "teacher_bytes": t_bytes, "forwards": int(svc["service/forwards"]),
-                           "requests": int(svc["service/requests"]), "forward_passes": int(svc["service/batches"])}
+                           "requests": int(svc["service/requests"]), "forward_passes": int(svc["service/batches"]),
+                           "service_rss_bytes": int(svc["service/rss_bytes"])}
         else:
             report[key] = {"teacher_copies": args.trials, "teacher_bytes": t_bytes * args.trials, "forwards": forwards}
 
@@ -93,7 +94,8 @@ def main(argv=None) -> int:
     print(f"  {'teacher copies':30s} {own['teacher_copies']:>22d} {svc['teacher_copies']:>22d}")
     print(f"  {'teacher weights held (MB)':30s} {own['teacher_bytes'] / 1e6:>22.2f} {svc['teacher_bytes'] / 1e6:>22.2f}")
     print(f"  {'examples through the teacher':30s} {own['forwards']:>22d} {svc['forwards']:>22d}")
-    print(f"  (the service merged {svc['requests']} requests into {svc['forward_passes']} forward passes)")
+    print(f"  (the service merged {svc['requests']} requests into {svc['forward_passes']} forward passes; its "
+          f"process's resident memory: {svc['service_rss_bytes'] / 1e6:.0f} MB, torch and Ray's worker included)")
     s = report["step_time_ratio"]
     print(f"student step time, service / teacher in the student's process: {s['median']:.3f} "
           f"(range {s['min']:.3f}-{s['max']:.3f}, {args.repeats} alternating repeats; bar <= 1.15)")

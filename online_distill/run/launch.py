@@ -171,7 +171,7 @@ def service_summary(names: list[str]) -> dict[str, float]:
     from ..teachers.service import ServiceClient
 
     stats = ServiceClient(names).stats()
-    keys = ("forwards", "requests", "rows", "batches", "bytes_out", "queue_s")
+    keys = ("forwards", "requests", "rows", "batches", "bytes_out", "queue_s", "rss_bytes")
     out = {f"service/{k}": float(sum(s[k] for s in stats)) for k in keys}
     out["service/mean_queue_s"] = out["service/queue_s"] / max(1.0, out["service/requests"])
     return out

@@ -76,7 +76,7 @@ class Plan:
             if self.teacher is not None and self.cfg.distill.teacher_cache_dir and self.data is not None:
                 lines.append(fill_teacher_cache(self.cfg, self.data, self.teacher, self.models))
             if self.teacher is not None and self.cfg.distill.teacher_service:
-                self.service = start_teacher_service(self.cfg, self.data, self.teacher)
+                self.service = start_teacher_service(self.cfg, self.data, self.teacher, self.run_dir.file(TEACHER))
                 lines.append(f"teacher service: {len(self.service)} replica(s) of {self.cfg.distill.service_cpus:g} CPU, "
                              f"{self.cfg.distill.service_gpus:g} GPU hold the teacher; the students call it")
         except BaseException:
@@ -239,8 +239,9 @@ def check_run_directory(plan: Plan, *, dry_run: bool) -> None:
         raise refusal(cfg, run, plan.resume)
 
 
-def start_teacher_service(cfg: Config, data, members: list) -> list[str]:
-    """The teacher's actor pool (teachers/service.py), on Ray (started here if need be)."""
+def start_teacher_service(cfg: Config, data, members: list, copy: str) -> list[str]:
+    """The teacher's actor pool (teachers/service.py), on Ray (started here if need be), its
+    replicas reading the teacher from `copy` (write_teacher_copy's file)."""
     from ..teachers.cache import cache_key
     from ..teachers.service import start
     from .env import init_ray
@@ -250,7 +251,7 @@ def start_teacher_service(cfg: Config, data, members: list) -> list[str]:
 
         data = load_data(cfg.data)
     init_ray()
-    return start(cfg, members, data, cache_key(cfg, [(s.model_name, w) for s, w in members]))
+    return start(cfg, copy, data, cache_key(cfg, [(s.model_name, w) for s, w in members]))
 
 
 def fill_teacher_cache(cfg: Config, data, members: list, models=None) -> str:
@@ -270,6 +271,11 @@ def write_teacher_copy(run: RunDir, members: list) -> None:
     """The frozen teacher, once per run: every checkpoint names it instead of storing it again,
     and a resumed run goes on with this copy even if its source has changed since. `members`:
     (source, weights) of the teacher, or of each model of an ensemble teacher."""
+    run.write(TEACHER, teacher_copy_bytes(members))
+
+
+def teacher_copy_bytes(members: list) -> bytes:
+    """write_teacher_copy's file (a sweep's teacher service reads one from the sweep directory)."""
     import io
 
     import torch
@@ -278,7 +284,7 @@ def write_teacher_copy(run: RunDir, members: list) -> None:
             for src, weights in members]
     buf = io.BytesIO()
     torch.save({**rows[0], **({"members": rows} if len(rows) > 1 else {})}, buf)
-    run.write(TEACHER, buf.getvalue())
+    return buf.getvalue()
 
 
 # --- resources ----------------------------------------------------------------------------------

@@ -232,20 +232,22 @@ def service_key(c: Config) -> str:
                  c.data.dataset, c.data.seq_len, form, c.distill.service_replicas))
 
 
-def _start_teacher_services(configs: list[Config], models, datasets, verbose) -> dict[str, list[str]]:
+def _start_teacher_services(configs: list[Config], sweep_dir: str, models, datasets, verbose) -> dict[str, list[str]]:
     """One teacher service per distinct teacher of the sweep, started before any trial (every
     trial of that teacher calls it: one copy of the teacher, not one per trial)."""
-    from ..run.plan import start_teacher_service
+    from ..data import load_data
+    from ..run.plan import start_teacher_service, teacher_copy_bytes
     from ..teachers import check_teacher
 
     out: dict[str, list[str]] = {}
     for c in configs:
         if c.distill.mode != "offline" or not c.distill.teacher_service or service_key(c) in out:
             continue
-        from ..data import load_data
-
         data = load_data(c.data, datasets)
-        out[service_key(c)] = start_teacher_service(c, data, check_teacher(c, models, datasets, data=data))
+        members = check_teacher(c, models, datasets, data=data)
+        copy = storage.join(sweep_dir, f"teacher-{len(out)}.pt")  # what the service's replicas read, restarts too
+        storage.write_bytes(copy, teacher_copy_bytes(members))
+        out[service_key(c)] = start_teacher_service(c, data, members, copy)
         if verbose:
             print(f"teacher service for {c.distill.teacher_checkpoint}: {c.distill.service_replicas} replica(s), "
                   f"shared by every trial of this teacher", flush=True)
@@ -389,7 +391,7 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
         for cfg in {(c.data, c.train.batch_size, c.scale.replicas, c.models): c for c in configs}.values():
             datas[cfg.data] = read_data(cfg, models, datasets)
         _fill_teacher_caches(configs, datas, models, datasets, verbose)
-    services = _start_teacher_services(configs, models, datasets, verbose)
+    services = _start_teacher_services(configs, spec.sweep_dir, models, datasets, verbose)
     n_at_once = spec.max_concurrent or concurrency(configs, ray.cluster_resources())
     trials = spec.trials()
     sweep_dir = spec.sweep_dir

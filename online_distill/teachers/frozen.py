@@ -30,7 +30,7 @@ from ..config import Config, ConfigError, DistillConfig
 from ..models import resolve_model
 from ..rundir import CONFIG, checkpoint_dir_of, peer_file, peer_files, run_dir_of
 from .base import PeerSource, TeacherContext
-from .weights import Ensemble, TeacherSource, load_into, load_weights  # noqa: F401 (re-exported)
+from .weights import Ensemble, TeacherSource, load_into, load_weights, teacher_members  # noqa: F401 (re-exported)
 
 _FIELD = "distill.teacher_checkpoint"
 
@@ -237,11 +237,6 @@ def shared_disk_cache(root: str, key: str):
     if (root, key) not in _DISK_CACHES:
         _DISK_CACHES[(root, key)] = DiskCache(root, key)
     return _DISK_CACHES[(root, key)]
-
-
-def teacher_members(copy: dict) -> list[dict]:
-    """The members of a run's teacher copy: one, or an ensemble's."""
-    return copy.get("members") or [copy]
 
 
 def resolve_teachers(d: DistillConfig, models: Mapping | None = None) -> list[TeacherSource]:

@@ -21,11 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 
 import ray
 import torch
 from torch import Tensor
+
+from ..host import to_format
 
 MAX_ROWS = 4096
 """Rows of one forward pass at most (requests are merged up to this)."""
@@ -34,19 +37,29 @@ NAMESPACE = "online_distill"
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class TeacherReplica:
-    def __init__(self, members: list, model_args: dict, form: dict, precision: str, threads: int, keep: bool):
+    def __init__(self, copy: str, model_args: dict, form: dict, precision: str, threads: int, keep: bool):
+        """copy: the teacher copy file (run.plan.write_teacher_copy) this replica reads its weights
+        from, here and after every restart: nothing of the teacher goes through the object store."""
+        import io
+
+        from .. import storage
         from ..models import build_model
-        from .weights import Ensemble, TeacherSource, load_into
+        from .weights import Ensemble, TeacherSource, load_into, teacher_members
 
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        members = teacher_members(torch.load(io.BytesIO(storage.read_bytes(copy)), map_location="cpu", weights_only=True))
+        # the students' layout (channels-last images): a conv teacher run on the other one is
+        # about 2x slower on a CPU (and converts every batch)
+        fmt = torch.channels_last if model_args["channels_last"] else torch.contiguous_format
         nets = []
         for m in members:
             net = build_model(m["model_name"], model_args["sample"], model_args["num_classes"],
-                              label_shape=model_args["label_shape"])
+                              label_shape=model_args["label_shape"], memory_format=fmt)
             load_into(net, m["model"], TeacherSource(m["source"], m["model_name"], m.get("peer")))
             nets.append(net.to(self.device).eval().requires_grad_(False))
         self.model = nets[0] if len(nets) == 1 else Ensemble(nets)
+        self.fmt = fmt
         self.bf16 = precision == "bf16"
         self.form = form
         self.keep = keep
@@ -102,7 +115,7 @@ class TeacherReplica:
         fresh = [i for i, k in enumerate(keys) if k is None or k not in self.kept]
         rows: dict[int, object] = {}
         if fresh:
-            xb = x[fresh].to(self.device)
+            xb = to_format(x[fresh].to(self.device), self.fmt)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 z = self.model(xb).float()
             self.counters["forwards"] += len(fresh)
@@ -132,8 +145,17 @@ class TeacherReplica:
         elapsed = max(1e-9, time.time() - c.pop("started"))
         c.update(rows_per_s=c["rows"] / elapsed, mean_queue_s=c["queue_s"] / max(1, c["requests"]),
                  param_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
-                 pid=__import__("os").getpid())
+                 rss_bytes=_resident_bytes(), pid=os.getpid())
         return c
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 def _digests(x: Tensor) -> list[bytes]:
@@ -145,15 +167,18 @@ def service_name(key: str, i: int) -> str:
     return f"teacher-{key}-{i}"
 
 
-def start(cfg, members: list, data, key: str) -> list[str]:
+def start(cfg, copy: str, data, key: str) -> list[str]:
     """Start the pool (or find it running: one per key per Ray cluster) and wait until every
-    replica has built its teacher. Returns the actors' names. A replica that cannot start (no
-    resources, a model that does not build) raises here, on the driver, before any student."""
+    replica has built its teacher, read from `copy` (a teacher copy file on the run's storage).
+    Returns the actors' names. A replica that cannot start (no resources, a model that does not
+    build) raises here, on the driver, before any student."""
     from ..config import ConfigError
 
     d = cfg.distill
-    rows = [{"model": w, "model_name": s.model_name, "source": s.path, "peer": s.peer} for s, w in members]
-    model_args = {"sample": data.sample, "num_classes": data.num_classes, "label_shape": data.label_shape}
+    from ..host import memory_format
+
+    model_args = {"sample": data.sample, "num_classes": data.num_classes, "label_shape": data.label_shape,
+                  "channels_last": memory_format(data.sample, cfg.scale.channels_last) is torch.channels_last}
     form = {"kind": d.logits, "k": d.logits_k, "temperature": cfg.loss.temperature, "seed": cfg.train.seed}
     free = ray.available_resources()
     for kind, per in (("CPU", d.service_cpus), ("GPU", d.service_gpus)):
@@ -169,7 +194,7 @@ def start(cfg, members: list, data, key: str) -> list[str]:
         except ValueError:
             handle = TeacherReplica.options(name=name, namespace=NAMESPACE, num_cpus=d.service_cpus,
                                             num_gpus=d.service_gpus, lifetime=None).remote(
-                rows, model_args, form, d.service_precision, int(max(1, d.service_cpus)), not cfg.data.augments)
+                copy, model_args, form, d.service_precision, int(max(1, d.service_cpus)), not cfg.data.augments)
         names.append(name)
         handles.append(handle)
         _HELD[name] = handle  # a named actor without a live handle is garbage-collected by Ray

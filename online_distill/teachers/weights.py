@@ -62,3 +62,8 @@ class Ensemble(torch.nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         probs = torch.stack([torch.softmax(n(x).float(), dim=-1) for n in self.nets]).mean(0)
         return probs.clamp_min(1e-30).log()
+
+
+def teacher_members(copy: dict) -> list[dict]:
+    """The members of a run's teacher copy (run.plan.write_teacher_copy): one, or an ensemble's."""
+    return copy.get("members") or [copy]
