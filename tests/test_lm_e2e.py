@@ -72,6 +72,31 @@ def test_a_dense_teacher_cache_teaches_what_the_live_teacher_does_and_later_runs
         pd.testing.assert_frame_equal(cached.history[COLS], live.history[COLS], rtol=1e-5, atol=1e-6)
 
 
+def test_two_runs_filling_one_teacher_cache_at_once_run_the_teacher_once(tmp_path):
+    """Two drivers started together on the same teacher, data and form: one fills the cache, the
+    other waits for it and then reads it (before, both ran the teacher on every example)."""
+    import threading
+
+    from online_distill.data import load_data
+    from online_distill.models import build_model
+    from online_distill.teachers.frozen import fill_disk_cache
+    from online_distill.teachers.weights import TeacherSource
+
+    cfg = lm_cfg(tmp_path, models=[TINY], distill__mode="offline", distill__teacher_checkpoint=str(tmp_path),
+                 distill__teacher_cache_dir=str(tmp_path / "cache"))
+    data = load_data(cfg.data)
+    net = build_model(TINY, data.sample, data.num_classes, label_shape=data.label_shape)
+    members = [(TeacherSource(str(tmp_path / "t.pt"), TINY, None), net.state_dict())]
+    computed = []
+    threads = [threading.Thread(target=lambda: computed.append(fill_disk_cache(cfg, data, members)[0])) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    unique = len({bytes(r.numpy().tobytes()) for r, _ in data.train})  # an example seen twice is run once
+    assert sorted(computed) == [0, unique]
+
+
 def test_a_hugging_face_causal_lm_trains_through_the_adapter(tmp_path):
     from transformers import GPT2Config
 

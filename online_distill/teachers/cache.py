@@ -18,9 +18,11 @@ same file; a reader takes every complete part there is.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
+import os
 import uuid
 
 import torch
@@ -29,6 +31,8 @@ from torch import Tensor
 from .. import storage
 
 META = "meta.json"
+FILLING = "filling.lock"
+"""Held (flock) by the run that fills an entry; another run of the same entry waits, then reads."""
 PART = "part-{}.pt"
 
 
@@ -74,6 +78,28 @@ class DiskCache:
             for key, value in zip(part["keys"], _rows(part)):
                 self.entries.setdefault(bytes(key.tolist()), value)
         return len(self.entries)
+
+    @contextlib.contextmanager
+    def filling(self):
+        """One filler at a time (on a local disk): yields True when another run was filling this
+        entry and this one waited for it, having then read what it wrote."""
+        if storage.is_uri(self.dir):
+            yield False
+            return
+        import fcntl
+
+        with open(os.path.join(self.dir, FILLING), "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                waited = False
+            except BlockingIOError:
+                fcntl.flock(f, fcntl.LOCK_EX)  # released when the other run has flushed its part
+                waited = True
+                self.load()
+            try:
+                yield waited
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def missing(self, keys: list[bytes]) -> list[int]:
         return [i for i, k in enumerate(keys) if k not in self.entries]

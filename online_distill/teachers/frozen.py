@@ -315,14 +315,16 @@ def fill_disk_cache(cfg: Config, data, members: list, models: Mapping | None = N
     disk = shared_disk_cache(cfg.distill.teacher_cache_dir, cache_key(cfg, [(s.model_name, w) for s, w in members]))
     form = LogitForm(cfg, torch.device("cpu"))
     computed = 0
-    for x, _ in Batches(data.train, batch_size, torch.device("cpu"), shuffle=False, drop_last=False, memory_format=fmt):
-        keys = digests(x)
-        missing = disk.missing(keys)
-        if not missing:
-            continue
-        z = model(x[missing]).float()
-        out = z if form.dense else form.compress(z, step=int.from_bytes(keys[missing[0]][:4], "little"), teacher=0)
-        disk.put([keys[i] for i in missing], entries_of(out))
-        computed += len(missing)
-    disk.flush()
+    with disk.filling():  # two runs started together: one fills, the other waits and reads
+        for x, _ in Batches(data.train, batch_size, torch.device("cpu"), shuffle=False, drop_last=False,
+                            memory_format=fmt):
+            keys = digests(x)
+            missing = disk.missing(keys)
+            if not missing:
+                continue
+            z = model(x[missing]).float()
+            out = z if form.dense else form.compress(z, step=int.from_bytes(keys[missing[0]][:4], "little"), teacher=0)
+            disk.put([keys[i] for i in missing], entries_of(out))
+            computed += len(missing)
+        disk.flush()
     return computed, len(data.train)
