@@ -105,3 +105,16 @@ def test_a_sweep_of_four_kd_trials_starts_the_teacher_once(teacher_run, tmp_path
                                             "run.name": f"own-{t}", "run.storage_path": str(tmp_path)}), verbose=False)
         assert row["objective_final"] == pytest.approx(own.history.query("member == 'peer0'")["val_acc"].iloc[-1],
                                                         abs=1e-5)
+
+
+def test_a_born_again_chain_is_taught_through_the_service_as_in_process(teacher_run):
+    """Born-again generation g > 0 is an offline run taught by frozen generation g - 1: with the
+    service on, each generation's teacher is served, and the chain learns the same numbers."""
+    _, storage = teacher_run
+    over = {"distill.mode": "born_again", "distill.generations": 2, "distill.teacher_checkpoint": None}
+    here = train(student("", storage, "ba_here", **over), verbose=False)
+    served = train(student("", storage, "ba_served", **over, **{"distill.teacher_service": True}), verbose=False)
+    pd.testing.assert_frame_equal(served.history[COLS], here.history[COLS], rtol=1e-5, atol=1e-6)
+    assert served.metrics["service/forwards"] == 512 and here.history["teacher_forwards"].sum() > 0
+    assert served.history["teacher_forwards"].sum() == 0
+    assert not replicas() or all(a["state"] == "DEAD" for a in replicas())  # each generation's service ended with it
