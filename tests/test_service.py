@@ -118,3 +118,18 @@ def test_a_born_again_chain_is_taught_through_the_service_as_in_process(teacher_
     assert served.metrics["service/forwards"] == 512 and here.history["teacher_forwards"].sum() > 0
     assert served.history["teacher_forwards"].sum() == 0
     assert not replicas() or all(a["state"] == "DEAD" for a in replicas())  # each generation's service ended with it
+
+
+def test_a_teacher_service_that_cannot_start_is_refused_before_any_student(teacher_run):
+    """More CPUs than the cluster has free, or no checkpoint: one line on the driver, no student."""
+    import os
+
+    teacher_dir, storage = teacher_run
+    with pytest.raises(C.ConfigError, match=r"^distill\.service_cpus: 1 new replica\(s\) of 64 CPU need 64 CPU, and the "
+                                            r"cluster has [\d.]+ free\. Allowed: fewer distill\.service_replicas"):
+        train(student(teacher_dir, storage, "greedy", **{"distill.teacher_service": True, "distill.service_cpus": 64}),
+              verbose=False)
+    assert not [n for n in os.listdir(os.path.join(storage, "greedy")) if n.startswith("checkpoint_")]
+    with pytest.raises(C.ConfigError, match=r"^distill\.teacher_checkpoint: '.*nowhere' does not exist"):
+        train(student(str(storage / "nowhere"), storage, "orphan", **{"distill.teacher_service": True}), verbose=False)
+    assert not os.path.exists(os.path.join(storage, "orphan"))

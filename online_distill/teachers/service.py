@@ -181,17 +181,17 @@ def start(cfg, copy: str, data, key: str) -> list[str]:
                   "channels_last": memory_format(data.sample, cfg.scale.channels_last) is torch.channels_last}
     form = {"kind": d.logits, "k": d.logits_k, "temperature": cfg.loss.temperature, "seed": cfg.train.seed}
     free = ray.available_resources()
+    new = sum(1 for i in range(d.service_replicas) if _running(service_name(key, i)) is None)  # others are shared
     for kind, per in (("CPU", d.service_cpus), ("GPU", d.service_gpus)):
-        if per * d.service_replicas > free.get(kind, 0.0) + 1e-9:
-            raise ConfigError(f"distill.service_{kind.lower()}s: {d.service_replicas} replica(s) of {per:g} {kind} need "
-                              f"{per * d.service_replicas:g} {kind}, and the cluster has {free.get(kind, 0.0):g} free. "
+        if per * new > free.get(kind, 0.0) + 1e-9:
+            raise ConfigError(f"distill.service_{kind.lower()}s: {new} new replica(s) of {per:g} {kind} need "
+                              f"{per * new:g} {kind}, and the cluster has {free.get(kind, 0.0):g} free. "
                               f"Allowed: fewer distill.service_replicas or a smaller share", f"distill.service_{kind.lower()}s")
     names, handles = [], []
     for i in range(d.service_replicas):
         name = service_name(key, i)
-        try:
-            handle = ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:
+        handle = _running(name)
+        if handle is None:
             handle = TeacherReplica.options(name=name, namespace=NAMESPACE, num_cpus=d.service_cpus,
                                             num_gpus=d.service_gpus, lifetime=None).remote(
                 copy, model_args, form, d.service_precision, int(max(1, d.service_cpus)), not cfg.data.augments)
@@ -208,6 +208,14 @@ def start(cfg, copy: str, data, key: str) -> list[str]:
                           f"(the cluster has {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU free). Allowed: "
                           "smaller distill.service_cpus / service_gpus / service_replicas", "distill.teacher_service") from None
     return names
+
+
+def _running(name: str):
+    """The live replica of that name, or None."""
+    try:
+        return ray.get_actor(name, namespace=NAMESPACE)
+    except ValueError:
+        return None
 
 
 START_TIMEOUT_S = 600.0
