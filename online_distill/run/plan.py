@@ -191,26 +191,26 @@ def read_data(cfg: Config, models=None, datasets=None):
 
 
 def _same_output_size(cfg: Config, data, models=None) -> None:
-    """Peers that predict different numbers of classes (a language model's vocabulary) cannot
-    teach each other: refused in one line naming every model and its size. A model that fails to
-    build is left to build_model, whose message says why."""
+    """Language models whose vocabularies differ cannot teach each other: refused in one line
+    naming every model and its size. A model that fails to build is left to build_model, whose
+    message says why."""
     import torch
 
     from ..models import resolve_model
 
-    sizes = {}
-    for i, name in enumerate(cfg.models):
+    size_of = {}
+    for name in dict.fromkeys(cfg.models):  # one build per architecture
         try:
             with torch.no_grad(), torch.random.fork_rng():
                 out = resolve_model(name, models)(tuple(data.sample.shape[1:]), data.num_classes).eval()(data.sample)
-            sizes[i] = int(out.shape[-1])
+            size_of[name] = int(out.shape[-1])
         except Exception:  # noqa: BLE001 - build_model names what went wrong
             continue
+    sizes = {i: size_of[name] for i, name in enumerate(cfg.models) if name in size_of}
     if len(set(sizes.values())) > 1 or any(v != data.num_classes for v in sizes.values()):
         named = ", ".join(f"models[{i}] {cfg.models[i]!r} predicts {v}" for i, v in sizes.items())
         raise ConfigError(f"models: {named}; allowed: every model predicting the dataset's {data.num_classes} classes "
-                          f"({'tokens of its vocabulary' if data.is_sequence else 'classes'}), or a mapping between "
-                          "vocabularies in the model", "models")
+                          "(tokens of its vocabulary), or a mapping between vocabularies in the model", "models")
 
 
 def check_run_directory(plan: Plan, *, dry_run: bool) -> None:

@@ -154,7 +154,7 @@ def _trial_driver(params: dict, *, spec: SweepSpec, models=None, datasets=None, 
                             storage_path=storage.join(spec.sweep_dir, "cohorts"))
     run = RunDir.of(cfg)
     run.write(CONFIG, config_file.dump(cfg))  # a frozen teacher is read from its source (no copy per trial)
-    service = (services or {}).get(service_key(cfg))  # the sweep's one teacher, when it serves it
+    service = (services or {}).get(service_key(cfg)) if _served(cfg) else None  # the sweep's one teacher, when it serves it
     if cfg.in_one_process:
         make_trainer(cfg, run, models=models, datasets=datasets, resume_from=start, local=True, notify="tune",
                      group=spec.name, verbose=False, service=service).fit()
@@ -225,6 +225,11 @@ def _fill_teacher_caches(configs: list[Config], datas: dict, models, datasets, v
             print(line, flush=True)
 
 
+def _served(c: Config) -> bool:
+    """A trial whose frozen teacher is the sweep's teacher service (a baseline's never is)."""
+    return c.distill.mode == "offline" and c.distill.teacher_service
+
+
 def service_key(c: Config) -> str:
     """Which trials share one teacher service: the same frozen teacher, data and logits form."""
     form = (c.distill.logits, c.distill.logits_k, None if c.distill.logits == "dense" else c.loss.temperature)
@@ -241,7 +246,7 @@ def _start_teacher_services(configs: list[Config], sweep_dir: str, models, datas
 
     out: dict[str, list[str]] = {}
     for c in configs:
-        if c.distill.mode != "offline" or not c.distill.teacher_service or service_key(c) in out:
+        if not _served(c) or service_key(c) in out:
             continue
         data = load_data(c.data, datasets)
         members = check_teacher(c, models, datasets, data=data)

@@ -205,12 +205,8 @@ class SweepSpec:
         rows = [{**s, "train.seed": seed, "baseline": False} for s in self.settings() if "train.seed" not in s
                 for seed in self.seeds]
         rows += [{**s, "baseline": False} for s in self.settings() if "train.seed" in s]  # points that pin a seed
-        if self.baseline:
-            # the baseline learns from nobody: the base's teacher-only settings are cleared for it
-            cleared = {k: v for k, v in (("distill.teacher_cache_dir", None), ("distill.teacher_service", False),
-                                         ("distill.cache_teacher", False))
-                       if getattr(self.base.distill, k.split(".")[1]) != v}
-            rows += [{"distill.mode": "independent", **cleared, "train.seed": seed, "baseline": True} for seed in self.seeds]
+        if self.baseline:  # learns from nobody: a frozen teacher's settings mean nothing outside 'offline'
+            rows += [{"distill.mode": "independent", "train.seed": seed, "baseline": True} for seed in self.seeds]
         keys = list(dict.fromkeys(k for r in rows for k in r))
         flat = config_mod.flatten(config_mod.to_dict(self.base))
         return [{k: r.get(k, to_tune_value(flat[k]) if k in flat else None) for k in keys} for r in rows]

@@ -28,7 +28,7 @@ import ray
 import torch
 from torch import Tensor
 
-from ..host import to_format
+from ..host import memory_format, to_format
 
 MAX_ROWS = 4096
 """Rows of one forward pass at most (requests are merged up to this)."""
@@ -175,22 +175,20 @@ def start(cfg, copy: str, data, key: str) -> list[str]:
     from ..config import ConfigError
 
     d = cfg.distill
-    from ..host import memory_format
-
     model_args = {"sample": data.sample, "num_classes": data.num_classes, "label_shape": data.label_shape,
                   "channels_last": memory_format(data.sample, cfg.scale.channels_last) is torch.channels_last}
     form = {"kind": d.logits, "k": d.logits_k, "temperature": cfg.loss.temperature, "seed": cfg.train.seed}
     free = ray.available_resources()
-    new = sum(1 for i in range(d.service_replicas) if _running(service_name(key, i)) is None)  # others are shared
+    running = [_running(service_name(key, i)) for i in range(d.service_replicas)]  # another run's pool is shared
+    new = running.count(None)
     for kind, per in (("CPU", d.service_cpus), ("GPU", d.service_gpus)):
         if per * new > free.get(kind, 0.0) + 1e-9:
             raise ConfigError(f"distill.service_{kind.lower()}s: {new} new replica(s) of {per:g} {kind} need "
                               f"{per * new:g} {kind}, and the cluster has {free.get(kind, 0.0):g} free. "
                               f"Allowed: fewer distill.service_replicas or a smaller share", f"distill.service_{kind.lower()}s")
     names, handles = [], []
-    for i in range(d.service_replicas):
+    for i, handle in enumerate(running):
         name = service_name(key, i)
-        handle = _running(name)
         if handle is None:
             handle = TeacherReplica.options(name=name, namespace=NAMESPACE, num_cpus=d.service_cpus,
                                             num_gpus=d.service_gpus, lifetime=None).remote(
