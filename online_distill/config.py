@@ -245,6 +245,9 @@ class DistillConfig:
     forward KL only). What it costs and loses is measured per run (exchange bytes, logits_kl)."""
     logits_k: int = 8
     """topk / sampled: tokens kept per position."""
+    logits_bits: int = 16
+    """topk / sampled: bits per stored log-prob, 16 (float16) or 8 (one byte on a companded grid,
+    online_distill.sparse): at 8 a slot of a 256-token vocabulary costs 2 bytes instead of 3."""
     teacher_cache_dir: str | None = None
     """offline: a directory where the frozen teacher's logits (in the distill.logits form) are
     written once per training example, keyed by the teacher, the data and the form, and read by
@@ -294,6 +297,8 @@ class DistillConfig:
             _fail("distill.logits", self.logits, ", ".join(repr(v) for v in LOGITS))
         if self.logits_k < 1:
             _fail("distill.logits_k", self.logits_k, "an integer >= 1")
+        if self.logits_bits not in (16, 8):
+            _fail("distill.logits_bits", self.logits_bits, "16 (float16 log-probs) or 8 (one byte each)")
         if self.service_replicas < 1:
             _fail("distill.service_replicas", self.service_replicas, "an integer >= 1")
         if self.service_cpus < 0 or self.service_gpus < 0:

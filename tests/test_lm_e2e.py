@@ -31,15 +31,16 @@ def lm_cfg(tmp_path, **over) -> C.Config:
     return C.with_overrides(cfg, {k.replace("__", "."): v for k, v in over.items()})
 
 
-def test_packed_and_spread_lm_peers_learn_the_same_and_send_what_the_formula_says(tmp_path, train_history):
+@pytest.mark.parametrize("bits", [16, 8])
+def test_packed_and_spread_lm_peers_learn_the_same_and_send_what_the_formula_says(tmp_path, train_history, bits):
     from online_distill.sparse import bytes_per_token
 
-    packed = lm_cfg(tmp_path, scale__peers_per_worker=2)
-    spread = lm_cfg(tmp_path, scale__peers_per_worker=1)
+    packed = lm_cfg(tmp_path, scale__peers_per_worker=2, distill__logits_bits=bits)
+    spread = lm_cfg(tmp_path, scale__peers_per_worker=1, distill__logits_bits=bits)
     a, b = pd.DataFrame(train_history(packed)), pd.DataFrame(train_history(spread))
     pd.testing.assert_frame_equal(a[COLS], b[COLS], rtol=1e-4, atol=1e-5)
     sent = b[b["member"] == "peer0"]["exchange_bytes_per_step"].iloc[-1]
-    assert sent == 32 * 32 * bytes_per_token("topk", 4, 256)  # one peer's batch x positions x bytes a token
+    assert sent == 32 * 32 * bytes_per_token("topk", 4, 256, bits=bits)  # one peer's batch x positions x bytes a token
     assert (a["val_bpb"].dropna() < 8.0).all() and (b["logits_kl"].dropna() >= 0).all()
 
 
@@ -70,6 +71,21 @@ def test_a_dense_teacher_cache_teaches_what_the_live_teacher_does_and_later_runs
     assert first.history["teacher_forwards"].sum() == 0 and second.history["teacher_forwards"].sum() == 0
     for cached in (first, second):
         pd.testing.assert_frame_equal(cached.history[COLS], live.history[COLS], rtol=1e-5, atol=1e-6)
+
+
+def test_an_eight_bit_top_k_cache_teaches_exactly_what_the_live_teacher_does(tmp_path):
+    """8-bit log-probs are rounded where they are made, so the live teacher's targets and the
+    ones read back from the cache are the same numbers: the two runs train identically."""
+    teacher = train(lm_cfg(tmp_path, models=["gpt(dim=32, layers=1, heads=2)"], distill__mode="independent",
+                           run__name="teacher"), verbose=False)
+    kd = dict(models=[TINY], distill__mode="offline", distill__teacher_checkpoint=teacher.run_dir,
+              distill__logits="topk", distill__logits_k=10, distill__logits_bits=8)
+    live = train(lm_cfg(tmp_path, run__name="live", **kd), verbose=False)
+    cached = train(lm_cfg(tmp_path, run__name="cached", distill__teacher_cache_dir=str(tmp_path / "cache"), **kd),
+                   verbose=False)
+    assert live.history["teacher_forwards"].sum() > 0 and cached.history["teacher_forwards"].sum() == 0
+    pd.testing.assert_frame_equal(cached.history[COLS], live.history[COLS], rtol=1e-5, atol=1e-6)
+    assert (live.history["logits_kl"].dropna() > 0).all()
 
 
 def test_two_runs_filling_one_teacher_cache_at_once_run_the_teacher_once(tmp_path):

@@ -176,6 +176,70 @@ def test_bytes_per_token_formula():
     assert sparse.dense_bytes_per_token(50_257) == 201_028
 
 
+def test_eight_bit_log_probs_on_their_grid():
+    """Codes are 255 sqrt(-logp / 16): the ends exact, the middle on the closed form, monotone,
+    and the error at most half a step, finest near 0 where the big probabilities are."""
+    lp = torch.tensor([0.0, -0.105360516, -4.0, -16.0, -40.0])  # p = 1, 0.9, e^-4, e^-16, below the range
+    q = sparse.quantize_logp(lp)
+    assert q.dtype == torch.uint8 and q.tolist() == [0, 21, 128, 255, 255]
+    back = sparse.dequantize_logp(q)
+    assert back[0] == 0.0 and back[3] == -16.0 and back[4] == -16.0
+    assert math.isclose(back[2].item(), -16 * (128 / 255) ** 2, rel_tol=1e-6)
+    grid = torch.linspace(-16, 0, 10_001)
+    err = (sparse.dequantize_logp(sparse.quantize_logp(grid)) - grid).abs()
+    half_step = math.sqrt(16 * grid.abs().max().item()) / 255 + 1e-6  # d(logp)/dq / 2 at the far end
+    assert err.max() <= half_step
+    p = torch.tensor([0.9, 0.5])
+    assert ((sparse.dequantize_logp(sparse.quantize_logp(p.log())).exp() / p - 1).abs() < 0.011).all()
+    assert torch.equal(sparse.quantize_logp(grid).diff().clamp(max=0), torch.zeros(10_000, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("kind", ["topk", "sampled"])
+def test_an_eight_bit_target_is_what_its_wire_carries(kind):
+    g = torch.Generator().manual_seed(5)
+    z = 3 * torch.randn(2, 3, 256, generator=g)
+    t = compress(z, temperature=2.0, kind=kind, k=10, generator=g, bits=8)
+    wire = sparse.to_wire(t)
+    assert wire["logp"].dtype == torch.uint8 and t.bits == 8
+    back = sparse.from_wire(wire)
+    assert back.bits == 8 and torch.equal(back.ids, t.ids) and torch.equal(back.logp, t.logp)  # exact: already on the grid
+    assert sparse.nbytes(wire) == sparse.bytes_per_token(kind, 10, 256, bits=8) * 6
+    full = compress(z, temperature=2.0, kind=kind, k=10, generator=torch.Generator().manual_seed(5), bits=16)
+    if kind == "topk":
+        err = (t.logp - full.logp).abs()  # half a step; the top token's p is 1 - tail - the others
+        assert torch.equal(full.ids, t.ids) and (err[..., 1:] <= 0.06).all() and (err[..., 0] <= 0.15).all()
+        s = torch.randn(2, 3, 256, generator=g)
+        a = sparse_kd(s, t, temperature=2.0, divergence="forward_kl")
+        b = sparse_kd(s, full, temperature=2.0, divergence="forward_kl")
+        assert torch.allclose(a, b, rtol=0.05, atol=0.02)
+    with pytest.raises(ValueError, match="bits: got 4; allowed: 16"):
+        compress(z, temperature=2.0, kind=kind, k=10, bits=4)
+
+
+@pytest.mark.parametrize("top", [0.5, 0.99, 0.9999])
+def test_eight_bit_top_k_keeps_the_tail_mass_even_when_one_token_holds_almost_all(top):
+    """The tail is the bucket the student's tail is matched to: stored in its own slot it keeps
+    its relative precision (3% at most), where rounding the top token's log-prob would lose it."""
+    V, k = 256, 10
+    p = torch.full((V,), (1 - top) / (V - 1))
+    p[7] = top
+    z = p.log().expand(4, V)
+    t = compress(z, temperature=1.0, kind="topk", k=k, bits=8)
+    assert t.ids[0, 0] == 7
+    kept = t.logp.double().exp().sum(-1)
+    tail_true = (V - k) * (1 - top) / (V - 1)
+    assert ((1 - kept) / tail_true - 1).abs().max() < 0.03
+    back = sparse.from_wire(sparse.to_wire(t))
+    assert torch.equal(back.logp, t.logp) and torch.equal(back.codes, t.codes)
+
+
+def test_eight_bit_top_10_of_a_byte_vocabulary_fits_in_two_percent_of_dense():
+    assert sparse.bytes_per_token("topk", 10, 256, bits=8) == 10 * (1 + 1) == 20
+    assert 20 / sparse.dense_bytes_per_token(256) < 0.02
+    assert sparse.bytes_per_token("sampled", 10, 256, bits=8) == 10 * (1 + 1 + 1)
+    assert sparse.bytes_per_token("topk", 32, 50_257, bits=8) == 32 * (4 + 1)
+
+
 def test_a_target_read_back_from_the_wire_gives_nearly_the_same_loss(logits):
     z_t, z_s = logits
     t = compress(z_t, temperature=2.0, kind="topk", k=4)

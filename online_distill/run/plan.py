@@ -260,10 +260,12 @@ def fill_teacher_cache(cfg: Config, data, members: list, models=None) -> str:
     from ..teachers.frozen import fill_disk_cache
 
     computed, total = fill_disk_cache(cfg, data, members, models)
-    where = cfg.distill.teacher_cache_dir
+    where, d = cfg.distill.teacher_cache_dir, cfg.distill
+    form = (d.logits if d.logits == "dense"
+            else f"{d.logits}, k {d.logits_k}, {d.logits_bits}-bit, T {cfg.loss.temperature:g}")
     if computed:
         return (f"teacher cache {where}: the teacher ran on {computed} of {total} training examples, once; this run "
-                f"and every later one with the same teacher, data and logits ({cfg.distill.logits}) read them")
+                f"and every later one with the same teacher, data and logits ({form}) read them")
     return f"teacher cache {where}: all {total} training examples there: the teacher runs 0 times"
 
 

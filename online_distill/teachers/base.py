@@ -22,6 +22,7 @@ class LogitForm:
 
     def __init__(self, cfg: Config, device: torch.device):
         self.kind, self.k, self.temperature = cfg.distill.logits, cfg.distill.logits_k, cfg.loss.temperature
+        self.bits = cfg.distill.logits_bits
         self.seed, self.device = cfg.train.seed, device
 
     @property
@@ -36,7 +37,7 @@ class LogitForm:
         if self.kind == "sampled":
             g = torch.Generator(device=z.device).manual_seed((self.seed * 1_000_003 + step) * 1009 + teacher)
         return compress(z, temperature=self.temperature, kind=self.kind, k=min(self.k, z.shape[-1])
-                        if self.kind == "topk" else self.k, generator=g)
+                        if self.kind == "topk" else self.k, generator=g, bits=self.bits)
 
     def __call__(self, z: Tensor | None, *, step: int, teachers: list[int]):
         """(n_teachers, ..., V) dense logits as the loss takes them: as they are, or a list of

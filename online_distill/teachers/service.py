@@ -138,7 +138,8 @@ class TeacherReplica:
         if self.form["kind"] == "sampled":
             g = torch.Generator().manual_seed((self.form["seed"] * 1_000_003 + step) * 1009)
         k = min(self.form["k"], z.shape[-1]) if self.form["kind"] == "topk" else self.form["k"]
-        return to_wire(compress(z, temperature=self.form["temperature"], kind=self.form["kind"], k=k, generator=g))
+        return to_wire(compress(z, temperature=self.form["temperature"], kind=self.form["kind"], k=k, generator=g,
+                                bits=self.form["bits"]))
 
     def stats(self) -> dict:
         c = dict(self.counters)
@@ -177,7 +178,8 @@ def start(cfg, copy: str, data, key: str) -> list[str]:
     d = cfg.distill
     model_args = {"sample": data.sample, "num_classes": data.num_classes, "label_shape": data.label_shape,
                   "channels_last": memory_format(data.sample, cfg.scale.channels_last) is torch.channels_last}
-    form = {"kind": d.logits, "k": d.logits_k, "temperature": cfg.loss.temperature, "seed": cfg.train.seed}
+    form = {"kind": d.logits, "k": d.logits_k, "bits": d.logits_bits, "temperature": cfg.loss.temperature,
+            "seed": cfg.train.seed}
     free = ray.available_resources()
     running = [_running(service_name(key, i)) for i in range(d.service_replicas)]  # another run's pool is shared
     new = running.count(None)
