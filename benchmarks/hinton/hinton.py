@@ -11,7 +11,8 @@ validation split, with search seed 100):
 - H2 transfer set: the same student on 3% of the training images (1,650), soft vs hard targets;
 - H3 omitted class: the student never sees class 3 (dress); how many dresses it gets right, and
   after the paper's bias shift (here chosen on validation);
-- H4 mutual learning: two 800-800 MLPs on 3% (and 10%) of the images, DML vs independent peers.
+- H4 mutual learning: 800-800 MLPs on 3% (and 10%) of the images, DML (a cohort of 2 or 4) vs
+  independent peers, each arm's best setting; on 3% also with jitter and dropout searched.
 The teacher is the ensemble of a DML cohort of two small CNNs trained on all 55,000 images with
 2-pixel jitter (configs/teacher.yaml), whose logits are cached once per example.
 """
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import replace
 
 import pandas as pd
 
@@ -33,12 +35,29 @@ from benchmarks.tools.jobs import Job, failures, finished, pick, plot_paired, ru
 from benchmarks.tools.jobs import paired as paired_raw  # noqa: E402
 SEARCH_SEED, SEEDS = 100, (0, 1, 2)
 LRS = (0.01, 0.03, 0.1)
+PEER_LRS = (*LRS, 0.3)
+"""H4's grid, one step wider for DML and independent peers alike: 0.1 was the independent peers'
+pick, at the grid's edge."""
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 20.0)
 OMITTED = 3  # Fashion-MNIST's "dress"
 SUBSETS = {"3pct": 1650, "10pct": 5500}  # of the 55,000 training images left after validation
-DML_LOSSES = {"hinton3": {"loss.temperature": 3.0, "loss.kd_weight": 0.5, "loss.ce_weight": None},
+DML_LOSSES: dict[str, dict] = {"hinton3": {"loss.temperature": 3.0, "loss.kd_weight": 0.5, "loss.ce_weight": None},
               "sum1": {"loss.temperature": 1.0, "loss.kd_weight": 1.0, "loss.ce_weight": 1.0}}
 """DML's forms: Hinton's convex mix at T 3, and the DML paper's CE + KL at T 1."""
+DML_LOSSES_3PCT = {
+    "hinton3w9": {"loss.temperature": 3.0, "loss.kd_weight": 0.9, "loss.ce_weight": None},
+    "ens3": {"loss.temperature": 3.0, "loss.kd_weight": 0.5, "loss.ce_weight": None, "loss.multi_teacher": "mean_probs"},
+    "ens3w9": {"loss.temperature": 3.0, "loss.kd_weight": 0.9, "loss.ce_weight": None, "loss.multi_teacher": "mean_probs"}}
+"""On 3% (the bar's regime) DML also searched a stronger pull: Hinton's 0.1 CE + 0.9 T^2 KL, and
+each peer taught by the other peers' ensemble (the mean of their probabilities, a cohort of 4),
+at the two learning rates that trained (0.03, 0.1)."""
+COHORTS = (2, 4)
+"""DML cohort sizes searched: the DML paper's gains grow with the number of peers."""
+STUDENT = "mlp(hidden=[800, 800])"
+JITTER = 2
+"""H4 on 3%: both arms search jitter by up to 2 pixels (data.shift) beside none."""
+DROPOUT_STUDENT = "mlp(hidden=[800, 800], dropout=0.5, input_dropout=0.2)"
+"""H4 on 3%: both arms also search Hinton's dropout."""
 SMOKE: dict = {}
 """--smoke: every run cut to one epoch on a little data, to check the pipeline in minutes."""
 CONFIGS = os.path.join("benchmarks", "hinton", "configs")
@@ -72,10 +91,19 @@ def kd_job(regime: str, seed: int, lr: float, t: float, work: str) -> Job:
     return Job(claim, f"kd_{regime}", os.path.join(CONFIGS, "student.yaml"), seed, sets, {"lr": lr, "T": t})
 
 
-def peers_job(subset: str, mode: str, seed: int, lr: float, loss: str | None = None) -> Job:
+def peers_job(subset: str, mode: str, seed: int, lr: float, loss: str | None = None, n: int = 2,
+              shift: int = 0, dropout: bool = False) -> Job:
+    """Peers on a transfer subset: a DML cohort of n (each learns from the mean of its n - 1 peers'
+    KLs), or independent peers (n = 2: each peer trains alone, so the cohort size does not change them);
+    `shift`: the training images jittered by up to that many pixels (Hinton's jitter); `dropout`:
+    every peer with Hinton's dropout (0.2 on the input, 0.5 after each hidden layer)."""
     sets = {"data.train_subset": SUBSETS[subset], "distill.mode": mode, "optim.lr": lr,
-            **({"train.epochs": 40} if subset == "10pct" else {}), **(DML_LOSSES[loss] if loss else {})}
-    knobs = {"lr": lr, **({"loss": loss} if loss else {})}
+            **({"train.epochs": 40} if subset == "10pct" else {}), **({**DML_LOSSES, **DML_LOSSES_3PCT}[loss] if loss else {}),
+            **({"models": [DROPOUT_STUDENT if dropout else STUDENT] * n, "scale.peers_per_worker": n}
+               if n != 2 or dropout else {}),
+            **({"data.shift": shift} if shift else {})}
+    knobs = {"lr": lr, **({"loss": loss} if loss else {}), **({"n": n} if n != 2 else {}),
+             **({"jit": shift} if shift else {}), **({"drop": 1} if dropout else {})}
     return Job("H4", f"{'dml' if mode == 'dml' else 'ind'}_{subset}", os.path.join(CONFIGS, "peers.yaml"), seed, sets, knobs)
 
 
@@ -85,12 +113,29 @@ def confirm(job: Job, **over) -> list[Job]:
     return job.confirm(SEEDS, **over)
 
 
+REGULARIZERS = {"jit", "drop"}
+"""Knobs of a peer search job that regularize it: the bar's regime has neither."""
+
+
+def peer_search(sub: str, mode: str) -> list[Job]:
+    """H4's search on seed 100: the learning rate for both arms (and for DML the loss form and the
+    cohort size); on 3% also DML's stronger pulls, and jitter or dropout in both arms."""
+    dml = mode == "dml"
+    forms = [(loss, n) for loss in DML_LOSSES for n in COHORTS] if dml else [(None, 2)]
+    jobs = [peers_job(sub, mode, SEARCH_SEED, lr, loss, n) for lr in PEER_LRS for loss, n in forms]
+    if sub != "3pct":
+        return jobs
+    if dml:
+        jobs += [peers_job(sub, mode, SEARCH_SEED, lr, loss, n) for lr in (0.03, 0.1) for loss in DML_LOSSES_3PCT
+                 for n in COHORTS if n > 2 or "loss.multi_teacher" not in DML_LOSSES_3PCT[loss]]
+    jobs += [peers_job(sub, mode, SEARCH_SEED, lr, loss, n, JITTER) for lr in (0.03, 0.1) for loss, n in forms]
+    return jobs + [peers_job(sub, mode, SEARCH_SEED, lr, loss, n, dropout=True) for lr in (0.03, 0.1) for loss, n in forms]
+
+
 def plan(work: str) -> list[list[Job]]:
     """The three stages; each later one depends on the picks of the ones before."""
     hard = {r: [hard_job(r, SEARCH_SEED, lr) for lr in LRS] for r in ("full", "3pct")}
-    peers = {(sub, mode): [peers_job(sub, mode, SEARCH_SEED, lr, loss) for lr in LRS
-                           for loss in (DML_LOSSES if mode == "dml" else [None])]
-             for sub in SUBSETS for mode in ("dml", "independent")}
+    peers = {(sub, mode): peer_search(sub, mode) for sub in SUBSETS for mode in ("dml", "independent")}
     stage1 = [teacher_job(), *itertools.chain(*hard.values()), *itertools.chain(*peers.values())]
     kd = {r: [kd_job(r, SEARCH_SEED, lr, t, work) for t in TEMPERATURES for lr in LRS] for r in ("full", "3pct")}
     stage2 = [*itertools.chain(*kd.values())]
@@ -100,9 +145,11 @@ def plan(work: str) -> list[list[Job]]:
     best_hard_full = pick(hard["full"], work)
     if best_hard_full:  # the omitted class: H1's picked settings, the one class left out
         stage2 += [hard_job("omit", s, best_hard_full.knobs["lr"]) for s in SEEDS]
-    for jobs in peers.values():
-        best = pick(jobs, work)
+    for (sub, _), jobs in peers.items():  # H4's picks: unregularized peers (the bar), and with jitter or dropout
+        best = pick([j for j in jobs if not REGULARIZERS & j.knobs.keys()], work)
         stage2 += confirm(best) if best else []
+        best = pick(jobs, work) if sub == "3pct" else None
+        stage2 += [replace(j, arm=j.arm + "_reg") for j in confirm(best)] if best else []
     stage3 = []
     for r, jobs in kd.items():
         best = pick(jobs, work)
@@ -148,7 +195,10 @@ def job_rows(job: Job, work: str) -> list[dict]:
     for _, r in final.iterrows():
         pc = per_class[(per_class["split"] == "test") & (per_class["member"] == r["member"])]
         row = {"claim": job.claim, "arm": job.arm, "stage": job.stage, "seed": job.seed, "job": job.name,
-               **{k: job.knobs.get(k) for k in ("lr", "T", "loss")}, "member": r["member"], "model": r["model"],
+               **{k: job.knobs.get(k) for k in ("lr", "T", "loss")}, "jitter": job.knobs.get("jit", 0),
+               "dropout": bool(job.knobs.get("drop", 0)),
+               "peers": job.knobs.get("n", 2) if job.claim == "H4" else None,
+               "member": r["member"], "model": r["model"],
                "val_acc": r["val_acc"], "val_nll": r["val_nll"], "test_acc": r["test_acc"], "test_nll": r["test_nll"],
                "test_errors": int(round((1 - r["test_acc"]) * pc["n"].sum())),
                f"class{OMITTED}_correct": int(pc[pc["class"] == OMITTED]["correct"].sum()),
@@ -186,6 +236,7 @@ COMPARISONS = [  # claim, method, baseline, bar (pt), what it shows
     ("H3", "kd_omit", "hard_omit", 0.0, "the student never sees class 3 (dress): taught vs on hard labels"),
     ("H4", "dml_3pct", "ind_3pct", 0.3, "two 800-800 MLPs on 3% of the images: DML vs independent peers"),
     ("H4", "dml_10pct", "ind_10pct", None, "the same on 10% of the images (reported, no bar)"),
+    ("H4", "dml_3pct_reg", "ind_3pct_reg", None, "3%, each arm's best with jitter or dropout searched too (reported)"),
 ]
 
 
@@ -308,13 +359,22 @@ def table_md(runs: pd.DataFrame, per_seed: pd.DataFrame, summary: pd.DataFrame, 
         lines += [f"- `{r.job}`: {r.why.split('NonFiniteError: ')[-1].split(';')[0]}" for r in f.itertuples()]
     search = runs[(runs["stage"] == "search") & (runs["member"] != "ensemble")]
     if len(search):
-        lines += ["", "The search (seed 100, mean over peers, last epoch): the pick is the best validation accuracy.", "",
-                  "| arm | lr | T | DML loss | val acc | val NLL |", "| --- | ---: | ---: | --- | ---: | ---: |"]
-        g = search.groupby(["arm", "lr", "T", "loss"], dropna=False)[["val_acc", "val_nll"]].mean().reset_index()
+        lines += ["", "The search (seed 100, mean over peers, last epoch): the pick is the best validation accuracy. "
+                  "H4's peers: DML loss forms hinton3 (T 3, 0.5 CE + 0.5 T^2 KL), sum1 (CE + KL at T 1), hinton3w9 "
+                  "(0.1 CE + 0.9 T^2 KL), ens3 / ens3w9 (hinton3 / hinton3w9 against the mean of the other peers' "
+                  "probabilities); peers: the cohort's size; jitter: data.shift; dropout: 0.2 input, 0.5 hidden.", "",
+                  "| arm | lr | T | DML loss | peers | jitter | dropout | val acc | val NLL |",
+                  "| --- | ---: | ---: | --- | ---: | ---: | --- | ---: | ---: |"]
+        keys = ["arm", "lr", "T", "loss", "peers", "jitter", "dropout"]
+        g = search.groupby(keys, dropna=False)[["val_acc", "val_nll"]].mean().reset_index()
         for _, r in g.sort_values(["arm", "val_acc"], ascending=[True, False]).iterrows():
             t = "" if pd.isna(r["T"]) else f"{r['T']:g}"
             loss = "" if pd.isna(r["loss"]) else r["loss"]
-            lines.append(f"| {r['arm']} | {r['lr']:g} | {t} | {loss} | {r['val_acc']:.4f} | {r['val_nll']:.3f} |")
+            h4 = r["arm"].startswith(("dml", "ind"))
+            peers, jit = (f"{r['peers']:g}", f"{r['jitter']:g}") if h4 else ("", "")
+            drop = ("yes" if r["dropout"] else "no") if h4 else ""
+            lines.append(f"| {r['arm']} | {r['lr']:g} | {t} | {loss} | {peers} | {jit} | {drop} | {r['val_acc']:.4f} | "
+                         f"{r['val_nll']:.3f} |")
     return "\n".join(lines) + "\n"
 
 

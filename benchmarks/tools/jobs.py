@@ -58,6 +58,8 @@ def yaml_value(v) -> str:
         return "true" if v else "false"
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(yaml_value(x) for x in v) + "]"
+    if isinstance(v, str) and any(c in v for c in "[]{},:#'\""):  # a model spec: quoted, or YAML splits it
+        return json.dumps(v)
     return str(v)
 
 
