@@ -1,7 +1,7 @@
 """Hinton, Vinyals & Dean (2015), section 3, on Fashion-MNIST, and mutual learning where it is meant
 to pay: every run is an `online-distill train` command (printed in the log), two at a time.
 
-    python benchmarks/hinton/hinton.py run --work /tmp/hinton          # ~2 h on 2 CPU cores
+    python benchmarks/hinton/hinton.py run --work /tmp/hinton          # ~4 h on 2 CPU cores
     python benchmarks/hinton/hinton.py tables --work /tmp/hinton       # CSVs and tables here
 
 Claims (test accuracy at the last epoch, 3 fresh seeds, paired seed by seed with the same

@@ -1,7 +1,7 @@
 """Language-model distillation on the built-in fortunes corpus (bytes as tokens), every run an
 `online-distill train` command, two at a time.
 
-    python benchmarks/lm/lm.py run --work /tmp/lm        # about an hour on 2 CPU cores
+    python benchmarks/lm/lm.py run --work /tmp/lm        # about 2 hours on 2 CPU cores
     python benchmarks/lm/lm.py tables --work /tmp/lm     # CSVs and table.md here
 
 Claims (test bits per byte at the last epoch, seeds 0, 1, 2 paired, lower is better; the KD
