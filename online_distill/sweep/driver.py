@@ -232,8 +232,7 @@ def _served(c: Config) -> bool:
 
 def service_key(c: Config) -> str:
     """Which trials share one teacher service: the same frozen teacher, data and logits form."""
-    form = (c.distill.logits, c.distill.logits_k, c.distill.logits_bits,
-            None if c.distill.logits == "dense" else c.loss.temperature)
+    form = sorted(c.logits_form.items())
     return repr((c.distill.teacher_checkpoint, c.distill.teacher_peer, c.distill.teacher_ensemble, c.distill.teacher_model,
                  c.data.dataset, c.data.seq_len, form, c.distill.service_replicas))
 

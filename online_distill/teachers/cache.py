@@ -46,9 +46,7 @@ def cache_key(cfg, members: list[tuple[str, dict]]) -> str:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
     d = cfg.data
     h.update(json.dumps({"dataset": d.dataset, "seq_len": d.seq_len, "val_size": d.val_size, "split_seed": d.split_seed,
-                         "form": cfg.distill.logits, "k": cfg.distill.logits_k,
-                         **({"bits": cfg.distill.logits_bits} if cfg.distill.logits_bits != 16 else {}),
-                         "T": None if cfg.distill.logits == "dense" else cfg.loss.temperature}, sort_keys=True).encode())
+                         **cfg.logits_form}, sort_keys=True).encode())
     return h.hexdigest()
 
 
