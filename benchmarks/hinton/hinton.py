@@ -150,8 +150,8 @@ def plan(work: str) -> list[list[Job]]:
     for (sub, _), jobs in peers.items():  # H4's picks: unregularized peers (the bar), and with jitter or dropout
         best = pick([j for j in jobs if not REGULARIZERS & j.knobs.keys()], work)
         stage2 += confirm(best) if best else []
-        best = pick(jobs, work) if sub == "3pct" else None
-        stage2 += [replace(j, arm=j.arm + "_reg") for j in confirm(best)] if best else []
+        best = pick(jobs, work) if sub == "3pct" else None  # the same runs when the picks agree
+        stage2 += [replace(j, label=j.arm + "_reg") for j in confirm(best)] if best else []
     stage3 = []
     for r, jobs in kd.items():
         best = pick(jobs, work)
@@ -196,7 +196,7 @@ def job_rows(job: Job, work: str) -> list[dict]:
     rows = []
     for _, r in final.iterrows():
         pc = per_class[(per_class["split"] == "test") & (per_class["member"] == r["member"])]
-        row = {"claim": job.claim, "arm": job.arm, "stage": job.stage, "seed": job.seed, "job": job.name,
+        row = {"claim": job.claim, "arm": job.label or job.arm, "stage": job.stage, "seed": job.seed, "job": job.name,
                **{k: job.knobs.get(k) for k in ("lr", "T", "loss")}, "jitter": job.knobs.get("jit", 0),
                "dropout": bool(job.knobs.get("drop", 0)),
                "peers": job.knobs.get("n", 2) if job.claim == "H4" else None,
@@ -223,7 +223,7 @@ def collect(work: str) -> pd.DataFrame:
             if finished(job, work):
                 rows += job_rows(job, work)
     failures(work).to_csv(os.path.join(HERE, "failed.csv"), index=False)
-    return pd.DataFrame(rows).drop_duplicates(["job", "member"])
+    return pd.DataFrame(rows).drop_duplicates(["arm", "job", "member"])
 
 
 def paired(runs: pd.DataFrame, method: str, baseline: str, column: str = "test_acc") -> pd.DataFrame:

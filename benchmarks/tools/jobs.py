@@ -31,6 +31,8 @@ class Job:
     sets: dict = field(default_factory=dict)
     knobs: dict = field(default_factory=dict)
     search_seed: int = 100
+    label: str = ""
+    """The arm its table rows are filed under, when not `arm`: one run serving two comparisons."""
 
     @property
     def stage(self) -> str:
@@ -66,7 +68,7 @@ def yaml_value(v) -> str:
 def run_jobs(jobs: list[Job], work: str, parallel: int, extra: dict | None = None, tag: str = "jobs") -> None:
     """Each job's command in a process of its own, `parallel` at a time (`extra`: --set items for
     every job, e.g. a smoke test's)."""
-    todo = [j for j in jobs if not finished(j, work) and not failed(j, work)]
+    todo = list({j.name: j for j in jobs if not finished(j, work) and not failed(j, work)}.values())  # a run once
     running: list[tuple[Job, subprocess.Popen, float]] = []
     os.makedirs(os.path.join(work, "logs"), exist_ok=True)
     print(f"[{tag}] {len(jobs)} jobs, {len(jobs) - len(todo)} done before, {len(todo)} to run, {parallel} at a time",
