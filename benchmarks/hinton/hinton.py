@@ -245,7 +245,21 @@ COMPARISONS = [  # claim, method, baseline, bar (pt), what it shows
 def tables(work: str) -> None:
     runs = collect(work)
     runs.to_csv(os.path.join(HERE, "runs.csv"), index=False)
+    peer_terms(runs, work).to_csv(os.path.join(HERE, "peer_terms.csv"), index=False)
     write_tables(runs)
+
+
+def peer_terms(runs: pd.DataFrame, work: str) -> pd.DataFrame:
+    """H4's training terms by epoch, mean over peers, for every confirm run on 3%: the peer term
+    (train_kd, the divergence before T^2) beside the CE, which says how much the peers still
+    have to teach each other."""
+    jobs = runs[(runs["claim"] == "H4") & (runs["stage"] == "confirm") & runs["arm"].isin(["dml_3pct", "ind_3pct"])]
+    out = []
+    for job in jobs["job"].unique():
+        m = pd.read_csv(os.path.join(work, "runs", job, "metrics.csv"))
+        g = m.groupby("epoch")[["train_ce", "train_kd"]].mean().reset_index()
+        out.append(g.assign(job=job))
+    return pd.concat(out, ignore_index=True)[["job", "epoch", "train_ce", "train_kd"]] if out else pd.DataFrame()
 
 
 def write_tables(runs: pd.DataFrame) -> None:

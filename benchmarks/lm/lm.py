@@ -207,7 +207,40 @@ def table_md(runs: pd.DataFrame, per_seed: pd.DataFrame, summary: pd.DataFrame) 
 def tables(work: str) -> None:
     runs = collect(work)
     runs.to_csv(os.path.join(HERE, "runs.csv"), index=False)
+    topk_mass(work).to_csv(os.path.join(HERE, "topk_mass.csv"), index=False)
     write_tables(runs)
+
+
+def topk_mass(work: str, windows: int = 256) -> pd.DataFrame:
+    """What top-k keeps of the teacher, by T, k and bits, on `windows` training windows (drawn
+    with seed 0): the mass of the k kept tokens and KL(dense || reconstructed), per real position."""
+    import torch
+    import torch.nn.functional as F
+
+    from online_distill.checkpoint import load_peer
+    from online_distill.corpus import fortunes_tokens
+    from online_distill.losses import divergence_from_log_probs
+    from online_distill.models import build_model
+    from online_distill.rundir import checkpoint_dir_of
+    from online_distill.sparse import compress, reconstruct
+
+    train, _ = fortunes_tokens(128)
+    x = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:windows]]
+    inputs, real = x[:, :-1].long(), x[:, 1:] != 0
+    model = build_model("gpt_medium", inputs[:2], 256, label_shape=(inputs.shape[1],))
+    model.load_state_dict(load_peer(checkpoint_dir_of(run_dir(teacher_job(), work)), 0)["model"])
+    model.eval()
+    with torch.no_grad():
+        z = torch.cat([model(inputs[i:i + 32]) for i in range(0, len(inputs), 32)])
+    rows = []
+    for t in (1.0, 2.0):
+        dense = F.log_softmax(z / t, dim=-1)
+        for k, bits in ((6, 16), (10, 16), (10, 8), (32, 16)):
+            target = compress(z, temperature=t, kind="topk", k=k, bits=bits)
+            kl = divergence_from_log_probs(dense, reconstruct(target), divergence="forward_kl")[real].mean().item()
+            rows.append({"T": t, "k": k, "bits": bits, "kept_mass": round(target.logp.exp().sum(-1)[real].mean().item(), 4),
+                         "kl_dense_to_reconstructed": round(kl, 4)})
+    return pd.DataFrame(rows)
 
 
 def main(argv=None) -> int:
