@@ -22,13 +22,14 @@ if [ ! -f "$stamp" ]; then
 fi
 
 # Fashion-MNIST without internet: Debian ships it (elsewhere torchvision downloads it on first use),
-# and the word lists of the lang_words text dataset (configs/lang_dml.yaml).
-if { [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -f /usr/share/dict/ngerman ]; } && [ "$(id -u)" = 0 ] \
-        && command -v apt-get >/dev/null; then
-    echo "== installing Debian's dataset-fashion-mnist and word lists (wbritish wfrench wngerman wspanish witalian)"
+# the word lists of the lang_words text dataset (configs/lang_dml.yaml) and the fortunes corpus
+# of the language models (configs/lm_*.yaml).
+if { [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -f /usr/share/dict/ngerman ] \
+        || [ ! -d /usr/share/games/fortunes ]; } && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing Debian's dataset-fashion-mnist, fortunes and word lists (wbritish wfrench wngerman wspanish witalian)"
     (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist \
-        wbritish wfrench wngerman wspanish witalian >/dev/null) \
-        || echo "   (not available; torchvision will download Fashion-MNIST instead; lang_words needs the word lists)"
+        fortunes wbritish wfrench wngerman wspanish witalian >/dev/null) \
+        || echo "   (not available; torchvision will download Fashion-MNIST instead; lang_words needs the word lists, fortunes the language models)"
 fi
 
 case "$what" in
