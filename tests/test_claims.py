@@ -213,6 +213,48 @@ def test_a_benchmarks_tables_are_what_its_runs_csv_gives(tmp_path, monkeypatch, 
     assert list(summary.columns) == tables.SUMMARY_COLUMNS and (summary["n_pairs"] >= 3).all()
 
 
+def test_hintons_tables_from_a_work_folder_without_the_runs_keep_the_committed_record(tmp_path, monkeypatch):
+    """`hinton.py tables` on a work folder that holds none of the runs (e.g. one with only a new
+    arm's) plans from the committed picks and keeps every committed row, byte for byte; a run
+    that is there replaces its committed rows."""
+    import shutil
+
+    h = _script("hinton")
+    here = tmp_path / "hinton"
+    shutil.copytree(h.HERE, here, ignore=shutil.ignore_patterns("*.png", "configs"))
+    monkeypatch.setattr(h, "HERE", str(here))
+    (tmp_path / "work").mkdir()
+    h.tables(str(tmp_path / "work"))
+    for name in ("runs.csv", "peer_terms.csv", "failed.csv", "per_seed.csv", "summary_rows.csv", "table.md"):
+        assert (here / name).read_text() == open(os.path.join(os.path.dirname(h.__file__), name)).read(), name
+    runs = pd.read_csv(here / "runs.csv")
+    pick = h.pick([h.peers_job("3pct", "independent", h.SEARCH_SEED, lr) for lr in h.PEER_LRS], str(tmp_path / "work"))
+    search = runs[(runs["arm"] == "ind_3pct") & (runs["stage"] == "search") & (runs["member"] != "ensemble")
+                  & (runs["jitter"] == 0) & ~runs["dropout"]]
+    assert pick.name == search.groupby("job")["val_acc"].mean().idxmax()
+
+
+def test_hintons_run_new_only_skips_the_recorded_runs(tmp_path, monkeypatch):
+    """`hinton.py run --new-only` hands every stage the names of the runs the committed tables
+    hold (finished or diverged), and a skipped job starts no process; without it nothing is skipped."""
+    from benchmarks.tools import jobs as jobs_mod
+
+    h = _script("hinton")
+    recorded = h.recorded_jobs()
+    assert "ind_3pct-s0-lr0.1" in recorded and "ind_3pct-s100-lr0.3" in recorded  # finished; diverged
+    seen = []
+    monkeypatch.setattr(jobs_mod, "run_jobs", lambda jobs, work, parallel, extra, tag, skip: seen.append(skip))
+    assert h.main(["run", "--work", str(tmp_path / "w"), "--new-only"]) == 0
+    assert seen and all(skip == frozenset(recorded) for skip in seen)
+    seen.clear()
+    assert h.main(["run", "--work", str(tmp_path / "w")]) == 0
+    assert seen and all(skip == frozenset() for skip in seen)
+    monkeypatch.undo()
+    job = h.peers_job("3pct", "independent", 0, 0.1)
+    jobs_mod.run_jobs([job], str(tmp_path / "w2"), 1, tag="t", skip=frozenset({job.name}))
+    assert not (tmp_path / "w2" / "logs" / f"{job.name}.log").exists()
+
+
 def test_the_bias_shift_is_chosen_on_validation():
     import torch
 

@@ -31,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)  # benchmarks.tools, when run as a script
 from benchmarks.tools.jobs import main as jobs_main  # noqa: E402
-from benchmarks.tools.jobs import Job, failures, finished, pick, plot_paired, run_dir  # noqa: E402
+from benchmarks.tools.jobs import Job, failures, finished, plot_paired, run_dir, summary_of  # noqa: E402
 from benchmarks.tools.jobs import paired as paired_raw  # noqa: E402
 SEARCH_SEED, SEEDS = 100, (0, 1, 2)
 LRS = (0.01, 0.03, 0.1)
@@ -52,11 +52,20 @@ DML_LOSSES_3PCT = {
 """On 3% (the bar's regime) DML also searched a stronger pull: Hinton's 0.1 CE + 0.9 T^2 KL, and
 each peer taught by the other peers' ensemble (the mean of their probabilities, a cohort of 4),
 at the two learning rates that trained (0.03, 0.1); the ensemble forms also with a cohort of 8."""
+CEILING_PEERS = 8
+"""H4 on 3%: the independent pick also as a cohort of 8 on the confirm seeds; the ensemble of 8
+peers trained apart is what DML's pick (8 peers, each taught by the other 7's ensemble) distils,
+so its gain over its own peers bounds what that distillation has to give."""
 COHORTS = (2, 4)
 """DML cohort sizes searched: the DML paper's gains grow with the number of peers."""
 STUDENT = "mlp(hidden=[800, 800])"
 JITTER = 2
 """H4 on 3%: both arms search jitter by up to 2 pixels (data.shift) beside none."""
+CNN_PEER, CNN_PEERS, CNN_LRS = "small_cnn", 4, (0.03, 0.1, 0.3, 1.0)
+"""H4 on 3%, a second round: the peers are small CNNs (94k parameters, also large for 1,650
+images), 4 to a cohort; both arms search the learning rate alone, and DML keeps the first round's
+picked form (each peer taught by the other peers' ensemble at T 3). Batch norm trains them at
+rates the MLPs diverge at: 0.3 was both arms' pick at the edge of the first grid, so 1.0 joined."""
 DROPOUT_STUDENT = "mlp(hidden=[800, 800], dropout=0.5, input_dropout=0.2)"
 """H4 on 3%: both arms also search Hinton's dropout."""
 SMOKE: dict = {}
@@ -93,19 +102,21 @@ def kd_job(regime: str, seed: int, lr: float, t: float, work: str) -> Job:
 
 
 def peers_job(subset: str, mode: str, seed: int, lr: float, loss: str | None = None, n: int = 2,
-              shift: int = 0, dropout: bool = False) -> Job:
+              shift: int = 0, dropout: bool = False, model: str = STUDENT) -> Job:
     """Peers on a transfer subset: a DML cohort of n (each learns from the mean of its n - 1 peers'
     KLs), or independent peers (n = 2: each peer trains alone, so the cohort size does not change them);
     `shift`: the training images jittered by up to that many pixels (Hinton's jitter); `dropout`:
-    every peer with Hinton's dropout (0.2 on the input, 0.5 after each hidden layer)."""
+    every peer with Hinton's dropout (0.2 on the input, 0.5 after each hidden layer); `model`: the
+    peers' model (an arm of its own, "cnn_...", for the CNN peers)."""
     sets = {"data.train_subset": SUBSETS[subset], "distill.mode": mode, "optim.lr": lr,
             **({"train.epochs": 40} if subset == "10pct" else {}), **({**DML_LOSSES, **DML_LOSSES_3PCT}[loss] if loss else {}),
-            **({"models": [DROPOUT_STUDENT if dropout else STUDENT] * n, "scale.peers_per_worker": n}
-               if n != 2 or dropout else {}),
+            **({"models": [DROPOUT_STUDENT if dropout else model] * n, "scale.peers_per_worker": n}
+               if n != 2 or dropout or model != STUDENT else {}),
             **({"data.shift": shift} if shift else {})}
     knobs = {"lr": lr, **({"loss": loss} if loss else {}), **({"n": n} if n != 2 else {}),
              **({"jit": shift} if shift else {}), **({"drop": 1} if dropout else {})}
-    return Job("H4", f"{'dml' if mode == 'dml' else 'ind'}_{subset}", os.path.join(CONFIGS, "peers.yaml"), seed, sets, knobs)
+    arm = ("cnn_" if model == CNN_PEER else "") + f"{'dml' if mode == 'dml' else 'ind'}_{subset}"
+    return Job("H4", arm, os.path.join(CONFIGS, "peers.yaml"), seed, sets, knobs)
 
 
 # ---- running ---------------------------------------------------------------------------------------
@@ -134,11 +145,18 @@ def peer_search(sub: str, mode: str) -> list[Job]:
     return jobs + [peers_job(sub, mode, SEARCH_SEED, lr, loss, n, dropout=True) for lr in (0.03, 0.1) for loss, n in forms]
 
 
+def cnn_search(mode: str) -> list[Job]:
+    """H4's second round on 3%, seed 100: small CNN peers, the learning rate searched alone."""
+    return [peers_job("3pct", mode, SEARCH_SEED, lr, "ens3" if mode == "dml" else None, CNN_PEERS, model=CNN_PEER)
+            for lr in CNN_LRS]
+
+
 def plan(work: str) -> list[list[Job]]:
     """The three stages; each later one depends on the picks of the ones before."""
     hard = {r: [hard_job(r, SEARCH_SEED, lr) for lr in LRS] for r in ("full", "3pct")}
     peers = {(sub, mode): peer_search(sub, mode) for sub in SUBSETS for mode in ("dml", "independent")}
-    stage1 = [teacher_job(), *itertools.chain(*hard.values()), *itertools.chain(*peers.values())]
+    cnn = [cnn_search(mode) for mode in ("dml", "independent")]
+    stage1 = [teacher_job(), *itertools.chain(*hard.values()), *itertools.chain(*peers.values()), *itertools.chain(*cnn)]
     kd = {r: [kd_job(r, SEARCH_SEED, lr, t, work) for t in TEMPERATURES for lr in LRS] for r in ("full", "3pct")}
     stage2 = [*itertools.chain(*kd.values())]
     for r, jobs in hard.items():
@@ -147,11 +165,16 @@ def plan(work: str) -> list[list[Job]]:
     best_hard_full = pick(hard["full"], work)
     if best_hard_full:  # the omitted class: H1's picked settings, the one class left out
         stage2 += [hard_job("omit", s, best_hard_full.knobs["lr"]) for s in SEEDS]
-    for (sub, _), jobs in peers.items():  # H4's picks: unregularized peers (the bar), and with jitter or dropout
+    for (sub, mode), jobs in peers.items():  # H4's picks: unregularized peers (the bar), and with jitter or dropout
         best = pick([j for j in jobs if not REGULARIZERS & j.knobs.keys()], work)
         stage2 += confirm(best) if best else []
+        if best and (sub, mode) == ("3pct", "independent"):  # the ensemble DML's pick distils, trained apart
+            stage2 += [replace(peers_job(sub, mode, s, best.knobs["lr"], n=CEILING_PEERS), label="ind8_3pct") for s in SEEDS]
         best = pick(jobs, work) if sub == "3pct" else None  # the same runs when the picks agree
         stage2 += [replace(j, label=j.arm + "_reg") for j in confirm(best)] if best else []
+    for jobs in cnn:
+        best = pick(jobs, work)
+        stage2 += confirm(best) if best else []
     stage3 = []
     for r, jobs in kd.items():
         best = pick(jobs, work)
@@ -216,14 +239,45 @@ def job_rows(job: Job, work: str) -> list[dict]:
     return rows
 
 
+def recorded(name: str) -> pd.DataFrame:
+    """A committed file of this folder (runs.csv, peer_terms.csv, failed.csv), or an empty frame."""
+    path = os.path.join(HERE, name)
+    return pd.read_csv(path) if os.path.exists(path) and os.path.getsize(path) > 1 else pd.DataFrame()
+
+
+def pick(jobs: list[Job], work: str) -> Job | None:
+    """The search job with the best mean validation accuracy over its peers at the last epoch:
+    read from its run in `work`, or, for a run that folder does not hold, from the committed
+    runs.csv. So a work folder with only a new arm's runs plans and tables like the whole one
+    (a diverged or failed setting has no rows, and is never picked)."""
+    runs = recorded("runs.csv")
+
+    def score(job: Job) -> float | None:
+        if finished(job, work):
+            return summary_of(job, work)["val_acc"]
+        r = runs[(runs["job"] == job.name) & (runs["member"] != "ensemble")] if len(runs) else runs
+        return float(r["val_acc"].mean()) if len(r) else None
+
+    scored = [(v, j) for j in jobs if j.stage == "search" for v in [score(j)] if v is not None]
+    return max(scored, key=lambda vj: vj[0])[1] if scored else None
+
+
 def collect(work: str) -> pd.DataFrame:
-    rows = []
+    """runs.csv's rows: every planned run's, from `work` where it ran there, else as committed."""
+    rows, kept = [], recorded("runs.csv")
     for stage in plan(work):
         for job in stage:
             if finished(job, work):
                 rows += job_rows(job, work)
-    failures(work).to_csv(os.path.join(HERE, "failed.csv"), index=False)
-    return pd.DataFrame(rows).drop_duplicates(["arm", "job", "member"])
+            elif len(kept):
+                rows += kept[(kept["job"] == job.name) & (kept["arm"] == (job.label or job.arm))].to_dict("records")
+    runs = pd.DataFrame(rows).drop_duplicates(["arm", "job", "member"])
+    failed = pd.concat([recorded("failed.csv"), failures(work)], ignore_index=True)
+    if len(failed):
+        failed = failed.drop_duplicates("job", keep="last")
+        failed = failed[~failed["job"].isin(runs["job"])]
+    failed.to_csv(os.path.join(HERE, "failed.csv"), index=False)
+    return runs
 
 
 def paired(runs: pd.DataFrame, method: str, baseline: str, column: str = "test_acc") -> pd.DataFrame:
@@ -239,7 +293,11 @@ COMPARISONS = [  # claim, method, baseline, bar (pt), what it shows
     ("H4", "dml_3pct", "ind_3pct", 0.3, "two 800-800 MLPs on 3% of the images: DML vs independent peers"),
     ("H4", "dml_10pct", "ind_10pct", None, "the same on 10% of the images (reported, no bar)"),
     ("H4", "dml_3pct_reg", "ind_3pct_reg", None, "3%, each arm's best with jitter or dropout searched too (reported)"),
+    ("H4", "dml_3pct", "ind8_3pct", None, "DML's pick (8 peers) vs 8 independent peers (reported)"),
+    ("H4", "cnn_dml_3pct", "cnn_ind_3pct", 0.3, "second round: 4 small CNNs on 3% of the images, DML vs independent"),
 ]
+ENSEMBLES = [  # claim, arm: the ensemble of peers trained apart vs those peers, what DML can pass on
+    ("H4", "ind8_3pct"), ("H4", "cnn_ind_3pct")]
 
 
 def tables(work: str) -> None:
@@ -254,9 +312,13 @@ def peer_terms(runs: pd.DataFrame, work: str) -> pd.DataFrame:
     (train_kd, the divergence before T^2) beside the CE, which says how much the peers still
     have to teach each other."""
     jobs = runs[(runs["claim"] == "H4") & (runs["stage"] == "confirm") & runs["arm"].isin(["dml_3pct", "ind_3pct"])]
-    out = []
+    out, kept = [], recorded("peer_terms.csv")
     for job in jobs["job"].unique():
-        m = pd.read_csv(os.path.join(work, "runs", job, "metrics.csv"))
+        path = os.path.join(work, "runs", job, "metrics.csv")
+        if not os.path.exists(path):  # a run this work folder does not hold: its committed rows
+            out += [kept[kept["job"] == job]] if len(kept) else []
+            continue
+        m = pd.read_csv(path)
         g = m.groupby("epoch")[["train_ce", "train_kd"]].mean().reset_index()
         out.append(g.assign(job=job))
     return pd.concat(out, ignore_index=True)[["job", "epoch", "train_ce", "train_kd"]] if out else pd.DataFrame()
@@ -279,6 +341,15 @@ def write_tables(runs: pd.DataFrame) -> None:
                         "bar": "reported" if bar is None else f">= +{bar}, all > 0" if claim != "H3" else
                         "class 3: >= 700 of 1000 right (mean)",
                         "met": met})
+    for claim, arm in ENSEMBLES:
+        p = ensemble_gain(runs, arm)
+        if p.empty:
+            continue
+        per_seed.append(p.assign(claim=claim, method=f"{arm}_ensemble", baseline=arm))
+        d = p["delta_pt"]
+        summary.append({"claim": claim, "method": f"{arm}_ensemble", "baseline": arm, "delta_mean": round(d.mean(), 2),
+                        "delta_std": round(d.std(ddof=1), 2) if len(d) > 1 else float("nan"), "n_pairs": len(d),
+                        "bar": "reported", "met": None})
     per_seed_df = pd.concat(per_seed, ignore_index=True) if per_seed else pd.DataFrame()
     summary_df = pd.DataFrame(summary)
     h3 = omitted_class(runs)
@@ -290,10 +361,23 @@ def write_tables(runs: pd.DataFrame) -> None:
         plot_paired(per_seed_df, summary_df, os.path.join(HERE, "summary.png"), delta="delta_pt",
                     xlabel="paired delta of test accuracy (points), per seed; dashed: the bar",
                     title="Hinton et al. 2015 on Fashion-MNIST (green: bar met)",
-                    bars={("H1", "kd_full"): [0.3], ("H2", "kd_3pct"): [1.5], ("H4", "dml_3pct"): [0.3]})
+                    bars={("H1", "kd_full"): [0.3], ("H2", "kd_3pct"): [1.5], ("H4", "dml_3pct", "ind_3pct"): [0.3],
+                          ("H4", "cnn_dml_3pct"): [0.3]})
     summary_df.to_csv(os.path.join(HERE, "summary_rows.csv"), index=False)
     with open(os.path.join(HERE, "table.md"), "w") as f:
         f.write(table_md(runs, per_seed_df, summary_df, h3))
+
+
+def ensemble_gain(runs: pd.DataFrame, arm: str) -> pd.DataFrame:
+    """Per confirm seed: the test accuracy of the ensemble of an arm's peers against their mean,
+    in points. For peers trained apart, this is what a cohort's ensemble knows beyond each peer:
+    what DML, which teaches each peer the others' predictions, has to pass on."""
+    r = runs[(runs["arm"] == arm) & (runs["stage"] == "confirm")]
+    ens = r[r["member"] == "ensemble"].groupby("seed")["test_acc"].first()
+    peers = r[r["member"] != "ensemble"].groupby("seed")["test_acc"].mean()
+    seeds = sorted(set(ens.index) & set(peers.index))
+    return pd.DataFrame({"seed": seeds, "method_acc": [ens[s] for s in seeds], "baseline_acc": [peers[s] for s in seeds],
+                         "delta_pt": [100 * (ens[s] - peers[s]) for s in seeds]})
 
 
 def omitted_class(runs: pd.DataFrame) -> pd.DataFrame:
@@ -364,7 +448,8 @@ def table_md(runs: pd.DataFrame, per_seed: pd.DataFrame, summary: pd.DataFrame, 
         lines += ["", "Paired deltas (test accuracy, points), seed by seed:", "",
                   "| claim | method vs baseline | per seed | mean +- std | bar | met |", "| --- | --- | --- | ---: | --- | --- |"]
         for _, s in summary.iterrows():
-            d = per_seed[(per_seed["claim"] == s["claim"]) & (per_seed["method"] == s["method"])]["delta_pt"]
+            d = per_seed[(per_seed["claim"] == s["claim"]) & (per_seed["method"] == s["method"])
+                         & (per_seed["baseline"] == s["baseline"])]["delta_pt"]
             lines.append(f"| {s['claim']} | {s['method']} vs {s['baseline']} | {', '.join(f'{v:+.2f}' for v in d)} | "
                          f"{s['delta_mean']:+.2f} +- {s['delta_std']:.2f} | {s['bar']} | "
                          f"{'yes' if s['met'] else 'no' if s['met'] is not None else '-'} |")
@@ -386,7 +471,7 @@ def table_md(runs: pd.DataFrame, per_seed: pd.DataFrame, summary: pd.DataFrame, 
         for _, r in g.sort_values(["arm", "val_acc"], ascending=[True, False]).iterrows():
             t = "" if pd.isna(r["T"]) else f"{r['T']:g}"
             loss = "" if pd.isna(r["loss"]) else r["loss"]
-            h4 = r["arm"].startswith(("dml", "ind"))
+            h4 = r["arm"].startswith(("dml", "ind", "cnn_"))
             peers, jit = (f"{r['peers']:g}", f"{r['jitter']:g}") if h4 else ("", "")
             drop = ("yes" if r["dropout"] else "no") if h4 else ""
             lines.append(f"| {r['arm']} | {r['lr']:g} | {t} | {loss} | {peers} | {jit} | {drop} | {r['val_acc']:.4f} | "
@@ -394,9 +479,15 @@ def table_md(runs: pd.DataFrame, per_seed: pd.DataFrame, summary: pd.DataFrame, 
     return "\n".join(lines) + "\n"
 
 
+def recorded_jobs() -> set[str]:
+    """The runs the committed tables hold, finished (runs.csv) or diverged (failed.csv)."""
+    return {job for name in ("runs.csv", "failed.csv") for job in recorded(name).get("job", [])}
+
+
 def main(argv=None) -> int:
     return jobs_main(argv, prog="python benchmarks/hinton/hinton.py", doc=__doc__, tag="hinton", plan=plan, tables=tables,
-                     smoke=SMOKE, smoke_sets={"train.epochs": 1, "train.max_steps_per_epoch": 5, "data.test_subset": 500, "data.val_size": 500})
+                     smoke=SMOKE, smoke_sets={"train.epochs": 1, "train.max_steps_per_epoch": 5, "data.test_subset": 500, "data.val_size": 500},
+                     recorded=recorded_jobs)
 
 
 if __name__ == "__main__":

@@ -184,7 +184,8 @@ def table_md(runs: pd.DataFrame, per_seed: pd.DataFrame, summary: pd.DataFrame) 
     lines += ["", "Paired deltas of test bits per byte (method - baseline; negative: the method is better):", "",
               "| claim | method vs baseline | per seed | mean +- std | bar | met |", "| --- | --- | --- | ---: | --- | --- |"]
     for _, s in summary.iterrows():
-        d = per_seed[(per_seed["claim"] == s["claim"]) & (per_seed["method"] == s["method"])]["delta"]
+        d = per_seed[(per_seed["claim"] == s["claim"]) & (per_seed["method"] == s["method"])
+                     & (per_seed["baseline"] == s["baseline"])]["delta"]
         per = ", ".join(f"{v:+.4f}" for v in d) if len(d) else f"{s['n_pairs']} later runs"
         mean = f"{s['delta_mean']:+.4f} +- {s['delta_std']:.4f}" if pd.notna(s["delta_mean"]) else ""
         met = "yes" if s["met"] is True else "no" if s["met"] is False else "-"

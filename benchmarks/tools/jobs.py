@@ -65,10 +65,11 @@ def yaml_value(v) -> str:
     return str(v)
 
 
-def run_jobs(jobs: list[Job], work: str, parallel: int, extra: dict | None = None, tag: str = "jobs") -> None:
+def run_jobs(jobs: list[Job], work: str, parallel: int, extra: dict | None = None, tag: str = "jobs",
+             skip: frozenset = frozenset()) -> None:
     """Each job's command in a process of its own, `parallel` at a time (`extra`: --set items for
-    every job, e.g. a smoke test's)."""
-    todo = list({j.name: j for j in jobs if not finished(j, work) and not failed(j, work)}.values())  # a run once
+    every job, e.g. a smoke test's; `skip`: names of jobs not to run, e.g. those already recorded)."""
+    todo = list({j.name: j for j in jobs if not finished(j, work) and not failed(j, work) and j.name not in skip}.values())
     running: list[tuple[Job, subprocess.Popen, float]] = []
     os.makedirs(os.path.join(work, "logs"), exist_ok=True)
     print(f"[{tag}] {len(jobs)} jobs, {len(jobs) - len(todo)} done before, {len(todo)} to run, {parallel} at a time",
@@ -159,14 +160,18 @@ def plot_paired(per_seed: pd.DataFrame, summary: pd.DataFrame, path: str, *, del
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def deltas(s):  # a method may meet two baselines: its rows against this one
+        return per_seed[(per_seed["claim"] == s.claim) & (per_seed["method"] == s.method)
+                        & (per_seed["baseline"] == s.baseline)][delta]
+
     rows = list(summary[summary["n_pairs"] > 0].itertuples(index=False))
-    rows = [s for s in rows if len(per_seed[(per_seed["claim"] == s.claim) & (per_seed["method"] == s.method)])]
+    rows = [s for s in rows if len(deltas(s))]
     fig, ax = plt.subplots(figsize=(8, 0.55 * len(rows) + 1.2))
     for y, s in enumerate(rows):
-        d = per_seed[(per_seed["claim"] == s.claim) & (per_seed["method"] == s.method)][delta]
+        d = deltas(s)
         ax.barh(y, d.mean(), color="C2" if s.met is True else "C3" if s.met is False else "C7", alpha=0.4)
         ax.scatter(d, [y] * len(d), color="k", s=14, zorder=3)
-        for x in (bars or {}).get((s.claim, s.method), ()):
+        for x in (bars or {}).get((s.claim, s.method, s.baseline), (bars or {}).get((s.claim, s.method), ())):
             ax.plot([x, x], [y - 0.4, y + 0.4], "k--", lw=1)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_yticks(range(len(rows)), [f"{s.claim} {s.method} vs {s.baseline}" for s in rows], fontsize=8)
@@ -177,11 +182,12 @@ def plot_paired(per_seed: pd.DataFrame, summary: pd.DataFrame, path: str, *, del
     plt.close(fig)
 
 
-def main(argv, *, prog: str, doc: str, tag: str, plan, tables, smoke: dict, smoke_sets: dict) -> int:
+def main(argv, *, prog: str, doc: str, tag: str, plan, tables, smoke: dict, smoke_sets: dict, recorded=None) -> int:
     """The command line of a claim's script: `run` (every stage of `plan(work)`, planned again
     before each, since a stage reads the picks of the ones before; a rerun skips finished runs)
     and `tables` (`tables(work)`). `smoke`: the dict of extra --set items a --smoke run fills with
-    `smoke_sets`."""
+    `smoke_sets`. `recorded`: a function giving the names of the jobs the committed tables hold;
+    with it, `run --new-only` runs just the others (a new arm, without the claim's hours again)."""
     import argparse
 
     ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
@@ -190,6 +196,9 @@ def main(argv, *, prog: str, doc: str, tag: str, plan, tables, smoke: dict, smok
     r.add_argument("--work", required=True, help="where the runs and their logs go (not committed)")
     r.add_argument("--parallel", type=int, default=2)
     r.add_argument("--smoke", action="store_true", help="a few steps per run: check the pipeline, not the claims")
+    if recorded is not None:
+        r.add_argument("--new-only", action="store_true",
+                       help="skip the runs the committed runs.csv holds (its picks plan the later stages)")
     t = sub.add_parser("tables", help="runs.csv, per_seed.csv, summary_rows.csv and table.md from the runs")
     t.add_argument("--work", required=True)
     args = ap.parse_args(argv)
@@ -202,6 +211,7 @@ def main(argv, *, prog: str, doc: str, tag: str, plan, tables, smoke: dict, smok
     for i in range(len(plan(work))):
         stage = plan(work)[i]
         print(f"[{tag}] stage {i + 1}: {len(stage)} runs", flush=True)
-        run_jobs(stage, work, args.parallel, smoke, tag=tag)
+        run_jobs(stage, work, args.parallel, smoke, tag=tag,
+                 skip=frozenset(recorded()) if getattr(args, "new_only", False) else frozenset())
     print(f"[{tag}] done; now: python {prog.split()[-1]} tables --work {args.work}", flush=True)
     return 0
