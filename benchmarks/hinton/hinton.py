@@ -1,7 +1,7 @@
 """Hinton, Vinyals & Dean (2015), section 3, on Fashion-MNIST, and mutual learning where it is meant
 to pay: every run is an `online-distill train` command (printed in the log), two at a time.
 
-    python benchmarks/hinton/hinton.py run --work /tmp/hinton          # ~4 h on 2 CPU cores
+    python benchmarks/hinton/hinton.py run --work /tmp/hinton          # ~5 h on 2 CPU cores
     python benchmarks/hinton/hinton.py tables --work /tmp/hinton       # CSVs and tables here
 
 Claims (test accuracy at the last epoch, 3 fresh seeds, paired seed by seed with the same
@@ -11,8 +11,10 @@ validation split, with search seed 100):
 - H2 transfer set: the same student on 3% of the training images (1,650), soft vs hard targets;
 - H3 omitted class: the student never sees class 3 (dress); how many dresses it gets right, and
   after the paper's bias shift (here chosen on validation);
-- H4 mutual learning: 800-800 MLPs on 3% (and 10%) of the images, DML (a cohort of 2 or 4) vs
-  independent peers, each arm's best setting; on 3% also with jitter and dropout searched.
+- H4 mutual learning: 800-800 MLPs on 3% (and 10%) of the images, DML (a cohort of 2 to 8) vs
+  independent peers, each arm's best setting; on 3% also with jitter and dropout searched, the
+  ensemble of 8 independent peers (what DML's pick distils) against its own peers, and a second
+  round with small CNNs as the peers.
 The teacher is the ensemble of a DML cohort of two small CNNs trained on all 55,000 images with
 2-pixel jitter (configs/teacher.yaml), whose logits are cached once per example.
 """
