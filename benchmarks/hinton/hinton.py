@@ -277,7 +277,7 @@ def collect(work: str) -> pd.DataFrame:
     failed = pd.concat([recorded("failed.csv"), failures(work)], ignore_index=True)
     if len(failed):
         failed = failed.drop_duplicates("job", keep="last")
-        failed = failed[~failed["job"].isin(runs["job"])]
+        failed = failed[~failed["job"].isin(runs.get("job", []))]
     failed.to_csv(os.path.join(HERE, "failed.csv"), index=False)
     return runs
 
