@@ -180,20 +180,50 @@ def test_the_checker_fails_on_a_broken_copy(tmp_path, monkeypatch):
     assert problems[7] is None
 
 
-TIMING = re.compile(r"\d+(\.\d+)? (ms/step|samples/s)|(?<=\s)\d+\.\d+(?=\s+\d+\.\d+\s+0\.\d{4}$)|(?<=\s)\d+\.\d+(?=\s+0\.\d{4}$)")
-"""Step times, throughput and the CPU latency columns of the size table: what a machine changes."""
+TIMING = re.compile(r"\d+(\.\d+)? (ms/step|samples/s)")
+"""Step times and throughput: what a machine changes."""
+LATENCY = re.compile(r"^(\S+ (student|teacher).* \d+\.\d) \S+ \S+ (0\.\d{4})$")
+"""The size table's rows: their two CPU latency columns are what a machine changes."""
 
 
 def _normal(line: str) -> str:
     line = re.sub(r"-> \S*runs/fmnist_dml", "-> runs/fmnist_dml", line.rstrip())
     line = re.sub(r"\(\S*runs/fmnist_dml\)", "(runs/fmnist_dml)", line)
-    return " ".join(TIMING.sub("T", line).split())  # table columns pad to their widest value
+    line = " ".join(TIMING.sub("T", line).split())  # table columns pad to their widest value
+    return LATENCY.sub(r"\1 T T \3", line)
+
+
+METRIC = re.compile(r"(?<![\d.])\d+\.\d{4}(?![\d.])")
+"""Accuracies, losses and NLLs (four decimals): another CPU's vector width sums floats in another
+order, so a run there drifts a little from the one the README shows (on an AVX-512 Xeon: up to
+0.012 at epoch 1, 0.0004 at epoch 4)."""
+DRIFT = 0.03
+
+
+def _same_line(shown: str, printed: str) -> bool:
+    """The same text and the same other numbers; metrics within DRIFT of the README's."""
+    if METRIC.sub("M", shown) != METRIC.sub("M", printed):
+        return False
+    return all(abs(float(a) - float(b)) <= DRIFT for a, b in zip(METRIC.findall(shown), METRIC.findall(printed)))
+
+
+def test_the_quick_start_comparison_allows_drift_in_metrics_only():
+    line = "epoch 1/4 val acc: p0 0.7730 p1 0.7690 ens 0.7744 | ce 1.0462 kd 0.0035 | T T"
+    assert _same_line(line, line.replace("0.7730", "0.7848").replace("0.0035", "0.0031"))
+    assert not _same_line(line, line.replace("0.7730", "0.8130"))  # a real change of result
+    assert not _same_line(line, line.replace("1/4", "2/4")) and not _same_line(line, line.replace("ens", "ensemble"))
+    row = _normal("  peer0  student  small_cnn  94186  375.9  1.21  35.0  0.8581")
+    assert row == "peer0 student small_cnn 94186 375.9 T T 0.8581"
+    assert not _same_line(row, row.replace("94186", "94187"))
+    final = _normal("   peer0           small_cnn   0.8596   0.4098    0.8586    0.4185")
+    assert final == "peer0 small_cnn 0.8596 0.4098 0.8586 0.4185"  # no column of the results is masked
 
 
 @pytest.mark.e2e
 def test_the_readme_shows_the_quick_starts_output_as_printed(tmp_path, monkeypatch, capsys):
     """The README's output block is what `bash quickstart.sh train` prints: each of its lines (but
-    `...`, which stands for lines left out) comes out of a real run, in that order, timings aside."""
+    `...`, which stands for lines left out) comes out of a real run, in that order, timings aside
+    and metrics within the drift another CPU makes (DRIFT)."""
     readme = open(DOCS[0], encoding="utf-8").read()
     block = next(m.group(1) for m in FENCE.finditer(readme) if m.group(1).startswith("starting run 'fmnist_dml'"))
     shown = [_normal(line) for line in block.splitlines() if line.strip() and line.strip() != "..."]
@@ -203,5 +233,6 @@ def test_the_readme_shows_the_quick_starts_output_as_printed(tmp_path, monkeypat
     printed = [_normal(line) for line in capsys.readouterr().out.splitlines()]
     at = 0
     for line in shown:
-        assert line in printed[at:], f"the README shows {line!r}, the run printed:\n" + "\n".join(printed)
-        at = printed.index(line, at) + 1
+        match = next((i for i in range(at, len(printed)) if _same_line(line, printed[i])), None)
+        assert match is not None, f"the README shows {line!r}, the run printed:\n" + "\n".join(printed)
+        at = match + 1
