@@ -184,8 +184,12 @@ class LocalCluster:
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
                     cmdline = f.read().decode(errors="replace")
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    state = f.read().rsplit(b")", 1)[1].split()[0]
                 pgid = os.getpgid(int(entry))
-            except (OSError, ProcessLookupError):
+            except (OSError, ProcessLookupError, IndexError):
+                continue
+            if state in (b"Z", b"X"):  # exited, waiting for its parent to reap it: nothing runs
                 continue
             if pgid in groups or self.root in cmdline:
                 pids.append(int(entry))
@@ -204,11 +208,17 @@ class LocalCluster:
                 pass
         for proc in self._procs:
             self._kill_group(proc)
-        for pid in self.own_pids():  # anything that left our groups but still runs from our temp dir
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        # Anything that left our groups but still runs from our temp dir, until none is left: a
+        # SIGKILLed process stays in /proc until it has exited, and a raylet may have forked a
+        # worker while it was being stopped.
+        deadline = time.monotonic() + 30
+        while (pids := self.own_pids()) and time.monotonic() < deadline:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.1)
         self._procs.clear()
 
     @staticmethod
