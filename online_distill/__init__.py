@@ -5,15 +5,15 @@
 Importing the package imports only the config (no torch, no Ray): the CLI refuses bad input
 before anything heavy is loaded. The rest is imported when first called.
 """
-from .config import Config, ConfigError, with_overrides
-from .config_file import load
+from .config.schema import Config, ConfigError, with_overrides
+from .config.files import load
 
 __all__ = ["Config", "ConfigError", "load", "with_overrides", "check", "train", "load_sweep", "run_sweep"]
 
 
 def check(cfg: Config, models=None, datasets=None) -> Config:
-    """Every check a config gets before a run (online_distill.checks.check)."""
-    from .checks import check as _check
+    """Every check a config gets before a run (online_distill.run.checks.check)."""
+    from .run.checks import check as _check
 
     return _check(cfg, models, datasets)
 

@@ -10,7 +10,7 @@ import argparse
 import os
 import sys
 
-from .config import ConfigError
+from .config.schema import ConfigError
 from .errors import NotRetryable, RunLocked
 
 
@@ -23,7 +23,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args) -> int:
-    from . import config_file as config
+    from .config import files as config
 
     cfg, source = config.load_checked(args.config, args.sets)  # before torch and Ray: a refusal is quick
     lock = _hold_the_run(cfg, source, dry_run=args.dry_run)  # a second run of the same name: refused at once
@@ -55,7 +55,7 @@ def cmd_train(args) -> int:
 def _hold_the_run(cfg, source, *, dry_run: bool):
     """Take the run's lock before anything heavy is imported, so a second run of the same name is
     refused in about a second (a dry run only looks). A born-again chain locks its own directory."""
-    from .rundir import RunDir
+    from .rundir.layout import RunDir
 
     lock = RunDir.of(cfg).lock()
     holder = lock.holder()
@@ -70,7 +70,7 @@ def _hold_the_run(cfg, source, *, dry_run: bool):
 
 
 def cmd_report(args) -> int:
-    from . import storage
+    from .rundir import storage
 
     path = storage.absolute(args.path)
     if storage.exists(storage.join(path, "sweep.yaml")):
@@ -85,7 +85,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import bench
+    from .run.bench import bench
 
     for name, low in (("peers", 2), ("batch_size", 1), ("steps", 5), ("repeats", 1)):
         if getattr(args, name) < low:
@@ -95,7 +95,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from . import config_file as config
+    from .config import files as config
     from .sweep import spec as sweep_config
 
     raw = config.read_yaml(args.config, "sweep file")  # a refusal names the file and line

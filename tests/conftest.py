@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from online_distill import config as config_mod
+from online_distill.config import schema as config_mod
 
 # End-to-end tests start their own embedded Ray, never a cluster a developer has running.
 os.environ.pop("RAY_ADDRESS", None)
@@ -34,7 +34,7 @@ def spawn_world():
     import torch.multiprocessing as mp
 
     def spawn(worker, args: tuple, nprocs: int) -> None:
-        mp.get_context("forkserver").set_forkserver_preload(["torch", "online_distill.loop"])
+        mp.get_context("forkserver").set_forkserver_preload(["torch", "online_distill.training.loop"])
         mp.start_processes(worker, args=args, nprocs=nprocs, start_method="forkserver")
 
     return spawn
@@ -85,7 +85,7 @@ def _world_worker(rank: int, cfg, tmp: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from online_distill.loop import run
+    from online_distill.training.loop import run
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=cfg.world_size)
     history = run(cfg, rank, torch.device("cpu"))
@@ -104,8 +104,8 @@ def train_history(tmp_path, spawn_world):
 
     import torch
 
-    from online_distill.checks import check
-    from online_distill.loop import run
+    from online_distill.run.checks import check
+    from online_distill.training.loop import run
 
     counter = itertools.count()
 

@@ -9,9 +9,9 @@ from torch import nn
 
 import online_distill
 from online_distill.run import launch  # noqa: F401
-from online_distill.config import ConfigError, DataConfig
-from online_distill.data import BYTE_VOCAB, WORD_BYTES, Splits, Tensors, lang_words, load_data
-from online_distill.models import build_model
+from online_distill.config.schema import ConfigError, DataConfig
+from online_distill.data.datasets import BYTE_VOCAB, WORD_BYTES, Splits, Tensors, lang_words, load_data
+from online_distill.models.builders import build_model
 
 
 # ---- a 1-D signal data set and a user 1-D conv net ------------------------------------------
@@ -69,7 +69,7 @@ def tiny_bert():
     """A randomly initialised 2-layer BERT (hidden 32) through the adapter: nothing is downloaded."""
     from transformers import BertConfig
 
-    from online_distill import hf
+    from online_distill.models import hf
 
     return hf.sequence_classifier(BertConfig(vocab_size=BYTE_VOCAB, hidden_size=32, num_hidden_layers=2,
                                              num_attention_heads=2, intermediate_size=64,
@@ -99,7 +99,7 @@ def test_lang_words_is_balanced_split_by_the_words_alone_and_deterministic():
     assert abs(len(s.test) / (len(s.train) + len(s.test)) - 0.1) < 0.001
     rows = lambda ds: {bytes(r.tolist()) for r in ds.x}  # noqa: E731
     assert not rows(s.train) & rows(s.test)  # no word in both splits
-    from online_distill.data import WORD_LISTS, _lang_words
+    from online_distill.data.datasets import WORD_LISTS, _lang_words
 
     fresh = _lang_words.__wrapped__(tuple((p, 0.0) for p, _ in WORD_LISTS.values()))  # read again, not cached
     assert torch.equal(fresh.test.x, s.test.x) and torch.equal(fresh.train.labels, s.train.labels)
@@ -108,7 +108,7 @@ def test_lang_words_is_balanced_split_by_the_words_alone_and_deterministic():
 
 
 def test_missing_word_lists_name_the_field_and_the_apt_packages(monkeypatch):
-    from online_distill import data
+    from online_distill.data import datasets as data
 
     monkeypatch.setitem(data.WORD_LISTS, "french", ("/nonexistent/french", "wfrench"))
     with pytest.raises(ConfigError, match=r"^data.dataset: 'lang_words' .* apt-get install wfrench$"):

@@ -1,7 +1,7 @@
 """The benchmark's plain-PyTorch side (the Ray side is the loop that the e2e tests run)."""
 import math
 
-from online_distill.bench import bench_config, plain_step_time
+from online_distill.run.bench import bench_config, plain_step_time
 
 
 def test_plain_pytorch_dml_cohort_steps(tmp_path):
@@ -13,7 +13,7 @@ def test_plain_pytorch_dml_cohort_steps(tmp_path):
 def test_paired_ratio_cancels_drift_between_repeats():
     import pytest
 
-    from online_distill.bench import paired_ratio
+    from online_distill.run.bench import paired_ratio
 
     # the machine got 2x slower for the second repeat: each pair still says 1.1
     assert paired_ratio([110.0, 220.0, 110.0], [100.0, 200.0, 100.0]) == pytest.approx((1.1, 1.1, 1.1))

@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-from online_distill import config as C
-from online_distill import config_file as CF
+from online_distill.config import schema as C
+from online_distill.config import files as CF
 from online_distill.sweep import spec as S
-from online_distill.checks import check
+from online_distill.run.checks import check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
@@ -122,7 +122,7 @@ def test_refusals_come_before_torch_and_ray_are_imported(tmp_path):
     sweep = put(tmp_path, "name: s\nbase: c.yaml\nspace:\n  loss.temperature: {grid: [1, 2]}\n", "s.yaml")
     code = f"""
 import sys
-from online_distill import config_file as config
+from online_distill.config import files as config
 from online_distill.sweep import spec as sweep_config
 from online_distill.cli import main
 config.load({path!r}).check_fields()

@@ -12,8 +12,8 @@ import sys
 import pandas as pd
 import pytest
 
-from online_distill import config as config_mod
-from online_distill import config_file
+from online_distill.config import schema as config_mod
+from online_distill.config import files as config_file
 from cluster import LocalCluster, NodeSpec
 
 pytestmark = pytest.mark.e2e

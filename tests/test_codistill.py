@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from online_distill import config as config_mod
-from online_distill.models import build_model
+from online_distill.config import schema as config_mod
+from online_distill.models.builders import build_model
 from online_distill.teachers import TeacherContext
 from online_distill.teachers.stale_peers import StalePeerTeacher, is_sync_step, state_bytes
-from online_distill.topology import Topology, build_topology
+from online_distill.core.topology import Topology, build_topology
 
 IMAGES = torch.zeros(2, 1, 28, 28)  # what models are built for: a batch like the 1x28x28 data
 
@@ -38,8 +38,8 @@ def _build_peer(p: int):
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
-    from online_distill.loop import _data_parallel
-    from online_distill.optim import make_optimizer
+    from online_distill.training.loop import _data_parallel
+    from online_distill.core.optim import make_optimizer
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -132,8 +132,8 @@ def test_codistill_cohort_on_disjoint_shards_reports_its_traffic(make_cfg, train
 
 
 def test_disjoint_peers_draw_from_disjoint_shards():
-    from online_distill.data import Batches, synthetic
-    from online_distill.topology import train_shard
+    from online_distill.data.datasets import Batches, synthetic
+    from online_distill.core.topology import train_shard
 
     ds = synthetic(config_mod.DataConfig(), n_train=400).train
     seen = []

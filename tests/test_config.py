@@ -4,10 +4,10 @@ import sys
 
 import pytest
 
-from online_distill import config as C
-from online_distill import config_file as CF
+from online_distill.config import schema as C
+from online_distill.config import files as CF
 from online_distill.cli import main
-from online_distill.checks import check
+from online_distill.run.checks import check
 
 
 def write(tmp_path, text: str) -> str:

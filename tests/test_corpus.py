@@ -1,12 +1,12 @@
-"""The built-in fortunes corpus (online_distill.corpus, data.fortunes, data.SequenceTensors): a
+"""The built-in fortunes corpus (online_distill.data.corpus, data.fortunes, data.SequenceTensors): a
 split by document, next-byte batches with padding ignored, and bytes that decode back to the text."""
 import types
 
 import pytest
 import torch
 
-from online_distill import corpus, data
-from online_distill.config import ConfigError
+from online_distill.data import corpus, datasets as data
+from online_distill.config.schema import ConfigError
 
 needs_fortunes = pytest.mark.skipif(not corpus.fortune_files(),
                                     reason=f"Debian's fortunes package is not installed ({corpus.FORTUNES_DIR}); "

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from online_distill.config import DataConfig
-from online_distill.config import ConfigError
-from online_distill.data import Batches, Jitter, load_data, synthetic
+from online_distill.config.schema import DataConfig
+from online_distill.config.schema import ConfigError
+from online_distill.data.datasets import Batches, Jitter, load_data, synthetic
 
 
 def test_fashion_mnist_is_real_and_split_without_overlap():

@@ -195,7 +195,7 @@ def test_rayjob_runs_a_sweep_with_gpus_token_auth_and_shared_storage():
 
 
 def test_rayjob_entrypoint_is_a_command_and_sweep_that_exist_and_load():
-    from online_distill.config_file import parse_sets
+    from online_distill.config.files import parse_sets
     from online_distill.sweep.driver import load_sweep
 
     words = shlex.split(_rayjob()["spec"]["entrypoint"])

@@ -9,16 +9,16 @@ import os
 import pytest
 import torch
 
-from online_distill import checkpoint as ckpt
-from online_distill import config as C
-from online_distill import config_file as CF
+from online_distill.rundir import checkpoint as ckpt
+from online_distill.config import schema as C
+from online_distill.config import files as CF
 from online_distill.cli import main
-from online_distill.data import load_data
+from online_distill.data.datasets import load_data
 from online_distill.run.export import export
-from online_distill.loop import run
-from online_distill.models import build_model
-from online_distill.reporting import CheckpointReporter
-from online_distill.rundir import RunDir
+from online_distill.training.loop import run
+from online_distill.models.builders import build_model
+from online_distill.training.reporting import CheckpointReporter
+from online_distill.rundir.layout import RunDir
 
 IMAGES = torch.zeros(2, 1, 28, 28)  # what models are built for: a batch like the 1x28x28 data
 

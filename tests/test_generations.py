@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from online_distill import config as C
-from online_distill import config_file as CF
-from online_distill.checkpoint import load_peer
+from online_distill.config import schema as C
+from online_distill.config import files as CF
+from online_distill.rundir.checkpoint import load_peer
 from online_distill.run import train
-from online_distill.rundir import checkpoint_dir_of as find_checkpoint_dir
+from online_distill.rundir.layout import checkpoint_dir_of as find_checkpoint_dir
 
 pytestmark = pytest.mark.e2e
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from online_distill import gpt, models
+from online_distill.models import gpt, builders as models
 
 
 def tiny(seq_len=16, vocab=32):

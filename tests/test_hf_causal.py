@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 transformers = pytest.importorskip("transformers")
 
-from online_distill import hf  # noqa: E402
+from online_distill.models import hf  # noqa: E402
 
 V, L = 64, 16
 

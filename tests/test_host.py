@@ -1,4 +1,4 @@
-"""Channels-last images and the host allocator (online_distill.host): speed settings that must
+"""Channels-last images and the host allocator (online_distill.core.host): speed settings that must
 change no model, and a model that cannot take them is refused naming the field."""
 import copy
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from online_distill import config as C
-from online_distill.host import keep_freed_memory, memory_format, to_format
-from online_distill.models import build_model, small_cnn
+from online_distill.config import schema as C
+from online_distill.core.host import keep_freed_memory, memory_format, to_format
+from online_distill.models.builders import build_model, small_cnn
 
 
 def test_channels_last_is_for_image_batches_only():
@@ -62,7 +62,7 @@ def test_a_model_that_needs_the_default_layout_is_refused_naming_the_field():
 
 
 def test_the_driver_refuses_it_before_any_worker(make_cfg, no_ray):
-    from online_distill.data import ImageTensors, Splits
+    from online_distill.data.datasets import ImageTensors, Splits
     from online_distill.run import train
 
     def images(cfg):

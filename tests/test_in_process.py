@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from online_distill import config as C
+from online_distill.config import schema as C
 from online_distill.run import in_process, train
-from online_distill.rundir import RunDir
+from online_distill.rundir.layout import RunDir
 from online_distill.run.in_process import fit_in_process, runs_in_process
 from online_distill.run.launch import history_from_checkpoint, make_trainer
 from online_distill.run.plan import check_machine, make_plan

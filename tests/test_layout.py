@@ -93,32 +93,77 @@ def test_subpackages_show_the_architecture_and_the_api_is_at_the_top():
         assert hasattr(online_distill, name), name
 
 
-ENTRY_POINTS = {"online_distill", "online_distill.cli", "online_distill.bench"}
-"""What a person calls: the public API, the command line, the overhead bench. They may import any layer."""
-LAYERS = [["online_distill.sweep"], ["online_distill.run"],
-          ["online_distill.loop", "online_distill.reporting", "online_distill.checks"], ["online_distill.teachers"]]
+ENTRY_POINTS = {"online_distill", "online_distill.cli"}
+"""What a person calls: the public API and the command line. They may import any layer."""
+LAYERS = ["online_distill.sweep", "online_distill.run", "online_distill.training", "online_distill.teachers",
+          "online_distill.rundir", "online_distill.distill", "online_distill.models", "online_distill.data",
+          "online_distill.core", "online_distill.config", "online_distill.errors"]
 """From the top down: a sweep is many runs; a run drives the workers' loop; the loop asks its
-teachers. Every other module is the base below them all. A module may import its own layer and
-the ones below it, never one above (sweep/ above run/: run/ never imports sweep/)."""
+teachers; teachers read the run directory, the distillation math and the models; models and
+data stand on the core (topology, host, optimizers) and the config; errors is the floor. A
+module may import its own folder and the ones below it, never one above (sweep/ above run/:
+run/ never imports sweep/)."""
+MAX_TOP_LEVEL = 10
+
+
+def layer(mod: str) -> int:
+    for i, pkg in enumerate(LAYERS):
+        if mod == pkg or mod.startswith(pkg + "."):
+            return i
+    raise AssertionError(f"{mod} is in no layer: add its folder to LAYERS")
+
+
+def test_every_module_is_in_a_layer_and_few_sit_at_the_top():
+    mods = modules()
+    for mod in mods:
+        if mod not in ENTRY_POINTS:
+            layer(mod)
+    top = [f for f in os.listdir(PKG_DIR) if f.endswith(".py")]
+    assert len(top) <= MAX_TOP_LEVEL, sorted(top)
 
 
 def test_no_module_imports_upward():
     graph = import_graph()
-
-    def layer(mod: str) -> int:
-        for i, pkgs in enumerate(LAYERS):
-            if any(mod == p or mod.startswith(p + ".") for p in pkgs):
-                return i
-        return len(LAYERS)
-
     upward = [f"{mod} -> {t}" for mod, targets in graph.items() if mod not in ENTRY_POINTS
-              for t in targets if layer(t) < layer(mod)]
+              for t in targets if t not in ENTRY_POINTS and layer(t) < layer(mod)]
     assert upward == []
+    assert not [f"{mod} -> {t}" for mod, targets in graph.items() if mod not in ENTRY_POINTS
+                for t in targets if t in ENTRY_POINTS], "only the entry points import the entry points"
+
+
+def _folder(mod: str) -> str:
+    return ".".join(mod.split(".")[:2])
+
+
+def test_no_private_name_crosses_a_folder():
+    """`from ..x.y import _name` reaches into another folder's insides: use its public name."""
+    mods = modules()
+    crossings = []
+    for mod, path in mods.items():
+        pkg = mod if path.endswith("__init__.py") else mod.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = pkg.split(".")
+                    base = ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+                if base.startswith("online_distill") and _folder(base) != _folder(mod):
+                    crossings += [f"{mod}: {base}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert crossings == []
+
+
+def test_every_folder_has_a_face():
+    """Each folder's __init__ says what the folder holds (a docstring) a reader can name."""
+    for entry in sorted(os.listdir(PKG_DIR)):
+        init = os.path.join(PKG_DIR, entry, "__init__.py")
+        if os.path.isdir(os.path.join(PKG_DIR, entry)) and entry != "__pycache__":
+            assert os.path.exists(init), entry
+            assert ast.get_docstring(ast.parse(open(init).read())), f"{entry}/__init__.py has no docstring"
 
 
 def test_benchmark_scripts_and_the_test_cluster_are_not_installed():
     mods = modules()
-    assert not [m for m in mods if m.startswith("online_distill.bench.")], "benchmark scripts live in benchmarks/tools"
+    assert not [m for m in mods if m.startswith("online_distill.run.bench.")], "benchmark scripts live in benchmarks/tools"
     assert "online_distill.run.cluster" not in mods, "the local test cluster lives in tests/cluster.py"
     root = os.path.dirname(PKG_DIR)
     assert os.path.exists(os.path.join(root, "benchmarks", "tools", "claims.py"))
@@ -126,6 +171,6 @@ def test_benchmark_scripts_and_the_test_cluster_are_not_installed():
 
 
 def test_the_config_schema_and_its_yaml_reading_are_apart():
-    schema = open(os.path.join(PKG_DIR, "config.py")).read()
+    schema = open(os.path.join(PKG_DIR, "config", "schema.py")).read()
     assert "import yaml" not in schema and "safe_load" not in schema
-    assert "yaml.SafeLoader" in open(os.path.join(PKG_DIR, "config_file.py")).read()
+    assert "yaml.SafeLoader" in open(os.path.join(PKG_DIR, "config", "files.py")).read()

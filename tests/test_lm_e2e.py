@@ -10,8 +10,8 @@ import os
 import pandas as pd
 import pytest
 
-from online_distill import config as C
-from online_distill.data import DATASETS
+from online_distill.config import schema as C
+from online_distill.data.datasets import DATASETS
 from online_distill.run import train
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/usr/share/games/fortunes"),
@@ -33,7 +33,7 @@ def lm_cfg(tmp_path, **over) -> C.Config:
 
 @pytest.mark.parametrize("bits", [16, 8])
 def test_packed_and_spread_lm_peers_learn_the_same_and_send_what_the_formula_says(tmp_path, train_history, bits):
-    from online_distill.sparse import bytes_per_token
+    from online_distill.distill.sparse import bytes_per_token
 
     packed = lm_cfg(tmp_path, scale__peers_per_worker=2, distill__logits_bits=bits)
     spread = lm_cfg(tmp_path, scale__peers_per_worker=1, distill__logits_bits=bits)
@@ -93,8 +93,8 @@ def test_two_runs_filling_one_teacher_cache_at_once_run_the_teacher_once(tmp_pat
     other waits for it and then reads it (before, both ran the teacher on every example)."""
     import threading
 
-    from online_distill.data import load_data
-    from online_distill.models import build_model
+    from online_distill.data.datasets import load_data
+    from online_distill.models.builders import build_model
     from online_distill.teachers.frozen import fill_disk_cache
     from online_distill.teachers.weights import TeacherSource
 
@@ -116,7 +116,7 @@ def test_two_runs_filling_one_teacher_cache_at_once_run_the_teacher_once(tmp_pat
 def test_a_hugging_face_causal_lm_trains_through_the_adapter(tmp_path):
     from transformers import GPT2Config
 
-    from online_distill import hf
+    from online_distill.models import hf
 
     tiny = hf.causal_lm(GPT2Config(vocab_size=256, n_positions=64, n_embd=16, n_layer=1, n_head=2))
     cfg = lm_cfg(tmp_path, models=["hf_gpt2", TINY], scale__peers_per_worker=2, train__epochs=2)
@@ -127,7 +127,7 @@ def test_a_hugging_face_causal_lm_trains_through_the_adapter(tmp_path):
 
 def test_mismatched_vocabularies_and_lengths_are_refused_on_the_driver(tmp_path, no_ray):
     def other_vocab(shape, num_classes):
-        from online_distill.gpt import gpt
+        from online_distill.models.gpt import gpt
 
         return gpt(shape, num_classes + 44, dim=16, layers=1, heads=2)
 
@@ -138,7 +138,7 @@ def test_mismatched_vocabularies_and_lengths_are_refused_on_the_driver(tmp_path,
     short = lm_cfg(tmp_path, models=["gpt(dim=16, layers=1, heads=2)"], distill__mode="independent", data__seq_len=600)
     with pytest.raises(C.ConfigError, match=r"^models\[0\]: .*"):
         train(C.with_overrides(short, {"models": ["hf_short"]}),
-              models={"hf_short": __import__("online_distill.hf", fromlist=["x"]).causal_lm(
+              models={"hf_short": __import__("online_distill.models.hf", fromlist=["x"]).causal_lm(
                   __import__("transformers").GPT2Config(vocab_size=256, n_positions=64, n_embd=16, n_layer=1,
                                                         n_head=2))}, verbose=False)
 

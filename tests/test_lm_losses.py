@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from online_distill.losses import distill_loss, divergence_from_log_probs, kd_term
+from online_distill.distill.losses import distill_loss, divergence_from_log_probs, kd_term
 
 DIVS = ["forward_kl", "reverse_kl", "jsd"]
 

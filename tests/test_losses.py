@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from online_distill.losses import distill_loss, kd_term, kl_to_student
+from online_distill.distill.losses import distill_loss, kd_term, kl_to_student
 
 
 def reference_kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

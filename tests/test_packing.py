@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from online_distill import config as config_mod
-from online_distill.checks import check
+from online_distill.config import schema as config_mod
+from online_distill.run.checks import check
 
 # every number a history row holds about what was learned (timings and layout excluded)
 LEARNED = ["train_ce", "train_kd", "train_acc", "val_acc", "val_nll", "test_acc", "test_nll"]
@@ -62,8 +62,8 @@ def test_four_peers_two_per_worker_exchange_across_workers(make_cfg, train_histo
 def test_peers_run_in_threads_only_where_that_changes_nothing(make_cfg):
     import torch.nn as nn
 
-    from online_distill.loop import PeerRunner
-    from online_distill.topology import Topology
+    from online_distill.training.loop import PeerRunner
+    from online_distill.core.topology import Topology
 
     cfg = make_cfg(scale__peers_per_worker=2, scale__cpus_per_worker=2)
     cpu, one_worker = torch.device("cpu"), Topology(0, 2, 1, peers_per_worker=2)
@@ -87,8 +87,8 @@ def test_overlapped_updates_run_in_each_peers_order_and_raise_where_the_loop_wai
 
     import torch.nn as nn
 
-    from online_distill.loop import PeerRunner
-    from online_distill.topology import Topology
+    from online_distill.training.loop import PeerRunner
+    from online_distill.core.topology import Topology
 
     cfg = make_cfg(scale__peers_per_worker=2, scale__cpus_per_worker=2)
     before = torch.get_num_threads()
@@ -127,7 +127,7 @@ def test_overlapped_updates_run_in_each_peers_order_and_raise_where_the_loop_wai
 
 def test_teachers_that_read_the_updated_weights_are_not_overlapped(make_cfg):
     from online_distill.teachers import TeacherContext, build_teacher
-    from online_distill.topology import Topology
+    from online_distill.core.topology import Topology
 
     def teacher(**over):
         cfg = check(make_cfg(**over))

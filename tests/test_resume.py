@@ -8,11 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from online_distill import checkpoint as ckpt
-from online_distill import config as C
-from online_distill.rundir import RunDir, checkpoint_name
+from online_distill.rundir import checkpoint as ckpt
+from online_distill.config import schema as C
+from online_distill.rundir.layout import RunDir, checkpoint_name
 from online_distill.run.resume import check_resume, find_resume_point
-from online_distill.topology import Topology
+from online_distill.core.topology import Topology
 
 NUM_PEERS = 2
 

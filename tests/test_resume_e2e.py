@@ -7,11 +7,11 @@ import time
 import pytest
 
 from online_distill import cli
-from online_distill import config as C
-from online_distill import config_file as CF
+from online_distill.config import schema as C
+from online_distill.config import files as CF
 from online_distill.run import launch
 from online_distill.run import train
-from online_distill.rundir import RunDir
+from online_distill.rundir.layout import RunDir
 from online_distill.run.launch import make_trainer
 
 pytestmark = pytest.mark.e2e

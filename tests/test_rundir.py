@@ -16,13 +16,13 @@ import pytest
 import torch
 
 import online_distill
-import online_distill.checkpoint
-from online_distill import config as C
-from online_distill import config_file as CF
-from online_distill import storage
+import online_distill.rundir.checkpoint
+from online_distill.config import schema as C
+from online_distill.config import files as CF
+from online_distill.rundir import storage
 from online_distill.cli import main
 from online_distill.errors import LabelError, NonFiniteError, RunLocked, StorageError
-from online_distill.rundir import RunDir
+from online_distill.rundir.layout import RunDir
 from online_distill.run import train
 
 PKG = os.path.dirname(online_distill.__file__)
@@ -33,12 +33,12 @@ NAMES = ["checkpoint_epoch", "config.yaml", "result.json", "history.json", "metr
 
 
 def test_the_names_on_disk_are_spelled_in_one_module():
-    """Only rundir.py spells the names of a run directory (docstrings may mention them)."""
+    """Only rundir/layout.py spells the names of a run directory (docstrings may mention them)."""
     offenders = []
     for dp, _, files in os.walk(PKG):
         for f in files:
             path = os.path.join(dp, f)
-            if not f.endswith(".py") or path == os.path.join(PKG, "rundir.py"):
+            if not f.endswith(".py") or path == os.path.join(PKG, "rundir", "layout.py"):
                 continue
             code = _without_docstrings(open(path).read())
             for name in NAMES:
@@ -71,7 +71,7 @@ def _without_docstrings(code: str) -> str:
 
 def test_a_run_directory_has_one_live_holder(tmp_path):
     run = RunDir(tmp_path / "r")
-    code = ("import sys, time; sys.path.insert(0, %r); from online_distill.rundir import RunDir; "
+    code = ("import sys, time; sys.path.insert(0, %r); from online_distill.rundir.layout import RunDir; "
             "l = RunDir(%r).lock(); l.acquire(); print('held', flush=True); time.sleep(60)") % (ROOT, run.path)
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
@@ -166,16 +166,16 @@ def test_a_full_disk_ends_the_run_in_one_line_spends_no_retry_and_keeps_the_last
     cfg = tiny(make_cfg, run__name="full")
     run = RunDir.of(cfg)
     sizes = []
-    real_save = online_distill.checkpoint.save
+    real_save = online_distill.rundir.checkpoint.save
 
     def measure(directory, epoch):  # how big one checkpoint is, to leave room for two
         real_save(directory, epoch)
         sizes.append(sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)))
 
-    monkeypatch.setattr(online_distill.checkpoint, "save", measure)
+    monkeypatch.setattr(online_distill.rundir.checkpoint, "save", measure)
     probe = tiny(make_cfg, run__name="probe", train__epochs=1)
     train(probe, verbose=False)
-    monkeypatch.setattr(online_distill.checkpoint, "save", real_save)
+    monkeypatch.setattr(online_distill.rundir.checkpoint, "save", real_save)
     disk = FullDisk(int(2.5 * sizes[0]))
     real_resolve = storage.resolve
     monkeypatch.setattr(storage, "resolve", lambda path: (disk, real_resolve(path)[1]))
@@ -189,7 +189,7 @@ def test_a_full_disk_ends_the_run_in_one_line_spends_no_retry_and_keeps_the_last
     names = os.listdir(run.path)
     assert not [n for n in names if n.startswith(".saving-") or ".tmp-" in n], names  # nothing half-named
     assert run.checkpoints() == ["checkpoint_epoch_0001", "checkpoint_epoch_0002"]
-    from online_distill.checkpoint import find_resume_point
+    from online_distill.rundir.checkpoint import find_resume_point
 
     assert find_resume_point(run, 2).checkpoint.endswith("checkpoint_epoch_0002")
     # the CLI says it in one line and exits 1
@@ -226,7 +226,7 @@ def test_a_real_full_disk(make_cfg, tmp_path, capsys):
         run = RunDir.of(cfg)
         names = os.listdir(run.path)
         assert not [n for n in names if n.startswith(".saving-") or ".tmp-" in n], names
-        from online_distill.checkpoint import find_resume_point
+        from online_distill.rundir.checkpoint import find_resume_point
 
         point = find_resume_point(run, 1)
         assert point.checkpoint is not None and point.checkpoint.endswith(run.checkpoints()[-1])
@@ -261,7 +261,7 @@ def test_grad_clip_keeps_the_gradient_norm_and_is_searchable(make_cfg):
                      base_dir=".", check=False)
     assert [t["optim.grad_clip"] for t in spec.trials()] == [0.5, 5.0]
     # the loop clips each peer's gradient to that global norm before its step
-    from online_distill.loop import run as run_loop
+    from online_distill.training.loop import run as run_loop
 
     seen = []
     real = torch.nn.utils.clip_grad_norm_
@@ -283,7 +283,7 @@ def test_grad_clip_keeps_the_gradient_norm_and_is_searchable(make_cfg):
 def test_labels_outside_the_classes_in_a_tensor_dataset_are_refused_on_the_driver(make_cfg, no_ray):
     from torch.utils.data import TensorDataset
 
-    from online_distill.data import Splits
+    from online_distill.data.datasets import Splits
 
     def shifted(cfg):  # labels 1..10 for 10 classes, in a plain TensorDataset
         x, y = torch.randn(300, 1, 8, 8), torch.arange(300) % 10 + 1
@@ -299,7 +299,7 @@ def test_labels_outside_the_classes_in_a_tensor_dataset_are_refused_on_the_drive
 def test_a_bad_label_found_in_a_batch_ends_the_run_without_a_retry(make_cfg, capsys):
     from torch.utils.data import Dataset
 
-    from online_distill.data import Splits
+    from online_distill.data.datasets import Splits
 
     class Hidden(Dataset):  # labels only known by reading each example
         def __init__(self, n, bad_from):
@@ -325,7 +325,7 @@ def test_a_bad_label_found_in_a_batch_ends_the_run_without_a_retry(make_cfg, cap
 # --- one preflight ------------------------------------------------------------------------------------
 
 def test_the_quick_starts_dataset_is_read_once(monkeypatch, tmp_path):
-    from online_distill import data as data_mod
+    from online_distill.data import datasets as data_mod
 
     calls = []
     real = data_mod.fashion_mnist

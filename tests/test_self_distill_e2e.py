@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from online_distill import config as C
-from online_distill.checkpoint import load_peer
+from online_distill.config import schema as C
+from online_distill.rundir.checkpoint import load_peer
 from online_distill.run import train
 from online_distill.run.launch import make_trainer
-from online_distill.rundir import RunDir, checkpoint_dir_of as find_checkpoint_dir
+from online_distill.rundir.layout import RunDir, checkpoint_dir_of as find_checkpoint_dir
 
 pytestmark = pytest.mark.e2e
 

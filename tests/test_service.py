@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import ray
 
-from online_distill import config as C
+from online_distill.config import schema as C
 from online_distill.run import train
 from online_distill.sweep.spec import SchedulerSpec, SweepSpec
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from online_distill import sparse
-from online_distill.losses import distill_loss, per_position_kd
-from online_distill.sparse import SparseTarget, compress, fold_topk, sparse_kd
+from online_distill.distill import sparse
+from online_distill.distill.losses import distill_loss, per_position_kd
+from online_distill.distill.sparse import SparseTarget, compress, fold_topk, sparse_kd
 
 DIVS = ["forward_kl", "reverse_kl", "jsd"]
 

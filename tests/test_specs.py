@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from online_distill import config as C
-from online_distill import config_file as CF
-from online_distill import specs
+from online_distill.config import schema as C
+from online_distill.config import files as CF
+from online_distill.config import specs
 from online_distill.cli import main
-from online_distill.models import build_model, constraints, mlp
+from online_distill.models.builders import build_model, constraints, mlp
 
 IMAGES = torch.zeros(2, 1, 28, 28)
 

@@ -10,18 +10,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from online_distill import checkpoint as ckpt
-from online_distill import config as C
-from online_distill import config_file as CF
-from online_distill.losses import distill_loss
-from online_distill.optim import cycle_index, lr_factor, make_optimizer, make_scheduler
+from online_distill.rundir import checkpoint as ckpt
+from online_distill.config import schema as C
+from online_distill.config import files as CF
+from online_distill.distill.losses import distill_loss
+from online_distill.core.optim import cycle_index, lr_factor, make_optimizer, make_scheduler
 from online_distill.teachers import TEACHERS, TeacherContext, build_teacher
 from online_distill.teachers.ema import ema_decay_at
-from online_distill.rundir import checkpoint_dir_of as find_checkpoint_dir
+from online_distill.rundir.layout import checkpoint_dir_of as find_checkpoint_dir
 from online_distill.teachers.frozen import resolve_teacher
 from online_distill.teachers.snapshot import is_cycle_end
-from online_distill.topology import Topology
-from online_distill.checks import check
+from online_distill.core.topology import Topology
+from online_distill.run.checks import check
 
 IMAGES = torch.zeros(2, 1, 28, 28)  # what models are built for: a batch like the 1x28x28 data
 
@@ -224,7 +224,7 @@ def test_dlb_repeats_the_last_batch_and_targets_last_steps_predictions():
 
 
 def _kd(z, t):
-    from online_distill.losses import kd_term
+    from online_distill.distill.losses import kd_term
 
     return kd_term(z, t, temperature=3.0, multi_teacher="mean_kl")
 
@@ -239,7 +239,7 @@ def teacher_run(tmp_path):
     d = run_dir / "checkpoint_epoch_0002"
     os.makedirs(d)
     (run_dir / "config.yaml").write_text(CF.dump(cfg))
-    from online_distill.models import build_model
+    from online_distill.models.builders import build_model
 
     nets = []
     for p, name in enumerate(cfg.models):
@@ -266,7 +266,7 @@ def test_frozen_teacher_from_a_run_directory_reads_the_model_from_its_config(tea
     # a student of another architecture learns from it: eval mode, no gradients, the saved weights
     cfg = offline_cfg(run_dir / "checkpoint_epoch_0002", **{"distill.teacher_peer": 1})
     check(cfg)
-    from online_distill.models import build_model
+    from online_distill.models.builders import build_model
 
     ctx = context(cfg)
     ctx.build_model = lambda name: build_model(name, IMAGES, 10)

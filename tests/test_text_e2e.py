@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from online_distill import config as C
-from online_distill import config_file as CF
+from online_distill.config import schema as C
+from online_distill.config import files as CF
 from online_distill.run import train
 
 pytestmark = pytest.mark.e2e

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from online_distill.timing import Clock
+from online_distill.core.timing import Clock
 
 
 def test_cpu_marks_give_step_and_exchange_seconds():

@@ -1,7 +1,7 @@
 """Peers x replicas: rank layout, process groups, and the data-parallel step of one peer.
 
 The distributed test spawns a real 2 peers x 2 replicas gloo world (no Ray needed) and uses
-online_distill.topology and the loop's own DDP wrapping."""
+online_distill.core.topology and the loop's own DDP wrapping."""
 from __future__ import annotations
 
 import os
@@ -11,12 +11,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from online_distill import config as config_mod
-from online_distill.losses import distill_loss
-from online_distill.optim import make_optimizer
-from online_distill.checks import check
-from online_distill.topology import (Topology, build_topology, exchange_group_ranks, slot_and_replica,
-                                     slot_group_ranks, train_shard)
+from online_distill.config import schema as config_mod
+from online_distill.distill.losses import distill_loss
+from online_distill.core.optim import make_optimizer
+from online_distill.run.checks import check
+from online_distill.core.topology import Topology, build_topology, exchange_group_ranks, slot_and_replica, slot_group_ranks, train_shard
 
 PEERS, REPLICAS, B, STEPS = 2, 2, 16, 2
 
@@ -93,7 +92,7 @@ def _optim_cfg():
 
 
 def _worker(rank: int, world: int, tmp: str) -> None:
-    from online_distill.loop import _data_parallel
+    from online_distill.training.loop import _data_parallel
     from online_distill.teachers.peers import PeerTeacher
     from online_distill.teachers import TeacherContext
 

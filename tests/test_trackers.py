@@ -1,4 +1,4 @@
-"""online_distill.trackers against the real libraries: log a small run, read it back with each
+"""online_distill.rundir.trackers against the real libraries: log a small run, read it back with each
 library's own reader.
 
 - tensorboard: tensorboard's EventAccumulator, as `tensorboard --logdir` loads it;
@@ -20,8 +20,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from online_distill import trackers as tr
-from online_distill.config import ConfigError
+from online_distill.rundir import trackers as tr
+from online_distill.config.schema import ConfigError
 
 CONFIG = {"models": ["resnet18", "resnet18"], "loss": {"temperature": 3.0, "kd_weight": 0.5},
           "train": {"epochs": 3, "seed": 0}, "run": {"name": "a", "notes": "x" * 7000}}

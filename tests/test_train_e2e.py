@@ -5,10 +5,10 @@ import pandas as pd
 import pytest
 import torch
 
-from online_distill import config as C
-from online_distill import config_file as CF
+from online_distill.config import schema as C
+from online_distill.config import files as CF
 from online_distill.run import train
-from online_distill.rundir import RunDir
+from online_distill.rundir.layout import RunDir
 from online_distill.run.launch import make_trainer
 from online_distill.run.plan import check_resources, cluster_resources, make_plan
 
@@ -113,7 +113,7 @@ def test_more_workers_than_the_cluster_has_is_refused_before_fit(ray_session, ma
 
 
 def test_heterogeneous_peers_from_user_model_and_dataset_builders(ray_session, make_cfg):
-    from online_distill.data import ImageTensors, Splits
+    from online_distill.data.datasets import ImageTensors, Splits
 
     def two_blobs(cfg):
         g = torch.Generator().manual_seed(0)

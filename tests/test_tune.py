@@ -15,10 +15,10 @@ import ray
 import yaml
 from ray.tune import Callback
 
-from online_distill import config as C
-from online_distill import config_file as CF
+from online_distill.config import schema as C
+from online_distill.config import files as CF
 from online_distill.sweep import spec as S
-from online_distill.config import ConfigError
+from online_distill.config.schema import ConfigError
 from online_distill.run.plan import concurrency
 from online_distill.run.report import report_run
 from online_distill.sweep.driver import load_sweep, run_sweep
@@ -150,8 +150,8 @@ def _stand_in_teacher(teacher_config: str, tmp_path) -> dict:
     state dict, so the rest of the sweep is checked without the run that trains it."""
     import torch
 
-    from online_distill.data import load_data
-    from online_distill.models import build_model
+    from online_distill.data.datasets import load_data
+    from online_distill.models.builders import build_model
 
     cfg = CF.load(teacher_config)
     data = load_data(cfg.data)
@@ -210,7 +210,7 @@ def _reported_epochs(sweep_dir: str, trial_id: str) -> list[int]:
 def flaky_dataset(marker: str):
     """The synthetic data, except that the first time a Train worker reads it, it fails (like
     storage that drops out once). The driver's preflight reads it fine."""
-    from online_distill.data import synthetic
+    from online_distill.data.datasets import synthetic
 
     def build(cfg):
         if ray.get_runtime_context().get_actor_id() is not None and not os.path.exists(marker):

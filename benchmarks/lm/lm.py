@@ -114,7 +114,7 @@ COMPARISONS = [  # claim, method, baseline, what the bar is
 
 
 def bytes_table() -> pd.DataFrame:
-    from online_distill.sparse import bytes_per_token, dense_bytes_per_token
+    from online_distill.distill.sparse import bytes_per_token, dense_bytes_per_token
 
     rows = []
     for vocab in (256, 50_000):
@@ -218,12 +218,12 @@ def topk_mass(work: str, windows: int = 256) -> pd.DataFrame:
     import torch
     import torch.nn.functional as F
 
-    from online_distill.checkpoint import load_peer
-    from online_distill.corpus import fortunes_tokens
-    from online_distill.losses import divergence_from_log_probs
-    from online_distill.models import build_model
-    from online_distill.rundir import checkpoint_dir_of
-    from online_distill.sparse import compress, reconstruct
+    from online_distill.rundir.checkpoint import load_peer
+    from online_distill.data.corpus import fortunes_tokens
+    from online_distill.distill.losses import divergence_from_log_probs
+    from online_distill.models.builders import build_model
+    from online_distill.rundir.layout import checkpoint_dir_of
+    from online_distill.distill.sparse import compress, reconstruct
 
     train, _ = fortunes_tokens(128)
     x = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:windows]]

@@ -3,7 +3,7 @@ processes (what a spread cohort does), in plain PyTorch without the framework.
 
     .venv/bin/python benchmarks/packing/threads_vs_processes.py --repeats 6 > benchmarks/packing/threads_vs_processes.txt
 
-Each peer: one intra-op thread, channels-last, freed memory kept (online_distill.host), batch
+Each peer: one intra-op thread, channels-last, freed memory kept (online_distill.core.host), batch
 128, forward + CE + backward + SGD step. Variants, alternating within each repeat, each in a
 fresh process:
   processes       two processes side by side, each training its peer (no synchronisation)
@@ -30,7 +30,7 @@ STEPS = 40
 
 
 def _peer_steps(variant: str, out) -> None:
-    from online_distill.host import keep_freed_memory
+    from online_distill.core.host import keep_freed_memory
 
     keep_freed_memory()
     if variant == "threads, 1 arena":
@@ -40,7 +40,7 @@ def _peer_steps(variant: str, out) -> None:
     import torch
     import torch.nn.functional as F
 
-    from online_distill.models import small_cnn
+    from online_distill.models.builders import small_cnn
 
     torch.set_num_threads(1)
     x = torch.randn(128, 1, 28, 28).contiguous(memory_format=torch.channels_last)

@@ -38,8 +38,8 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from online_distill import config as config_mod
-from online_distill.config import Config, ConfigError
+from online_distill.config import schema as config_mod
+from online_distill.config.schema import Config, ConfigError
 
 LOSSES = {"hinton": {"loss.kd_weight": 0.5, "loss.ce_weight": None},  # 0.5 CE + 0.5 T^2 KL (Hinton's mix)
           "sum": {"loss.kd_weight": 1.0, "loss.ce_weight": 1.0}}      # CE + T^2 KL (DML, ONE, MCL-OKD)
@@ -353,7 +353,7 @@ def cost(p: Profile, path: str) -> pd.DataFrame:
     side on this machine (1 thread; weights do not change either, so fresh models will do)."""
     import torch
 
-    from online_distill.models import build_model
+    from online_distill.models.builders import build_model
     from online_distill.run.compression import cpu_latency, size_bytes
 
     torch.manual_seed(0)

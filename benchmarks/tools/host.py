@@ -1,4 +1,4 @@
-"""What the two host settings of online_distill.host buy a CPU training step, side by side.
+"""What the two host settings of online_distill.core.host buy a CPU training step, side by side.
 
     python -m benchmarks.tools.host --model small_cnn --repeats 5
 
@@ -22,14 +22,14 @@ SETTINGS = [("default layout, glibc as is", False, False), ("channels-last", Tru
 
 def _step_time(model: str, batch_size: int, steps: int, channels_last: bool, keep: bool, out) -> None:
     if keep:
-        from online_distill.host import keep_freed_memory
+        from online_distill.core.host import keep_freed_memory
 
         keep_freed_memory()  # first, before torch allocates anything
     import torch
     import torch.nn.functional as F
 
-    from online_distill.host import memory_format, to_format
-    from online_distill.models import build_model
+    from online_distill.core.host import memory_format, to_format
+    from online_distill.models.builders import build_model
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

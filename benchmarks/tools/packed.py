@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, replace_all_batch_norm_modules_, stack_module_state, vmap
 
-from online_distill import config as config_mod
-from online_distill.checks import check
-from online_distill.models import build_model
+from online_distill.config import schema as config_mod
+from online_distill.run.checks import check
+from online_distill.models.builders import build_model
 
 
 def loop_samples_per_s(model: str, peers: int, mode: str, batch_size: int, steps: int, device: torch.device) -> float:
@@ -33,7 +33,7 @@ def loop_samples_per_s(model: str, peers: int, mode: str, batch_size: int, steps
     import contextlib
     import io
 
-    from online_distill.loop import run
+    from online_distill.training.loop import run
 
     cfg = check(config_mod.from_dict({
         "models": [model] * peers, "distill": {"mode": mode},

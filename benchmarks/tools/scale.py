@@ -1,6 +1,6 @@
 """`python -m benchmarks.tools.scale`: what peers x replicas and codistillation cost, side by side.
 
-Each measurement runs the real training loop (online_distill.loop.run) in a torch.distributed
+Each measurement runs the real training loop (online_distill.training.loop.run) in a torch.distributed
 world of its own (gloo, one process per rank, no Ray: Ray's start-up would only add noise), for
 a fixed number of steps, and reads the loop's own per-step numbers. Measurements alternate
 over `repeats` rounds and the median of the rounds is kept, so load that comes and goes on the
@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from online_distill import config as config_mod
-from online_distill.checks import check
-from online_distill.config import Config, ConfigError
+from online_distill.config import schema as config_mod
+from online_distill.run.checks import check
+from online_distill.config.schema import Config, ConfigError
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def measure(cfg: Config, device: str) -> dict:
 def _rank_main(rank: int, cfg: Config, tmp: str, device: str) -> None:
     import torch.distributed as dist
 
-    from online_distill.loop import run
+    from online_distill.training.loop import run
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=cfg.world_size)
     dev = torch.device("cuda", 0) if device == "cuda" else torch.device("cpu")
@@ -142,7 +142,7 @@ def bench_scale(*, model: str = "small_cnn", dataset: str = "fashion_mnist", bat
     import torch.multiprocessing as mp
 
     # forkserver: torch and the package are imported once, not once per rank and measurement
-    mp.get_context("forkserver").set_forkserver_preload(["torch", "online_distill.loop"])
+    mp.get_context("forkserver").set_forkserver_preload(["torch", "online_distill.training.loop"])
     report: dict = {"device": torch.cuda.get_device_name(0) if device == "cuda" else f"cpu x{os.cpu_count()}",
                     "model": model, "dataset": dataset, "batch_size": batch_size, "steps": steps, "repeats": repeats}
     for precision in precisions:

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def base_config(storage: str, teacher_dir: str | None = None, **over):
-    from online_distill import config as C
+    from online_distill.config import schema as C
 
     cfg = C.from_dict({
         "models": ["mlp"], "distill": {"mode": "independent"},
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
 
     import torch
 
-    from online_distill import config as C
+    from online_distill.config import schema as C
     from online_distill.run import train
     from online_distill.run.env import init_ray
     from online_distill.sweep.driver import run_sweep

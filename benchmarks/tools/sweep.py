@@ -22,8 +22,8 @@ import time
 
 import pandas as pd
 
-from online_distill import config as config_mod
-from online_distill import config_file
+from online_distill.config import schema as config_mod
+from online_distill.config import files as config_file
 from online_distill.sweep.spec import SchedulerSpec
 
 

@@ -7,7 +7,7 @@ leaves (results, compression, export, report), resuming (resume) and `--dry-run`
 def train(cfg, *, models: dict | None = None, datasets: dict | None = None, verbose: bool = True):
     """Train one cohort, or for distill.mode 'born_again' one generation after another (each an
     ordinary run). `models` / `datasets` add user builders by name. Returns a RunResult."""
-    from ..checks import check
+    from .checks import check
     from ..teachers.frozen import with_absolute_checkpoint
     from .generations import train_generations
     from .launch import train_cohort

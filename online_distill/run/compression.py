@@ -24,10 +24,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..rundir import COMPRESSION, TEACHER, RunDir
+from ..rundir.layout import COMPRESSION, TEACHER, RunDir
 from ..teachers.frozen import teacher_members
-from ..config import Config
-from ..host import to_format
+from ..config.schema import Config
+from ..core.host import to_format
 
 
 def size_bytes(model: nn.Module) -> int:
@@ -101,10 +101,10 @@ def compression_table(cfg: Config, checkpoint_dir: str, *, run: RunDir | None = 
     (a frozen teacher from the run's own copy). `data`: the dataset as the driver read it (None:
     read here). `test_acc`: the accuracies the run already measured, by member (peer0, ...); the
     others are evaluated here."""
-    from ..checkpoint import load_peer
-    from ..data import Batches, load_data
-    from ..host import memory_format
-    from ..models import build_model
+    from ..rundir.checkpoint import load_peer
+    from ..data.datasets import Batches, load_data
+    from ..core.host import memory_format
+    from ..models.builders import build_model
 
     data = data if data is not None else load_data(cfg.data, datasets)
     fmt = memory_format(data.sample, cfg.scale.channels_last)

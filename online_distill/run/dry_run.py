@@ -8,8 +8,8 @@ run refuses; it writes nothing and starts no Ray.
 """
 from __future__ import annotations
 
-from ..config_file import dump
-from ..topology import Topology
+from ..config.files import dump
+from ..core.topology import Topology
 
 
 def _fmt(resources: dict) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .compression import accuracy, cpu_latency
-from ..config import ConfigError
+from ..config.schema import ConfigError
 
 FORMATS = ("torchscript", "onnx")
 QUANTIZABLE = {nn.Linear, nn.LSTM, nn.GRU}
@@ -100,12 +100,12 @@ def _save_onnx(model: nn.Module, example: Tensor, path: str):
 
 def load_trained(run_dir: str, peer: int, *, models=None, datasets=None):
     """(config, checkpoint directory, the peer's trained model in eval mode, data) of a run. Its
-    models are rebuilt from the run's config.yaml: a name, or an import path (online_distill.specs)."""
-    from ..checkpoint import load_peer
-    from ..config_file import load
-    from ..data import load_data
-    from ..models import build_model
-    from ..rundir import CONFIG, RunDir, checkpoint_dir_of
+    models are rebuilt from the run's config.yaml: a name, or an import path (online_distill.config.specs)."""
+    from ..rundir.checkpoint import load_peer
+    from ..config.files import load
+    from ..data.datasets import load_data
+    from ..models.builders import build_model
+    from ..rundir.layout import CONFIG, RunDir, checkpoint_dir_of
 
     run = RunDir(run_dir)
     if not run.exists(CONFIG):
@@ -129,7 +129,7 @@ def export(run_dir: str, *, peer: int = 0, fmt: str = "torchscript", quantize: b
            check_samples: int = 256, models=None, datasets=None, verbose: bool = True) -> ExportReport:
     """Write peer `peer` of the run in `run_dir` as `fmt`, load it back and check it; with
     `quantize`, also an int8 copy. `models` / `datasets`: user builders, as for train()."""
-    from ..data import Batches
+    from ..data.datasets import Batches
 
     if fmt not in FORMATS:
         raise ConfigError(f"--format: got {fmt!r}; allowed: {', '.join(FORMATS)}")

@@ -69,8 +69,8 @@ class OurFailurePolicy(DefaultFailurePolicy):
             return FailureDecision.RAISE
         decision = super().make_decision(training_failed_error)
         if decision == FailureDecision.RETRY:
-            from ..checkpoint import find_resume_point
-            from ..rundir import RunDir
+            from ..rundir.checkpoint import find_resume_point
+            from ..rundir.layout import RunDir
 
             point = find_resume_point(RunDir(self.run_dir), self.num_peers, deep=False)
             limit = self.failure_config.max_failures

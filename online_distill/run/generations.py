@@ -19,10 +19,9 @@ import io
 
 import pandas as pd
 
-from .. import config_file
-from ..config import Config, ConfigError
-from ..rundir import (COMPRESSION, CONFIG, CURVES, FINAL, GENERATIONS, METRICS_CSV, RESULT, RunDir,
-                      checkpoint_dir_of, generation_name)
+from ..config import files as config_file
+from ..config.schema import Config, ConfigError
+from ..rundir.layout import COMPRESSION, CONFIG, CURVES, FINAL, GENERATIONS, METRICS_CSV, RESULT, RunDir, checkpoint_dir_of, generation_name
 from .results import final_table, format_table, plot_curves
 
 

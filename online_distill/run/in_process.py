@@ -19,10 +19,10 @@ from __future__ import annotations
 import os
 import sys
 
-from ..checkpoint import find_resume_point
-from ..config import Config
+from ..rundir.checkpoint import find_resume_point
+from ..config.schema import Config
 from ..errors import NotRetryable
-from ..rundir import RunDir
+from ..rundir.layout import RunDir
 from .env import cluster_address
 
 

@@ -12,11 +12,11 @@ from typing import Any
 import pandas as pd
 
 from . import compression
-from .. import checkpoint as ckpt
-from .. import storage
-from ..config import Config
+from ..rundir import checkpoint as ckpt
+from ..rundir import storage
+from ..config.schema import Config
 from ..errors import NotRetryable
-from ..rundir import COMPRESSION, LOG, PREDICTIONS, RAY_TRAIN, RESULT, RunDir
+from ..rundir.layout import COMPRESSION, LOG, PREDICTIONS, RAY_TRAIN, RESULT, RunDir
 from .env import cluster_address, init_ray  # noqa: F401 (init_ray: the place callers have always found it)
 from .in_process import fit_in_process
 from .plan import Plan, make_plan, say
@@ -47,7 +47,7 @@ def make_trainer(cfg: Config, run_dir: RunDir, *, models=None, datasets=None, ca
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from ..loop import train_loop_per_worker
+    from ..training.loop import train_loop_per_worker
     from .failures import OurFailurePolicy, SayWhatHappens
 
     if local and cfg.world_size != 1:
@@ -96,7 +96,7 @@ def make_trainer(cfg: Config, run_dir: RunDir, *, models=None, datasets=None, ca
 
 def _pythonpath() -> dict[str, str]:
     """Workers import what the driver imports: models and datasets given by import path
-    (online_distill.specs) are looked up from the directory the run was started in, as here."""
+    (online_distill.config.specs) are looked up from the directory the run was started in, as here."""
     here = os.getcwd()
     path = os.environ.get("PYTHONPATH", "")
     return {"PYTHONPATH": os.pathsep.join(p for p in (here, path) if p)}
@@ -123,7 +123,7 @@ def train_cohort(cfg: Config, *, models: dict | None = None, datasets: dict | No
                              verbose=verbose, service=plan.service).fit()
         except Exception as e:
             run.clean_partial()  # a save cut short leaves nothing half-named
-            error = _unwrapped(e)
+            error = unwrapped_error(e)
             _log_traceback(run, e, error)
             raise error from e
         last = run.latest()
@@ -155,7 +155,7 @@ def train_cohort(cfg: Config, *, models: dict | None = None, datasets: dict | No
     return RunResult(run.path, history, metrics, last)
 
 
-def _unwrapped(e: Exception) -> Exception:
+def unwrapped_error(e: Exception) -> Exception:
     """A worker group's error as the user's own: an error a retry could not fix, unwrapped from
     Ray's WorkerGroupError, so the CLI can print its one paragraph."""
     from .failures import not_retryable

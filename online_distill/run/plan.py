@@ -17,12 +17,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import config as config_mod
-from .. import config_file
-from ..checkpoint import ResumePoint, find_resume_point
-from ..config import Config, ConfigError
-from ..config import with_overrides
-from ..rundir import CONFIG, RESULT, TEACHER, RunDir, generation_name
+from ..config import schema as config_mod
+from ..config import files as config_file
+from ..rundir.checkpoint import ResumePoint, find_resume_point
+from ..config.schema import Config, ConfigError
+from ..config.schema import with_overrides
+from ..rundir.layout import CONFIG, RESULT, TEACHER, RunDir, generation_name
 from .resume import refusal, set_aside
 
 # Fields that may change when a run is resumed; any other change would make the resumed
@@ -114,7 +114,7 @@ def make_plan(cfg: Config, *, models=None, datasets=None, dry_run: bool = False,
     """Every check of a run, made once (see the module docstring). `dry_run`: start nothing and
     write nothing (a worker group's resources are checked against this machine unless a cluster
     is joined). `check_run_dir=False`: the caller owns the directory's state (a sweep trial)."""
-    from ..checks import check_names
+    from .checks import check_names
     from ..teachers import check_teacher
     from ..teachers.frozen import with_absolute_checkpoint
     from .env import cluster_address
@@ -129,7 +129,7 @@ def make_plan(cfg: Config, *, models=None, datasets=None, dry_run: bool = False,
         plan.data = read_data(cfg, models, datasets)
     plan.teacher = check_teacher(cfg, models, datasets, data=plan.data)
     if cfg.run.loggers:
-        from ..trackers import check_trackers
+        from ..rundir.trackers import check_trackers
 
         check_trackers(cfg.run.loggers)  # their libraries, here, before any worker starts
     if plan.in_process:
@@ -171,9 +171,9 @@ def read_data(cfg: Config, models=None, datasets=None):
     worker retry later (and downloads happen once)."""
     import torch
 
-    from ..data import load_data
-    from ..host import memory_format
-    from ..models import build_model
+    from ..data.datasets import load_data
+    from ..core.host import memory_format
+    from ..models.builders import build_model
 
     data = load_data(cfg.data, datasets)
     disjoint = cfg.distill.peer_data == "disjoint"  # codistilling peers may each take their own shard
@@ -196,7 +196,7 @@ def _same_output_size(cfg: Config, data, models=None) -> None:
     message says why."""
     import torch
 
-    from ..models import resolve_model
+    from ..models.builders import resolve_model
 
     size_of = {}
     for name in dict.fromkeys(cfg.models):  # one build per architecture
@@ -247,7 +247,7 @@ def start_teacher_service(cfg: Config, data, members: list, copy: str) -> list[s
     from .env import init_ray
 
     if data is None:
-        from ..data import load_data
+        from ..data.datasets import load_data
 
         data = load_data(cfg.data)
     init_ray()

@@ -4,10 +4,10 @@ saved) from the history in its newest checkpoint. A sweep directory is sweep.res
 (`online-distill report` dispatches: cli.cmd_report)."""
 from __future__ import annotations
 
-from .. import checkpoint as ckpt
-from .. import storage
-from ..config import ConfigError
-from ..rundir import CONFIG, RunDir
+from ..rundir import checkpoint as ckpt
+from ..rundir import storage
+from ..config.schema import ConfigError
+from ..rundir.layout import CONFIG, RunDir
 
 
 def latest_history(run: RunDir) -> tuple[list[dict], str] | None:

@@ -7,8 +7,8 @@ import io
 import pandas as pd
 import torch
 
-from ..rundir import CURVES, FINAL, METRICS_CSV, METRICS_PARQUET, PER_CLASS, RunDir
-from ..tables import FINAL_COLUMNS, final_table, format_table, history_frame  # noqa: F401 (re-exported)
+from ..rundir.layout import CURVES, FINAL, METRICS_CSV, METRICS_PARQUET, PER_CLASS, RunDir
+from ..rundir.tables import FINAL_COLUMNS, final_table, format_table, history_frame  # noqa: F401 (re-exported)
 
 
 def write_run_tables(run: RunDir, df: pd.DataFrame) -> dict[str, str]:

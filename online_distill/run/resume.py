@@ -14,9 +14,9 @@ newest complete checkpoint, as Ray Train would from its own.
 """
 from __future__ import annotations
 
-from ..checkpoint import ResumePoint, find_resume_point
-from ..config import Config, ConfigError
-from ..rundir import DAMAGED, INCOMPLETE, RunDir
+from ..rundir.checkpoint import ResumePoint, find_resume_point
+from ..config.schema import Config, ConfigError
+from ..rundir.layout import DAMAGED, INCOMPLETE, RunDir
 
 __all__ = ["ResumePoint", "find_resume_point", "set_aside", "refusal", "start_over"]
 

@@ -17,7 +17,7 @@ import time
 
 from ray.tune import Callback
 
-from ..rundir import LOG
+from ..rundir.layout import LOG
 
 
 def quiet_tune(sweep_dir: str) -> str:

@@ -35,12 +35,12 @@ from ray.train.v2.api.callback import UserCallback
 
 import pyarrow.fs as pafs
 
-from .. import config_file
-from .. import storage
+from ..config import files as config_file
+from ..rundir import storage
 from . import spec as sweep_config
-from ..config import Config, ConfigError, flatten
+from ..config.schema import Config, ConfigError, flatten
 from ..errors import NotRetryable
-from ..rundir import CONFIG
+from ..rundir.layout import CONFIG
 from .console import SweepConsole, quiet_tune
 from .spec import SweepSpec, trial_resources
 
@@ -139,8 +139,8 @@ def _trial_driver(params: dict, *, spec: SweepSpec, models=None, datasets=None, 
     import ray.tune
     from ray.util.queue import Empty, Queue
 
-    from ..reporting import CHECKPOINT_KEY
-    from ..rundir import RunDir
+    from ..training.reporting import CHECKPOINT_KEY
+    from ..rundir.layout import RunDir
     from ..run.launch import make_trainer
 
     # Tune logs every checkpoint it persists at INFO ("Checkpoint successfully created at ..."),
@@ -190,9 +190,9 @@ def _trial_driver(params: dict, *, spec: SweepSpec, models=None, datasets=None, 
     _COHORT.clear()
     queue.shutdown()
     if "error" in outcome:
-        from ..run.launch import _unwrapped
+        from ..run.launch import unwrapped_error
 
-        raise _unwrapped(outcome["error"])
+        raise unwrapped_error(outcome["error"])
 
 
 def _local_checkpoint(checkpoint) -> str | None:
@@ -240,7 +240,7 @@ def service_key(c: Config) -> str:
 def _start_teacher_services(configs: list[Config], sweep_dir: str, models, datasets, verbose) -> dict[str, list[str]]:
     """One teacher service per distinct teacher of the sweep, started before any trial (every
     trial of that teacher calls it: one copy of the teacher, not one per trial)."""
-    from ..data import load_data
+    from ..data.datasets import load_data
     from ..run.plan import start_teacher_service, teacher_copy_bytes
     from ..teachers import check_teacher
 
@@ -384,7 +384,7 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
     spec = dataclasses.replace(spec, storage_path=spec.storage_root, base=with_absolute_checkpoint(spec.base))
     configs = spec.check(models, datasets)
     if spec.base.run.loggers:
-        from ..trackers import check_trackers
+        from ..rundir.trackers import check_trackers
 
         check_trackers(spec.base.run.loggers, "loggers")
     use_sweep_env()

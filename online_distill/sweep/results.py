@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from .. import config as config_mod
-from .. import config_file
-from .. import storage
-from ..checkpoint import read_history
+from ..config import schema as config_mod
+from ..config import files as config_file
+from ..rundir import storage
+from ..rundir.checkpoint import read_history
 from ..run.results import format_table
 from .spec import OBJECTIVES, SweepSpec
 

@@ -19,9 +19,9 @@ from typing import Any, Mapping
 
 import yaml
 
-from .. import config as config_mod
-from .. import config_file
-from ..config import Config, ConfigError
+from ..config import schema as config_mod
+from ..config import files as config_file
+from ..config.schema import Config, ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid")
 OBJECTIVES = {"best_peer": "best_peer/val_acc", "mean": "mean/val_acc", "ensemble": "ensemble/val_acc"}
@@ -171,7 +171,7 @@ class SweepSpec:
 
     @property
     def sweep_dir(self) -> str:
-        from .. import storage
+        from ..rundir import storage
 
         return storage.join(self.storage_root, self.name)
 
@@ -276,7 +276,7 @@ class SweepSpec:
 def _check_config(cfg: Config, models, datasets, names: bool) -> Config:
     if not names:
         return cfg.check_fields()
-    from ..checks import check_names  # the registries: torch
+    from ..run.checks import check_names  # the registries: torch
 
     return check_names(cfg.check_fields(), models, datasets, teacher=False)
 
@@ -284,7 +284,7 @@ def _check_config(cfg: Config, models, datasets, names: bool) -> Config:
 def _check_teachers(configs: list[Config], models, datasets) -> None:
     """What each trial's teacher source needs, once per distinct teacher setting (a frozen
     teacher's checkpoint is read, and the data its check builds it on, once)."""
-    from ..data import load_data
+    from ..data.datasets import load_data
     from ..teachers import check_teacher
 
     datas: dict = {}

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ..config import Config
+from ..config.schema import Config
 from .base import PeerSource, PerPeer, Teacher, TeacherContext, per_peer
 
 __all__ = ["TEACHERS", "PeerSource", "PerPeer", "Teacher", "TeacherContext", "build_teacher", "check_teacher", "per_peer"]

@@ -9,14 +9,14 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from ..config import Config
-from ..topology import Topology
+from ..config.schema import Config
+from ..core.topology import Topology
 
 
 class LogitForm:
     """The form a worker hands teacher logits to the loss in (distill.logits): dense as they are,
     or compressed to the logits_k most likely tokens (topk) or logits_k sampled ones, at the
-    loss's temperature (online_distill.sparse). Sampled draws come from a generator seeded by
+    loss's temperature (online_distill.distill.sparse). Sampled draws come from a generator seeded by
     (seed, step, teacher), so a teacher's draws do not depend on where it runs (packed or spread),
     and a resumed run draws what an uninterrupted one would."""
 
@@ -31,7 +31,7 @@ class LogitForm:
 
     def compress(self, z: Tensor, *, step: int, teacher: int):
         """One teacher's logits (..., V) as a sparse.SparseTarget."""
-        from ..sparse import compress
+        from ..distill.sparse import compress
 
         g = None
         if self.kind == "sampled":
@@ -172,7 +172,7 @@ class PerPeer(Teacher):
 
 def measure_fidelity(form: LogitForm, teacher: Tensor, student: Tensor, *, peer: int, mask=None) -> dict[str, float]:
     """sparse.fidelity of compressing `teacher` (dense logits) as `form` does, for `student`."""
-    from ..sparse import fidelity
+    from ..distill.sparse import fidelity
 
     f = fidelity(teacher, student, form.compress(teacher, step=0, teacher=peer), temperature=form.temperature,
                  divergence="forward_kl", mask=mask)

@@ -28,7 +28,7 @@ import uuid
 import torch
 from torch import Tensor
 
-from .. import storage
+from ..rundir import storage
 
 META = "meta.json"
 FILLING = "filling.lock"
@@ -140,7 +140,7 @@ def _rows(part: dict) -> list:
 def stack_entries(values: list, device: torch.device):
     """A batch's entries as the loss takes one teacher's output: dense (B, ..., V) float32, or a
     SparseTarget with the batch in front."""
-    from ..sparse import from_wire
+    from ..distill.sparse import from_wire
 
     if isinstance(values[0], Tensor):
         return torch.stack(values).to(device)
@@ -152,7 +152,7 @@ def stack_entries(values: list, device: torch.device):
 def entries_of(output) -> list:
     """Each example's entry of a batch's output: its dense row (float32, on the CPU), or its sparse
     wire dict (compact dtypes). Rows are copied out, so an entry never keeps its batch alive."""
-    from ..sparse import to_wire
+    from ..distill.sparse import to_wire
 
     if isinstance(output, Tensor):
         return [row.clone() for row in output.detach().float().cpu()]

@@ -25,10 +25,10 @@ import torch
 import yaml
 from torch import Tensor
 
-from .. import storage
-from ..config import Config, ConfigError, DistillConfig
-from ..models import resolve_model
-from ..rundir import CONFIG, checkpoint_dir_of, peer_file, peer_files, run_dir_of
+from ..rundir import storage
+from ..config.schema import Config, ConfigError, DistillConfig
+from ..models.builders import resolve_model
+from ..rundir.layout import CONFIG, checkpoint_dir_of, peer_file, peer_files, run_dir_of
 from .base import PeerSource, TeacherContext
 from .weights import Ensemble, TeacherSource, load_into, load_weights, teacher_members  # noqa: F401 (re-exported)
 
@@ -153,8 +153,8 @@ class FrozenTeacher(PeerSource):
         """On the driver: the checkpoint exists, names a known model, and its weights fit that
         model on this dataset (a mismatch found on a worker would cost retries). Returns each
         member's source and weights, which the driver copies into the run directory once."""
-        from ..data import load_data
-        from ..models import build_model
+        from ..data.datasets import load_data
+        from ..models.builders import build_model
 
         out = []
         for src in resolve_teachers(cfg.distill, models):
@@ -192,7 +192,7 @@ class FrozenTeacher(PeerSource):
             self.client.prefetch(x, step)
 
     def _from_service(self, x: Tensor, step: int):
-        from ..sparse import from_wire
+        from ..distill.sparse import from_wire
 
         out = self.client.get(x, step)
         if isinstance(out, Tensor):
@@ -254,7 +254,7 @@ def resolve_teachers(d: DistillConfig, models: Mapping | None = None) -> list[Te
 
 def _run_copy(run_dir) -> dict | None:
     """The run's copy of its frozen teacher (None outside a run, or before the driver wrote it)."""
-    from ..rundir import TEACHER
+    from ..rundir.layout import TEACHER
 
     if run_dir is None:
         return None
@@ -298,9 +298,9 @@ def fill_disk_cache(cfg: Config, data, members: list, models: Mapping | None = N
     """On the driver, before any worker starts: every training example's teacher output into the
     disk cache (distill.teacher_cache_dir), so the run, and every later run and sweep trial of the
     same teacher, data and form, runs the teacher zero times. Returns (computed now, examples)."""
-    from ..data import Batches
-    from ..host import memory_format
-    from ..models import build_model
+    from ..data.datasets import Batches
+    from ..core.host import memory_format
+    from ..models.builders import build_model
     from .base import LogitForm
     from .cache import cache_key, digests, entries_of
 

@@ -39,7 +39,7 @@ class PeerTeacher(Teacher):
     def _compressed(self, local: Tensor, step: int) -> list:
         """Each local peer's logits compressed once (sparse.to_wire: small ids, float16), the wire
         tensors all-gathered: what crosses the wire is bytes_per_token x positions per peer."""
-        from ..sparse import from_wire, nbytes, to_wire
+        from ..distill.sparse import from_wire, nbytes, to_wire
 
         wires = [to_wire(self.form.compress(z, step=step, teacher=p)) for z, p in zip(local, self.mine)]
         tensors = {key: torch.stack([w[key] for w in wires]) for key in wires[0] if isinstance(wires[0][key], Tensor)}

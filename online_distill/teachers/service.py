@@ -28,7 +28,7 @@ import ray
 import torch
 from torch import Tensor
 
-from ..host import memory_format, to_format
+from ..core.host import memory_format, to_format
 
 MAX_ROWS = 4096
 """Rows of one forward pass at most (requests are merged up to this)."""
@@ -42,8 +42,8 @@ class TeacherReplica:
         from, here and after every restart: nothing of the teacher goes through the object store."""
         import io
 
-        from .. import storage
-        from ..models import build_model
+        from ..rundir import storage
+        from ..models.builders import build_model
         from .weights import Ensemble, TeacherSource, load_into, teacher_members
 
         torch.set_num_threads(max(1, threads))
@@ -89,7 +89,7 @@ class TeacherReplica:
         return await done
 
     def _serve(self) -> None:
-        from ..sparse import nbytes
+        from ..distill.sparse import nbytes
 
         take, rows = [], 0
         while self.queue and (not take or rows + len(self.queue[0][0]) <= MAX_ROWS):
@@ -132,7 +132,7 @@ class TeacherReplica:
         return out
 
     def _compress(self, z: Tensor, step: int) -> dict:
-        from ..sparse import compress, to_wire
+        from ..distill.sparse import compress, to_wire
 
         g = None
         if self.form["kind"] == "sampled":
@@ -173,7 +173,7 @@ def start(cfg, copy: str, data, key: str) -> list[str]:
     replica has built its teacher, read from `copy` (a teacher copy file on the run's storage).
     Returns the actors' names. A replica that cannot start (no resources, a model that does not
     build) raises here, on the driver, before any student."""
-    from ..config import ConfigError
+    from ..config.schema import ConfigError
 
     d = cfg.distill
     model_args = {"sample": data.sample, "num_classes": data.num_classes, "label_shape": data.label_shape,

@@ -12,8 +12,8 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..config import Config, ConfigError
-from ..optim import cycle_index
+from ..config.schema import Config, ConfigError
+from ..core.optim import cycle_index
 from .base import PeerSource, TeacherContext
 
 

@@ -11,8 +11,8 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .. import storage
-from ..config import ConfigError
+from ..rundir import storage
+from ..config.schema import ConfigError
 
 _FIELD = "distill.teacher_checkpoint"
 
@@ -22,7 +22,7 @@ class TeacherSource:
     path: str
     """The file the weights are read from."""
     model_name: str
-    """The teacher's model spec (a name, or an import path: online_distill.specs)."""
+    """The teacher's model spec (a name, or an import path: online_distill.config.specs)."""
     peer: int | None
     """The teacher's peer index in its run; None for a user's plain state dict."""
 

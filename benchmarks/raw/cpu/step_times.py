@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from online_distill.models import build_model
+from online_distill.models.builders import build_model
 
 torch.set_num_threads(1)
 torch.manual_seed(0)

@@ -26,13 +26,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from . import config as config_mod
-from .data import Batches, load_data
-from .host import keep_freed_memory, memory_format
-from .losses import distill_loss
-from .metrics import steady
-from .models import build_model
-from .optim import make_optimizer
+from ..config import schema as config_mod
+from ..data.datasets import Batches, load_data
+from ..core.host import keep_freed_memory, memory_format
+from ..distill.losses import distill_loss
+from ..training.metrics import steady
+from ..models.builders import build_model
+from ..core.optim import make_optimizer
 
 
 def bench_config(mode: str, peers: int, model: str, batch_size: int, steps: int, storage: str, name: str,
@@ -52,7 +52,7 @@ def bench_config(mode: str, peers: int, model: str, batch_size: int, steps: int,
 def _plain_worker(cfg: config_mod.Config, peer: int, rendezvous: str, out: mp.Queue) -> None:
     """The same work as one peer of the cohort, in plain PyTorch without Ray: forward, CE,
     backward, step; in DML mode also the all-gather of detached logits over gloo and the KD loss.
-    In the loop's memory layout and with its allocator setting (online_distill.host), so that
+    In the loop's memory layout and with its allocator setting (online_distill.core.host), so that
     the comparison prices the framework, not those."""
     keep_freed_memory()
     torch.set_num_threads(1)
@@ -103,9 +103,9 @@ def plain_step_time(cfg: config_mod.Config) -> float:
 def ray_step_time(cfg: config_mod.Config) -> tuple[float, float, float]:
     """Median step time, bytes received per step, and the share of the step spent in the
     exchange (waiting for the slowest peer's logits included), slowest peer first."""
-    from .checkpoint import read_metrics
-    from .rundir import RunDir
-    from .run.launch import make_trainer
+    from ..rundir.checkpoint import read_metrics
+    from ..rundir.layout import RunDir
+    from .launch import make_trainer
 
     run = RunDir.of(cfg)
     make_trainer(cfg, run, notify="train", verbose=False).fit()
@@ -123,7 +123,7 @@ def paired_ratio(num: list[float], den: list[float]) -> tuple[float, float, floa
 
 
 def bench(peers: int = 2, model: str = "small_cnn", batch_size: int = 128, steps: int = 60, repeats: int = 5) -> dict:
-    from .run.launch import init_ray
+    from .launch import init_ray
 
     init_ray()
     storage = tempfile.mkdtemp(prefix="online_distill_bench_")

@@ -32,11 +32,11 @@ def _fail(field_name: str, value: Any, allowed: str) -> None:
 
 IN_PROCESS = ("auto", "always", "never")
 TRACKERS = ("tensorboard", "mlflow", "wandb")
-"""run.loggers: the experiment trackers of online_distill.trackers (a test keeps the two equal)."""
+"""run.loggers: the experiment trackers of online_distill.rundir.trackers (a test keeps the two equal)."""
 PADS = ("background", "zero", "edge", "reflect")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 LOGITS = ("dense", "topk", "sampled")
-"""distill.logits: how teacher logits travel and are cached (online_distill.sparse)."""
+"""distill.logits: how teacher logits travel and are cached (online_distill.distill.sparse)."""
 """data.pad: what fills the border of a shifted image."""
 """run.in_process: where a cohort of one worker trains."""
 
@@ -48,7 +48,7 @@ here so the mode can be checked without importing torch, and config.py imports n
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "fashion_mnist"
-    """A name in online_distill.data.DATASETS, an import path `package.module:builder` (a
+    """A name in online_distill.data.datasets.DATASETS, an import path `package.module:builder` (a
     function of this DataConfig returning data.Splits), or a builder passed to the Python API."""
     root: str = "~/.cache/online_distill/data"
     """Where datasets are looked for and downloaded to."""
@@ -247,7 +247,7 @@ class DistillConfig:
     """topk / sampled: tokens kept per position."""
     logits_bits: int = 16
     """topk / sampled: bits per stored log-prob, 16 (float16) or 8 (one byte on a companded grid,
-    online_distill.sparse): at 8 a slot of a 256-token vocabulary costs 2 bytes instead of 3."""
+    online_distill.distill.sparse): at 8 a slot of a 256-token vocabulary costs 2 bytes instead of 3."""
     teacher_cache_dir: str | None = None
     """offline: a directory where the frozen teacher's logits (in the distill.logits form) are
     written once per training example, keyed by the teacher, the data and the form, and read by
@@ -330,7 +330,7 @@ class ScaleConfig:
     """'fp32' or 'bf16' (autocast; the optimizer state stays fp32)."""
     channels_last: bool = True
     """Image models (examples of shape (C, H, W)) and their batches in channels-last memory: the
-    layout oneDNN's CPU and cuDNN's mixed-precision convolutions run fastest on (online_distill.host).
+    layout oneDNN's CPU and cuDNN's mixed-precision convolutions run fastest on (online_distill.core.host).
     Changes speed and float rounding, never the model. Off for a model whose forward needs the
     default layout (one calling .view on an activation); means nothing for other inputs."""
 
@@ -399,9 +399,9 @@ class RunConfig:
 @dataclass(frozen=True)
 class Config:
     models: tuple[str, ...] = ("small_cnn", "small_cnn")
-    """One model per peer; peers may differ. A name in online_distill.models.MODELS, an import
+    """One model per peer; peers may differ. A name in online_distill.models.builders.MODELS, an import
     path `package.module:builder`, either with keyword arguments: `mlp(hidden=[800, 800],
-    dropout=0.5)` (online_distill.specs)."""
+    dropout=0.5)` (online_distill.config.specs)."""
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

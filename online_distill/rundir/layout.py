@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass
 
 from . import storage
-from .errors import RunLocked
+from ..errors import RunLocked
 
 CONFIG, RESULT, LOG, LOCK, LEASE = "config.yaml", "result.json", "run.log", ".lock", ".lease"
 METRICS_CSV, METRICS_PARQUET, FINAL, CURVES = "metrics.csv", "metrics.parquet", "final.csv", "curves.png"

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from .config import LossConfig, OptimConfig
+from ..config.schema import LossConfig, OptimConfig
 
 
 def make_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:

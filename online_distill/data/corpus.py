@@ -24,7 +24,7 @@ import zlib
 
 import torch
 
-from .config import ConfigError
+from ..config.schema import ConfigError
 
 FORTUNES_DIR = "/usr/share/games/fortunes"
 SEQ_LEN = 128  # default L when the config has no data.seq_len

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from . import specs
-from .config import ConfigError, DataConfig
-from .host import to_format
+from ..config import specs
+from ..config.schema import ConfigError, DataConfig
+from ..core.host import to_format
 
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 
@@ -311,7 +311,7 @@ def _lang_words(lists: tuple[tuple[str, float], ...]) -> Splits:
 
 
 def fortunes(cfg: DataConfig) -> Splits:
-    """Next-byte prediction on Debian's fortunes (apt-get install fortunes; online_distill.corpus
+    """Next-byte prediction on Debian's fortunes (apt-get install fortunes; online_distill.data.corpus
     reads and splits it, by document): windows of data.seq_len bytes (default 128), vocabulary 256."""
     from .corpus import SEQ_LEN, fortunes_tokens
 
@@ -374,7 +374,7 @@ def _builder_name(builder) -> str:
 
 def resolve_dataset(spec: str, builders: dict[str, DatasetBuilder] | None = None) -> DatasetBuilder:
     """The dataset builder data.dataset names (a name, an import path, either with arguments:
-    online_distill.specs), or a ConfigError of one line naming data.dataset."""
+    online_distill.config.specs), or a ConfigError of one line naming data.dataset."""
     try:
         return specs.resolve(spec, DATASETS, builders, fixed=1, what="dataset")
     except specs.SpecError as e:
@@ -400,7 +400,7 @@ def load_data(cfg: DataConfig, builders: dict[str, DatasetBuilder] | None = None
     except Exception as e:
         raise ConfigError(f"{who} raised {type(e).__name__}: {e}") from e
     if not isinstance(splits, Splits):
-        raise ConfigError(f"{who} returned {type(splits).__name__}; allowed: an online_distill.data.Splits"
+        raise ConfigError(f"{who} returned {type(splits).__name__}; allowed: an online_distill.data.datasets.Splits"
                           "(train, test, num_classes, input_shape=None)")
     if not isinstance(splits.num_classes, int) or splits.num_classes < 2:
         raise ConfigError(f"{who} returned num_classes={splits.num_classes!r}; allowed: an integer >= 2")
@@ -466,7 +466,7 @@ def _training_examples(cfg: DataConfig, splits: Splits, train_idx: torch.Tensor)
         labels = labels_of(splits.train)
         if labels is None or labels.dim() != 1:
             raise ConfigError(f"data.exclude_classes: dataset {cfg.dataset!r} does not expose one label per example "
-                              "(an online_distill.data.Tensors, a TensorDataset or a dataset with `targets`); allowed: "
+                              "(an online_distill.data.datasets.Tensors, a TensorDataset or a dataset with `targets`); allowed: "
                               "[] for it", "data.exclude_classes")
         keep = ~torch.isin(labels[train_idx], torch.tensor(cfg.exclude_classes))
         train_idx = train_idx[keep]

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .config import Config, ConfigError
-from .data import resolve_dataset
-from .models import resolve_model
-from .teachers import check_teacher
+from ..config.schema import Config, ConfigError
+from ..data.datasets import resolve_dataset
+from ..models.builders import resolve_model
+from ..teachers import check_teacher
 
 
 def check_names(cfg: Config, models: Mapping[str, Any] | None = None, datasets: Mapping[str, Any] | None = None,
                 *, teacher: bool = True) -> Config:
     """The checks against the registries (`models` / `datasets` add user builders by name): every
     model and the dataset resolve to a builder (a name, or an import path that imports and names
-    a builder taking the spec's arguments: online_distill.specs); with `teacher`, what the chosen
+    a builder taking the spec's arguments: online_distill.config.specs); with `teacher`, what the chosen
     teacher source needs (run.plan makes that check itself, once it has read the data)."""
     for i, spec in enumerate(cfg.models):
         resolve_model(spec, models, field=f"models[{i}]")

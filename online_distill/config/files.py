@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .config import Config, ConfigError, from_dict, to_dict, with_overrides  # noqa: F401 (re-exported)
+from .schema import Config, ConfigError, from_dict, to_dict, with_overrides  # noqa: F401 (re-exported)
 
 # ---- reading YAML --------------------------------------------------------------------------
 
@@ -198,7 +198,7 @@ def load_checked(path: str, sets: list[str] | None = None) -> tuple[Config, Sour
     """What the CLI runs before anything heavy: read the file, apply the --set items and make
     every check that needs no registry (Config.check_fields). Imports nothing beyond PyYAML, so a
     refusal costs the interpreter's start-up only. Every ConfigError names the file and line, or
-    the --set item, where the value came from; the registry checks (online_distill.checks) come
+    the --set item, where the value came from; the registry checks (online_distill.run.checks) come
     later, and `Source.locate` tells their errors the same way."""
     raw, lines = read_yaml_lines(path, "config file")
     items: dict[str, tuple[Any, str]] = {}  # key -> (value, the item); of one key given twice, the last wins

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from . import rundir as names
+from . import layout as names
 from . import storage
-from .topology import Topology
+from ..core.topology import Topology
 
 
 @dataclass

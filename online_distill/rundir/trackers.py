@@ -44,8 +44,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Se
 
 import yaml
 
-from . import rundir as names
-from .config import ConfigError, flatten
+from . import layout as names
+from ..config.schema import ConfigError, flatten
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from . import checkpoint as ckpt
-from .config import Config
-from .rundir import TRACKERS, RunDir, checkpoint_name
+from ..rundir import checkpoint as ckpt
+from ..config.schema import Config
+from ..rundir.layout import TRACKERS, RunDir, checkpoint_name
 
 CHECKPOINT_KEY = "checkpoint_dir"
 """The metric that carries an epoch's checkpoint directory to a Tune trial's driver."""
@@ -55,8 +55,8 @@ class CheckpointReporter:
         if not self.cfg.run.loggers:
             return
         if self.trackers is None:
-            from . import config_file
-            from .trackers import TrackerRun, open_trackers
+            from ..config import files as config_file
+            from ..rundir.trackers import TrackerRun, open_trackers
 
             run = TrackerRun(self.run_dir.path, self.cfg.run.name, self.group, config_file.to_dict(self.cfg),
                              self.run_dir.read_json(TRACKERS) or {})
@@ -64,7 +64,7 @@ class CheckpointReporter:
             self.run_dir.write_json(TRACKERS, self.trackers.ids)
         self.trackers.log_epoch(epoch.index + 1, epoch.metrics)
         if epoch.last:
-            from .tables import final_table, history_frame
+            from ..rundir.tables import final_table, history_frame
 
             self.trackers.log_table("final", final_table(history_frame(epoch.history)))
             self.finish("finished")

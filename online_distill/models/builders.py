@@ -10,7 +10,7 @@ torchvision classification models are adapted to small images (28x28, 32x32): a 
 stem and no early max-pool, as is usual for CIFAR. The small nets train in seconds on a CPU.
 The char_* models read token ids in [0, 256) (data.BYTE_VOCAB: the UTF-8 bytes of a text, 0
 for padding), e.g. the built-in lang_words dataset. Users add their own builders through the
-Python API (`train(cfg, models={...})`); online_distill.hf wraps Hugging Face models.
+Python API (`train(cfg, models={...})`); online_distill.models.hf wraps Hugging Face models.
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from . import gpt, specs
-from .config import ConfigError
-from .host import to_format
+from . import gpt
+from ..config import specs
+from ..config.schema import ConfigError
+from ..core.host import to_format
 
 Shape = tuple[int, ...]
 Builder = Callable[[Shape, int], nn.Module]
@@ -226,7 +227,7 @@ MODELS: dict[str, Builder] = {
     "char_cnn": char_cnn,
     "char_cnn_wide": char_cnn_wide,
     "char_gru": char_gru,
-    # decoder-only language models (online_distill.gpt): logits (B, L, vocab) for ids (B, L)
+    # decoder-only language models (online_distill.models.gpt): logits (B, L, vocab) for ids (B, L)
     "gpt": gpt.gpt,
     "gpt_tiny": gpt.gpt_tiny,
     "gpt_small": gpt.gpt_small,
@@ -236,7 +237,7 @@ MODELS: dict[str, Builder] = {
 
 def resolve_model(spec: str, builders: dict[str, Builder] | None = None, *, field: str = "models") -> Builder:
     """The builder a model spec names (a name, an import path, either with arguments:
-    online_distill.specs), or a ConfigError of one line starting with `field`."""
+    online_distill.config.specs), or a ConfigError of one line starting with `field`."""
     try:
         return specs.resolve(spec, MODELS, builders, fixed=2, what="model")
     except specs.SpecError as e:
@@ -246,7 +247,7 @@ def resolve_model(spec: str, builders: dict[str, Builder] | None = None, *, fiel
 def build_model(name: str, sample: torch.Tensor, num_classes: int, builders: dict[str, Builder] | None = None,
                 *, field: str = "models", memory_format: torch.memory_format = torch.contiguous_format,
                 label_shape: tuple[int, ...] = ()) -> nn.Module:
-    """Build model `name` (a spec: online_distill.specs) for examples like `sample` (a real batch
+    """Build model `name` (a spec: online_distill.config.specs) for examples like `sample` (a real batch
     of the dataset, a couple of rows) and run it on them: lazy layers take their shapes, and a
     builder that fails, a forward that raises or logits of the wrong shape are a ConfigError that
     starts with `field` and names the builder and the batch it got. Logits are (B, num_classes)

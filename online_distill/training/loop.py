@@ -20,19 +20,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import Epoch, find_resume_point, restore
-from .config import Config
-from .data import IGNORE_INDEX, Batches, Jitter, labels_of, load_data
-from .errors import LabelError, NonFiniteError
-from .host import keep_freed_memory, memory_format
-from .losses import distill_loss
+from ..rundir.checkpoint import Epoch, find_resume_point, restore
+from ..config.schema import Config
+from ..data.datasets import IGNORE_INDEX, Batches, Jitter, labels_of, load_data
+from ..errors import LabelError, NonFiniteError
+from ..core.host import keep_freed_memory, memory_format
+from ..distill.losses import distill_loss
 from .metrics import format_epoch, merge_rank_stats
-from .models import build_model, constraints
-from .optim import kd_weight_at, make_optimizer, make_scheduler
-from .rundir import RunDir
-from .teachers import TeacherContext, build_teacher
-from .timing import Clock
-from .topology import Topology, build_topology, train_shard
+from ..models.builders import build_model, constraints
+from ..core.optim import kd_weight_at, make_optimizer, make_scheduler
+from ..rundir.layout import RunDir
+from ..teachers import TeacherContext, build_teacher
+from ..core.timing import Clock
+from ..core.topology import Topology, build_topology, train_shard
 
 
 def train_loop_per_worker(config: dict) -> None:

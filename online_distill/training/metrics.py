@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from .config import Config
+from ..config.schema import Config
 
 
 def steady(step_times: list[float], warmup: int = 3) -> list[float]:

@@ -17,7 +17,7 @@ import uuid
 
 import pyarrow.fs as pafs
 
-from .errors import StorageError
+from ..errors import StorageError
 
 FATAL_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
 """What retrying the same write cannot change."""
