@@ -31,16 +31,19 @@ def lm_cfg(tmp_path, **over) -> C.Config:
     return C.with_overrides(cfg, {k.replace("__", "."): v for k, v in over.items()})
 
 
-@pytest.mark.parametrize("bits", [16, 8])
-def test_packed_and_spread_lm_peers_learn_the_same_and_send_what_the_formula_says(tmp_path, train_history, bits):
+@pytest.mark.parametrize("kind, bits", [("topk", 16), ("topk", 8), ("sampled", 16)])
+def test_packed_and_spread_lm_peers_learn_the_same_and_send_what_the_formula_says(tmp_path, train_history, kind, bits):
+    """Packed peers read each other's targets from memory, spread ones get them over the wire: a
+    sampled target is the same draws either way (they are seeded by example and peer, not by
+    where the peer runs)."""
     from online_distill.distill.sparse import bytes_per_token
 
-    packed = lm_cfg(tmp_path, scale__peers_per_worker=2, distill__logits_bits=bits)
-    spread = lm_cfg(tmp_path, scale__peers_per_worker=1, distill__logits_bits=bits)
+    packed = lm_cfg(tmp_path, scale__peers_per_worker=2, distill__logits=kind, distill__logits_bits=bits)
+    spread = lm_cfg(tmp_path, scale__peers_per_worker=1, distill__logits=kind, distill__logits_bits=bits)
     a, b = pd.DataFrame(train_history(packed)), pd.DataFrame(train_history(spread))
     pd.testing.assert_frame_equal(a[COLS], b[COLS], rtol=1e-4, atol=1e-5)
     sent = b[b["member"] == "peer0"]["exchange_bytes_per_step"].iloc[-1]
-    assert sent == 32 * 32 * bytes_per_token("topk", 4, 256, bits=bits)  # one peer's batch x positions x bytes a token
+    assert sent == 32 * 32 * bytes_per_token(kind, 4, 256, bits=bits)  # one peer's batch x positions x bytes a token
     assert (a["val_bpb"].dropna() < 8.0).all() and (b["logits_kl"].dropna() >= 0).all()
 
 
@@ -86,6 +89,23 @@ def test_an_eight_bit_top_k_cache_teaches_exactly_what_the_live_teacher_does(tmp
     assert live.history["teacher_forwards"].sum() > 0 and cached.history["teacher_forwards"].sum() == 0
     pd.testing.assert_frame_equal(cached.history[COLS], live.history[COLS], rtol=1e-5, atol=1e-6)
     assert (live.history["logits_kl"].dropna() > 0).all()
+
+
+def test_a_sampled_cache_teaches_every_peer_exactly_what_the_live_teacher_does(tmp_path):
+    """Sampled draws are seeded by the example's digest and the teacher (0: a frozen teacher is one
+    teacher for every peer), so the cache, filled once on the driver in batches of its own, holds
+    the very draws the live teacher makes for peer 0 and peer 1 at any step."""
+    teacher = train(lm_cfg(tmp_path, models=["gpt(dim=32, layers=1, heads=2)"], distill__mode="independent",
+                           run__name="teacher"), verbose=False)
+    kd = dict(models=[TINY, "gpt(dim=8, layers=1, heads=2)"], distill__mode="offline", scale__peers_per_worker=2,
+              distill__teacher_checkpoint=teacher.run_dir, distill__logits="sampled", distill__logits_k=6,
+              distill__logits_bits=8)  # rounded where made, so live and cached are the same numbers, bit for bit
+    live = train(lm_cfg(tmp_path, run__name="live", **kd), verbose=False)
+    cached = train(lm_cfg(tmp_path, run__name="cached", distill__teacher_cache_dir=str(tmp_path / "cache"), **kd),
+                   verbose=False)
+    assert live.history["teacher_forwards"].sum() > 0 and cached.history["teacher_forwards"].sum() == 0
+    assert set(live.history["member"]) >= {"peer0", "peer1"}
+    pd.testing.assert_frame_equal(cached.history[COLS], live.history[COLS], rtol=1e-5, atol=1e-6)
 
 
 def test_two_runs_filling_one_teacher_cache_at_once_run_the_teacher_once(tmp_path):

@@ -55,6 +55,19 @@ def test_the_service_teaches_what_the_teacher_in_process_teaches(teacher_run):
     assert served.metrics["service/requests"] >= 16
 
 
+def test_a_sampled_target_from_the_service_is_the_one_made_in_process_for_every_peer(teacher_run):
+    """The service draws a sampled target's tokens by the example's digest and teacher 0, as the
+    teacher in the students' own process does: two peers learn the same either way."""
+    teacher_dir, storage = teacher_run
+    over = {"models": ["mlp", "tiny_cnn"], "scale.peers_per_worker": 2, "distill.logits": "sampled",
+            "distill.logits_k": 3}
+    here = train(student(teacher_dir, storage, "sampled_here", **over), verbose=False)
+    served = train(student(teacher_dir, storage, "sampled_served", **over, **{"distill.teacher_service": True}),
+                   verbose=False)
+    assert set(here.history["member"]) >= {"peer0", "peer1"}
+    pd.testing.assert_frame_equal(served.history[COLS], here.history[COLS], rtol=1e-5, atol=1e-6)
+
+
 def test_a_lost_teacher_actor_is_restarted_and_the_run_ends_with_the_same_numbers(teacher_run):
     teacher_dir, storage = teacher_run
     calm = train(student(teacher_dir, storage, "calm", **{"distill.teacher_service": True,

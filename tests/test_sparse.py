@@ -293,12 +293,12 @@ def test_distill_loss_takes_sparse_targets(logits):
     assert torch.allclose(one, dense_loss, atol=1e-6)
     two_dense = torch.stack([z_t, z_t.flip(-1)])
     targets = [compress(t, temperature=2.0, kind="topk", k=12) for t in two_dense]
-    listed, _ = distill_loss(z_s, targets, y, **kw)
+    listed, _ = distill_loss(z_s, sparse.SparseTeachers(targets), y, **kw)
     stacked, _ = distill_loss(z_s, compress(two_dense, temperature=2.0, kind="topk", k=12), y, **kw)
     assert torch.allclose(listed, distill_loss(z_s, two_dense, y, **kw)[0], atol=1e-6)
     assert torch.allclose(listed, stacked, atol=1e-6)
     with pytest.raises(ValueError, match="mean_probs"):
-        distill_loss(z_s, targets, y, multi_teacher="mean_probs", **kw)
+        distill_loss(z_s, sparse.SparseTeachers(targets), y, multi_teacher="mean_probs", **kw)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here: the same code on CUDA tensors")

@@ -108,7 +108,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     for step in range(STEPS):
         x, y = _batch(peer, step, topo.replica)
         logits = train_model(x)
-        exchanged.append((logits.detach().clone(), dml.logits(x, [logits])[0]))
+        exchanged.append((logits.detach().clone(), dml.logits(x, [logits])[0].logits))  # the dense target's logits
         loss, _ = distill_loss(logits, None, y, temperature=1.0, kd_weight=0.0)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -426,15 +426,6 @@ class Config:
         return self.world_size == 1 and self.run.in_process != "never"
 
     @property
-    def logits_form(self) -> dict:
-        """What a frozen teacher's output is, beyond the teacher and the data: the form (distill.logits),
-        k, the bits (only when not 16) and the temperature compressed targets are made at (None for
-        dense). Teacher caches are filed under it and a sweep's trials share a teacher service by it."""
-        d = self.distill
-        return {"form": d.logits, "k": d.logits_k, **({"bits": d.logits_bits} if d.logits_bits != 16 else {}),
-                "T": None if d.logits == "dense" else self.loss.temperature}
-
-    @property
     def worker_resources(self) -> dict[str, float]:
         """What each Ray Train worker asks for."""
         return {"CPU": self.scale.cpus_per_worker, **({"GPU": self.scale.gpus_per_worker} if self.scale.use_gpu else {})}

@@ -119,26 +119,25 @@ def kd_term(student_logits: Tensor, teacher_logits: Tensor, *, temperature: floa
                                         multi_teacher=multi_teacher, divergence=divergence, jsd_beta=jsd_beta), mask)
 
 
-def _compressed_per_position(student_logits: Tensor, targets, *, temperature: float, multi_teacher: str,
-                             divergence: str, jsd_beta: float) -> Tensor:
-    """per_position_kd for compressed teachers: one sparse.SparseTarget (one teacher, or teachers
-    stacked in a leading dim) or a list of them, one per teacher. Read through their `kd` and
-    `unbind` methods: sparse.py builds on this module, so this module does not import it."""
-    if not isinstance(targets, (list, tuple)):
-        if not hasattr(targets, "kd"):
-            raise ValueError(f"teacher_logits: got {type(targets).__name__}; allowed: a tensor (n_teachers, "
-                             f"{', '.join(map(str, student_logits.shape))}), a sparse.SparseTarget or a list of them, "
-                             "or None")
-        targets = targets.unbind() if targets.ids.dim() == student_logits.dim() + 1 else [targets]
-    if multi_teacher not in MULTI_TEACHER:
-        raise ValueError(f"multi_teacher: got {multi_teacher!r}; allowed: 'mean_kl', 'mean_probs'")
-    if multi_teacher == "mean_probs" and len(targets) > 1:
-        # top-k sets differ per teacher and samples carry no other teacher's probabilities, so the
-        # mean distribution is not representable from compressed targets
-        raise ValueError(f"multi_teacher: got 'mean_probs' with {len(targets)} compressed (sparse) teachers; allowed: "
-                         "'mean_kl', or dense teacher logits")
-    per = [t.kd(student_logits, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta) for t in targets]
-    return torch.stack(per).mean(0)
+class DenseTarget:
+    """Dense teacher logits (n_teachers, *student_logits.shape) as the loss reads every teacher
+    target: `per_position` gives the divergence at each position. Its compressed counterparts
+    (sparse.SparseTarget, sparse.SparseTeachers) answer the same call, so the loss and the loop
+    never ask which form a teacher came in."""
+
+    def __init__(self, logits: Tensor):
+        self.logits = logits
+
+    def per_position(self, student_logits: Tensor, *, temperature: float, multi_teacher: str,
+                     divergence: str = "forward_kl", jsd_beta: float = 0.5) -> Tensor:
+        return per_position_kd(student_logits, self.logits, temperature=temperature, multi_teacher=multi_teacher,
+                               divergence=divergence, jsd_beta=jsd_beta)
+
+    def to(self, device: torch.device | str) -> "DenseTarget":
+        return DenseTarget(self.logits.to(device))
+
+    def __len__(self) -> int:
+        return len(self.logits)
 
 
 def distill_loss(
@@ -158,9 +157,10 @@ def distill_loss(
 
     logits: (B, C), or (B, L, C) for a sequence model (a classifier at every position).
     labels: (B,) or (B, L); a label equal to ignore_index marks padding, which never counts.
-    teacher_logits: dense (n_teachers, *logits.shape); a sparse.SparseTarget (one teacher, or
-    teachers stacked in front) or a list/tuple of them, one per teacher; or None when there is no
-    teacher at this step (the independent baseline, or before a teacher exists): plain CE.
+    teacher_logits: dense (n_teachers, *logits.shape) or a DenseTarget of them; a compressed
+    target (sparse.SparseTarget: one teacher, or teachers stacked in front; sparse.SparseTeachers:
+    one per teacher); or None when there is no teacher at this step (the independent baseline, or
+    before a teacher exists): plain CE.
     ce_weight None is the convex mix, 1 - kd_weight. divergence: 'forward_kl', 'reverse_kl' or
     'jsd' (with jsd_beta); see divergence_from_log_probs.
 
@@ -181,12 +181,15 @@ def distill_loss(
     if teacher_logits is None:
         return ce, {"ce": ce.detach(), "kd": torch.zeros((), device=logits.device), "tokens": tokens}
     check_divergence(divergence, jsd_beta)
-    if isinstance(teacher_logits, Tensor):
-        per = per_position_kd(logits, teacher_logits, temperature=temperature, multi_teacher=multi_teacher,
-                              divergence=divergence, jsd_beta=jsd_beta)
-    else:
-        per = _compressed_per_position(logits, teacher_logits, temperature=temperature, multi_teacher=multi_teacher,
-                                       divergence=divergence, jsd_beta=jsd_beta)
+    # plain tensors are the dense form (the Python API's convenience); every other form is a
+    # target object that answers per_position itself (DenseTarget, sparse.SparseTarget/-Teachers)
+    target = DenseTarget(teacher_logits) if isinstance(teacher_logits, Tensor) else teacher_logits
+    if not hasattr(target, "per_position"):
+        raise ValueError(f"teacher_logits: got {type(teacher_logits).__name__}; allowed: a tensor (n_teachers, "
+                         f"{', '.join(map(str, logits.shape))}), a teacher target (losses.DenseTarget, "
+                         "sparse.SparseTarget, sparse.SparseTeachers), or None")
+    per = target.per_position(logits, temperature=temperature, multi_teacher=multi_teacher, divergence=divergence,
+                              jsd_beta=jsd_beta)
     kd = masked_mean(per, mask)
     w_ce = 1.0 - kd_weight if ce_weight is None else ce_weight
     loss = w_ce * ce + kd_weight * temperature**2 * kd

@@ -22,7 +22,8 @@ makes the codes itself, so a target is the same numbers live, exchanged or cache
     per_position = sparse_kd(student_logits, target, temperature=2.0, divergence="forward_kl")
     wire = to_wire(target)          # compact tensors to send or store; from_wire(wire) back
 
-losses.distill_loss takes a SparseTarget (or a list, one per teacher) where it takes dense logits.
+losses.distill_loss takes a SparseTarget (one teacher, or teachers stacked in front) or a
+SparseTeachers (one target per teacher) where it takes dense logits: all answer per_position.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .losses import check_divergence, divergence_from_log_probs, masked_mean, per_position_kd
+from .losses import MULTI_TEACHER, check_divergence, divergence_from_log_probs, masked_mean, per_position_kd
 
 KINDS = ("topk", "sampled")
 BITS = (16, 8)
@@ -73,8 +74,14 @@ class SparseTarget:
         c = None if self.codes is None else self.codes.to(device)
         return replace(self, ids=self.ids.to(device), logp=self.logp.to(device), weight=w, codes=c)
 
-    def kd(self, student_logits: Tensor, *, temperature: float, divergence: str, jsd_beta: float = 0.5) -> Tensor:
-        """sparse_kd(student_logits, self, ...): how losses.distill_loss reads a compressed teacher."""
+    def per_position(self, student_logits: Tensor, *, temperature: float, multi_teacher: str = "mean_kl",
+                     divergence: str = "forward_kl", jsd_beta: float = 0.5) -> Tensor:
+        """The divergence at each position, as losses.distill_loss reads every target: one
+        teacher, or teachers stacked in a leading dim (then as SparseTeachers)."""
+        if self.ids.dim() == student_logits.dim() + 1:
+            return SparseTeachers(self.unbind()).per_position(student_logits, temperature=temperature,
+                                                               multi_teacher=multi_teacher, divergence=divergence,
+                                                               jsd_beta=jsd_beta)
         return sparse_kd(student_logits, self, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta)
 
     def unbind(self) -> list["SparseTarget"]:
@@ -83,6 +90,26 @@ class SparseTarget:
         cs = [None] * len(self.ids) if self.codes is None else self.codes.unbind(0)
         return [replace(self, ids=i, logp=lp, weight=w, codes=c)
                 for i, lp, w, c in zip(self.ids.unbind(0), self.logp.unbind(0), ws, cs)]
+
+
+class SparseTeachers(list):
+    """Compressed targets of several teachers, one SparseTarget each (their top-k sets differ, so
+    they do not stack): the divergence to each, averaged ('mean_kl', deep mutual learning)."""
+
+    def per_position(self, student_logits: Tensor, *, temperature: float, multi_teacher: str = "mean_kl",
+                     divergence: str = "forward_kl", jsd_beta: float = 0.5) -> Tensor:
+        if multi_teacher not in MULTI_TEACHER:
+            raise ValueError(f"multi_teacher: got {multi_teacher!r}; allowed: 'mean_kl', 'mean_probs'")
+        if multi_teacher == "mean_probs" and len(self) > 1:
+            # top-k sets differ per teacher and samples carry no other teacher's probabilities, so the
+            # mean distribution is not representable from compressed targets
+            raise ValueError(f"multi_teacher: got 'mean_probs' with {len(self)} compressed (sparse) teachers; "
+                             "allowed: 'mean_kl', or dense teacher logits")
+        return torch.stack([t.per_position(student_logits, temperature=temperature, divergence=divergence,
+                                           jsd_beta=jsd_beta) for t in self]).mean(0)
+
+    def to(self, device: torch.device | str) -> "SparseTeachers":
+        return SparseTeachers(t.to(device) for t in self)
 
 
 def _check_kind(kind: str) -> None:
@@ -128,7 +155,7 @@ def decode_logp8(kind: str, codes: Tensor) -> Tensor:
 
 
 def compress(teacher_logits: Tensor, *, temperature: float, kind: str, k: int,
-             generator: torch.Generator | None = None, bits: int = 16) -> SparseTarget:
+             generator: torch.Generator | None = None, bits: int = 16, row_keys: Tensor | None = None) -> SparseTarget:
     """Compress raw teacher logits (..., V) at temperature T.
 
     topk: the k largest tempered log-probs. sampled: k ids drawn i.i.d. from softmax(logits / T)
@@ -136,10 +163,15 @@ def compress(teacher_logits: Tensor, *, temperature: float, kind: str, k: int,
     duplicates merged into unique ids with weight count / k, padded to k slots with weight 0 so
     every position has the same shape. bits=8: the log-probs rounded to the one-byte grid
     (quantize_logp), so the target is exactly what its wire form carries.
+
+    row_keys (int64, one per leading row, e.g. per example): sampled draws come from counter-based
+    uniforms of (row key, position, draw) instead of a generator (keyed_uniforms), so a row's
+    draws do not depend on the batch it sits in, the step, or the device: the same example gives
+    the same sample live, exchanged, from a service and from a cache.
     """
     _check_kind(kind)
     _check_bits(bits)
-    target = _compress(teacher_logits, temperature=temperature, kind=kind, k=k, generator=generator)
+    target = _compress(teacher_logits, temperature=temperature, kind=kind, k=k, generator=generator, row_keys=row_keys)
     if bits == 8:
         codes = encode_logp8(kind, target.logp)
         target = replace(target, logp=decode_logp8(kind, codes), bits=8, codes=codes)
@@ -147,7 +179,7 @@ def compress(teacher_logits: Tensor, *, temperature: float, kind: str, k: int,
 
 
 def _compress(teacher_logits: Tensor, *, temperature: float, kind: str, k: int,
-              generator: torch.Generator | None) -> SparseTarget:
+              generator: torch.Generator | None, row_keys: Tensor | None = None) -> SparseTarget:
     vocab = teacher_logits.shape[-1]
     if k < 1 or (kind == "topk" and k > vocab):  # draws are with replacement: sampled k may exceed V
         raise ValueError(f"k: got {k}; allowed: 1 <= k <= vocab ({vocab}) for topk, k >= 1 for sampled")
@@ -157,7 +189,11 @@ def _compress(teacher_logits: Tensor, *, temperature: float, kind: str, k: int,
         return SparseTarget("topk", ids, top, None, vocab, float(temperature))
     lead = logp.shape[:-1]
     flat = logp.reshape(-1, vocab)
-    draws = torch.multinomial(flat.exp(), k, replacement=True, generator=generator).sort(dim=-1).values
+    if row_keys is None:
+        draws = torch.multinomial(flat.exp(), k, replacement=True, generator=generator)
+    else:
+        draws = _keyed_draws(flat, row_keys.to(flat.device), k)
+    draws = draws.sort(dim=-1).values
     # merge duplicates with fixed shapes: in each sorted row a new id opens the next slot
     new = torch.ones_like(draws, dtype=torch.bool)
     new[:, 1:] = draws[:, 1:] != draws[:, :-1]
@@ -170,6 +206,48 @@ def _compress(teacher_logits: Tensor, *, temperature: float, kind: str, k: int,
     weight = counts.float() / k
     return SparseTarget("sampled", ids.view(*lead, k), top.view(*lead, k), weight.view(*lead, k), vocab,
                         float(temperature))
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _i64(c: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 torch holds."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(x: Tensor, s: int) -> Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic: it copies the sign bit)."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix64(x: Tensor) -> Tensor:
+    """SplitMix64's finalizer on int64 tensors (wrapping arithmetic): a bijection whose output bits
+    each depend on every input bit, the same on every device."""
+    x = x + _i64(0x9E3779B97F4A7C15)
+    x = (x ^ _shr(x, 30)) * _i64(0xBF58476D1CE4E5B9)
+    x = (x ^ _shr(x, 27)) * _i64(0x94D049BB133111EB)
+    return x ^ _shr(x, 31)
+
+
+def keyed_uniforms(row_keys: Tensor, positions: int, k: int) -> Tensor:
+    """Uniforms in [0, 1), float64, shape (rows, positions, k): a pure function of (row key,
+    position, draw index), a counter-based generator (as Philox is) built from mix64."""
+    pos = torch.arange(positions, device=row_keys.device, dtype=torch.int64).view(1, -1, 1)
+    j = torch.arange(k, device=row_keys.device, dtype=torch.int64).view(1, 1, -1)
+    counter = mix64(row_keys.view(-1, 1, 1) ^ mix64(pos * k + j))
+    return _shr(mix64(counter), 11).double() * 2.0**-53
+
+
+def _keyed_draws(flat_logp: Tensor, row_keys: Tensor, k: int) -> Tensor:
+    """k ids per position of (rows * positions, V) log-probs, drawn by inverse CDF from
+    keyed_uniforms: rows are row_keys' entries, each with the same number of positions."""
+    rows = len(row_keys)
+    positions = len(flat_logp) // max(1, rows)
+    u = keyed_uniforms(row_keys, positions, k).reshape(-1, k)
+    cdf = flat_logp.double().exp().cumsum(-1)
+    draws = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)
+    return draws.clamp_max(flat_logp.shape[-1] - 1)
 
 
 def fold_topk(student_logits: Tensor, target: SparseTarget, temperature: float) -> tuple[Tensor, Tensor]:

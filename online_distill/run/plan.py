@@ -19,6 +19,7 @@ from typing import Any
 
 from ..config import schema as config_mod
 from ..config import files as config_file
+from ..distill.form import LogitForm
 from ..rundir.checkpoint import ResumePoint, find_resume_point
 from ..config.schema import Config, ConfigError
 from ..config.schema import with_overrides
@@ -260,9 +261,7 @@ def fill_teacher_cache(cfg: Config, data, members: list, models=None) -> str:
     from ..teachers.frozen import fill_disk_cache
 
     computed, total = fill_disk_cache(cfg, data, members, models)
-    where, d = cfg.distill.teacher_cache_dir, cfg.distill
-    form = (d.logits if d.logits == "dense"
-            else f"{d.logits}, k {d.logits_k}, {d.logits_bits}-bit, T {cfg.loss.temperature:g}")
+    where, form = cfg.distill.teacher_cache_dir, LogitForm.of(cfg).describe()
     if computed:
         return (f"teacher cache {where}: the teacher ran on {computed} of {total} training examples, once; this run "
                 f"and every later one with the same teacher, data and logits ({form}) read them")

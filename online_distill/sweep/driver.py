@@ -39,6 +39,7 @@ from ..config import files as config_file
 from ..rundir import storage
 from . import spec as sweep_config
 from ..config.schema import Config, ConfigError, flatten
+from ..distill.form import LogitForm
 from ..errors import NotRetryable
 from ..rundir.layout import CONFIG
 from .console import SweepConsole, quiet_tune
@@ -216,7 +217,7 @@ def _fill_teacher_caches(configs: list[Config], datas: dict, models, datasets, v
 
     done = set()
     for c in configs:
-        key = (c.distill, c.data, c.loss.temperature if c.distill.logits != "dense" else None)
+        key = (c.distill, c.data, LogitForm.of(c))
         if c.distill.mode != "offline" or not c.distill.teacher_cache_dir or key in done:
             continue
         done.add(key)
@@ -232,7 +233,7 @@ def _served(c: Config) -> bool:
 
 def service_key(c: Config) -> str:
     """Which trials share one teacher service: the same frozen teacher, data and logits form."""
-    form = sorted(c.logits_form.items())
+    form = sorted(LogitForm.of(c).key().items())
     return repr((c.distill.teacher_checkpoint, c.distill.teacher_peer, c.distill.teacher_ensemble, c.distill.teacher_model,
                  c.data.dataset, c.data.seq_len, form, c.distill.service_replicas))
 

@@ -11,40 +11,7 @@ from torch import Tensor, nn
 
 from ..config.schema import Config
 from ..core.topology import Topology
-
-
-class LogitForm:
-    """The form a worker hands teacher logits to the loss in (distill.logits): dense as they are,
-    or compressed to the logits_k most likely tokens (topk) or logits_k sampled ones, at the
-    loss's temperature (online_distill.distill.sparse). Sampled draws come from a generator seeded by
-    (seed, step, teacher), so a teacher's draws do not depend on where it runs (packed or spread),
-    and a resumed run draws what an uninterrupted one would."""
-
-    def __init__(self, cfg: Config, device: torch.device):
-        self.kind, self.k, self.temperature = cfg.distill.logits, cfg.distill.logits_k, cfg.loss.temperature
-        self.bits = cfg.distill.logits_bits
-        self.seed, self.device = cfg.train.seed, device
-
-    @property
-    def dense(self) -> bool:
-        return self.kind == "dense"
-
-    def compress(self, z: Tensor, *, step: int, teacher: int):
-        """One teacher's logits (..., V) as a sparse.SparseTarget."""
-        from ..distill.sparse import compress
-
-        g = None
-        if self.kind == "sampled":
-            g = torch.Generator(device=z.device).manual_seed((self.seed * 1_000_003 + step) * 1009 + teacher)
-        return compress(z, temperature=self.temperature, kind=self.kind, k=min(self.k, z.shape[-1])
-                        if self.kind == "topk" else self.k, generator=g, bits=self.bits)
-
-    def __call__(self, z: Tensor | None, *, step: int, teachers: list[int]):
-        """(n_teachers, ..., V) dense logits as the loss takes them: as they are, or a list of
-        SparseTargets (one per teacher, `teachers` naming each for its seed)."""
-        if z is None or self.dense:
-            return z
-        return [self.compress(zi, step=step, teacher=t) for zi, t in zip(z, teachers)]
+from ..distill.form import LogitForm
 
 
 class Teacher:
@@ -62,7 +29,7 @@ class Teacher:
 
     def __init__(self, ctx: "TeacherContext"):
         self.n = len(ctx.topo.peers)
-        self.form = LogitForm(ctx.cfg, ctx.device)
+        self.form = LogitForm.of(ctx.cfg)
 
     def prepare_batch(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The batch the students train on this step. Most teachers leave it as it is; one that
@@ -70,13 +37,15 @@ class Teacher:
         return x, y
 
     def logits(self, x: Tensor, student_logits: list[Tensor], step: int = 0) -> list:
-        """Per local peer: teacher logits for this batch, (n_teachers, B, [L,] C) detached, or
-        their compressed form (LogitForm); None for none. `step`: the global optimizer step."""
+        """Per local peer: its teachers' target for this batch in the run's form (distill.form:
+        a losses.DenseTarget or sparse.SparseTeachers, answering the loss's per_position), or
+        None for none. `step`: the global optimizer step."""
         return [None] * self.n
 
     def fidelity(self, x: Tensor, student_logits: list[Tensor]) -> dict[str, float]:
-        """What distill.logits loses on a batch (sparse.fidelity: KL(dense || reconstructed) and the
-        KD term's relative error), where this worker holds a dense teacher to compare; {} else."""
+        """What the run's logit form loses on a batch (LogitForm.fidelity: KL(dense ||
+        reconstructed) and the KD term's relative error), where this worker holds a dense teacher
+        to compare; {} else."""
         return {}
 
     def prefetch(self, x: Tensor, step: int) -> None:
@@ -105,6 +74,12 @@ class PeerSource:
     def logits(self, x: Tensor, student_logits: Tensor, step: int = 0) -> Tensor | None:
         """Teacher logits for this batch, (n_teachers, B, C), detached; None for no teacher."""
         return None
+
+    def target(self, x: Tensor, student_logits: Tensor, step: int, form: LogitForm, peer: int):
+        """This peer's teacher target in the run's form: the dense `logits`, each teacher named by
+        the peer it teaches. A source whose output is already in the form (a teacher cache, a
+        service) overrides this instead."""
+        return form.target_of(self.logits(x, student_logits, step), x=x, teachers=[peer])
 
     def prefetch(self, x: Tensor, step: int) -> None:
         """The batch of optimizer step `step` is next: a teacher computed elsewhere may start on it."""
@@ -139,11 +114,7 @@ class PerPeer(Teacher):
         return [s.prepare_batch(x, y) for s in self.sources][0]
 
     def logits(self, x: Tensor, student_logits: list[Tensor], step: int = 0) -> list:
-        out = []
-        for s, z, p in zip(self.sources, student_logits, self.peers):
-            t = s.logits(x, z, step)  # dense logits, or already in the run's form (a teacher cache, a service)
-            out.append(t if isinstance(t, list) else self.form(t, step=step, teachers=[p]))
-        return out
+        return [s.target(x, z, step, self.form, p) for s, z, p in zip(self.sources, student_logits, self.peers)]
 
     @property
     def teacher_forwards(self) -> int:
@@ -157,7 +128,7 @@ class PerPeer(Teacher):
         if self.form.dense:
             return {}
         z = self.sources[0].reference(x)
-        return {} if z is None else measure_fidelity(self.form, z[0], student_logits[0], peer=self.peers[0])
+        return {} if z is None else self.form.fidelity(z[0], student_logits[0], x=x, teacher_index=self.peers[0])
 
     def after_step(self, models: list[nn.Module], step: int) -> None:
         for s, m in zip(self.sources, models):
@@ -168,15 +139,6 @@ class PerPeer(Teacher):
 
     def load_state_dict(self, i: int, state: dict) -> None:
         self.sources[i].load_state_dict(state)
-
-
-def measure_fidelity(form: LogitForm, teacher: Tensor, student: Tensor, *, peer: int, mask=None) -> dict[str, float]:
-    """sparse.fidelity of compressing `teacher` (dense logits) as `form` does, for `student`."""
-    from ..distill.sparse import fidelity
-
-    f = fidelity(teacher, student, form.compress(teacher, step=0, teacher=peer), temperature=form.temperature,
-                 divergence="forward_kl", mask=mask)
-    return {"logits_kl": f["kl_dense_to_reconstructed"], "kd_rel_error": f["kd_rel_error"]}
 
 
 def per_peer(source: type[PeerSource]) -> Callable[["TeacherContext"], Teacher]:

@@ -28,6 +28,7 @@ import uuid
 import torch
 from torch import Tensor
 
+from ..distill.form import LogitForm
 from ..rundir import storage
 
 META = "meta.json"
@@ -46,17 +47,12 @@ def cache_key(cfg, members: list[tuple[str, dict]]) -> str:
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
     d = cfg.data
     h.update(json.dumps({"dataset": d.dataset, "seq_len": d.seq_len, "val_size": d.val_size, "split_seed": d.split_seed,
-                         **cfg.logits_form}, sort_keys=True).encode())
+                         **LogitForm.of(cfg).key()}, sort_keys=True).encode())
     return h.hexdigest()
 
 
-def digests(x: Tensor) -> list[bytes]:
-    rows = x.detach().cpu().contiguous().view(len(x), -1).numpy()
-    return [hashlib.blake2b(r.tobytes(), digest_size=8).digest() for r in rows]
-
-
 class DiskCache:
-    """Entries by example digest: a dense tensor (..., V) or a sparse wire dict per example."""
+    """Entries by example digest: the wire dict of each example's output (LogitForm.entries)."""
 
     def __init__(self, root: str, key: str, describe: dict | None = None):
         self.dir = storage.join(storage.absolute(root), key)
@@ -114,8 +110,8 @@ class DiskCache:
             return 0
         keys = torch.tensor([list(k) for k in self.new], dtype=torch.uint8)
         values = list(self.new.values())
-        if isinstance(values[0], Tensor):
-            part = {"keys": keys, "dense": torch.stack(values)}
+        if "dense" in values[0]:
+            part = {"keys": keys, "dense": torch.stack([v["dense"] for v in values])}
         else:
             part = {"keys": keys, **{f"wire.{n}": torch.stack([v[n] for v in values]) for n in values[0]
                                      if isinstance(values[0][n], Tensor)},
@@ -130,34 +126,8 @@ class DiskCache:
 
 def _rows(part: dict) -> list:
     if "dense" in part:
-        return list(part["dense"].unbind(0))
+        return [{"dense": row} for row in part["dense"].unbind(0)]
     header = json.loads(part["header"])
     names = [k[len("wire."):] for k in part if k.startswith("wire.")]
     n = len(part["keys"])
     return [{**header, **{name: part[f"wire.{name}"][i] for name in names}} for i in range(n)]
-
-
-def stack_entries(values: list, device: torch.device):
-    """A batch's entries as the loss takes one teacher's output: dense (B, ..., V) float32, or a
-    SparseTarget with the batch in front."""
-    from ..distill.sparse import from_wire
-
-    if isinstance(values[0], Tensor):
-        return torch.stack(values).to(device)
-    wire = {**{k: v for k, v in values[0].items() if not isinstance(v, Tensor)},
-            **{k: torch.stack([v[k] for v in values]).to(device) for k, v in values[0].items() if isinstance(v, Tensor)}}
-    return from_wire(wire)
-
-
-def entries_of(output) -> list:
-    """Each example's entry of a batch's output: its dense row (float32, on the CPU), or its sparse
-    wire dict (compact dtypes). Rows are copied out, so an entry never keeps its batch alive."""
-    from ..distill.sparse import to_wire
-
-    if isinstance(output, Tensor):
-        return [row.clone() for row in output.detach().float().cpu()]
-    wire = to_wire(output)
-    tensors = {k: v.cpu() for k, v in wire.items() if isinstance(v, Tensor)}
-    header = {k: v for k, v in wire.items() if not isinstance(v, Tensor)}
-    n = len(next(iter(tensors.values())))
-    return [{**header, **{k: v[i].clone() for k, v in tensors.items()}} for i in range(n)]

@@ -16,7 +16,6 @@ teacher runs in eval mode without gradients; its forward pass is part of the ste
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 from typing import Mapping
 
@@ -25,8 +24,9 @@ import torch
 import yaml
 from torch import Tensor
 
-from ..rundir import storage
 from ..config.schema import Config, ConfigError, DistillConfig
+from ..distill.form import LogitForm, example_digests
+from ..rundir import storage
 from ..models.builders import resolve_model
 from ..rundir.layout import CONFIG, checkpoint_dir_of, peer_file, peer_files, run_dir_of
 from .base import PeerSource, TeacherContext
@@ -94,8 +94,7 @@ class LogitCache:
         self.logits: dict[bytes, Tensor] = {}
 
     def get(self, x: Tensor, teacher) -> Tensor:
-        rows = x.detach().cpu().contiguous().view(len(x), -1).numpy()
-        keys = [hashlib.blake2b(r.tobytes(), digest_size=8).digest() for r in rows]
+        keys = example_digests(x)
         new = [i for i, k in enumerate(keys) if k not in self.logits]
         if new:
             fresh = teacher(x[new]).cpu()
@@ -114,11 +113,11 @@ class FrozenTeacher(PeerSource):
 
     def __init__(self, ctx: TeacherContext, peer: int):
         self.forwards, self.disk, self.cache, self.client = 0, None, None, None
+        self.form, self.device = LogitForm.of(ctx.cfg), ctx.device
         if ctx.service:  # the teacher runs in the service's actors: nothing to build here
-            from .base import LogitForm
             from .service import ServiceClient
 
-            self.client, self.form, self.device = ServiceClient(ctx.service), LogitForm(ctx.cfg, ctx.device), ctx.device
+            self.client = ServiceClient(ctx.service)
             self.model_name, self.source, self.models, self.model = "service", ",".join(ctx.service), [], None
             return
         copy = _run_copy(ctx.run_dir)
@@ -144,9 +143,6 @@ class FrozenTeacher(PeerSource):
 
             key = cache_key(ctx.cfg, [(src.model_name, weights) for src, weights in members])
             self.disk = shared_disk_cache(ctx.cfg.distill.teacher_cache_dir, key)
-            from .base import LogitForm
-
-            self.form = LogitForm(ctx.cfg, ctx.device)
 
     @staticmethod
     def check(cfg: Config, models: Mapping, datasets: Mapping, data=None) -> list[tuple[TeacherSource, dict]]:
@@ -167,11 +163,20 @@ class FrozenTeacher(PeerSource):
         return out
 
     @torch.no_grad()
-    def logits(self, x: Tensor, student_logits: Tensor, step: int = 0):
+    def target(self, x: Tensor, student_logits: Tensor, step: int, form, peer: int):
+        """The teacher's output in the run's form, from the service, the disk cache or the model.
+        One teacher for every peer: its index in the seed rule is 0 wherever it runs."""
         if self.client is not None:
-            return self._from_service(x, step)
-        if self.disk is not None:
-            return self._from_disk(x)
+            out = self.form.from_wire(self.client.get(x, step)).to(self.device)
+        elif self.disk is not None:
+            out = self._from_disk(x)
+        else:
+            out = self.form.output(self.logits(x, student_logits, step)[0], x=x, teacher=0)
+        return self.form.target([out])
+
+    @torch.no_grad()
+    def logits(self, x: Tensor, student_logits: Tensor, step: int = 0):
+        """The teacher's dense logits (1, B, ..., V), run here (through the in-memory cache if any)."""
         if self.cache is None:
             self.forwards += len(x)
             return self.model(x).float().unsqueeze(0)
@@ -191,28 +196,16 @@ class FrozenTeacher(PeerSource):
         if self.client is not None:
             self.client.prefetch(x, step)
 
-    def _from_service(self, x: Tensor, step: int):
-        from ..distill.sparse import from_wire
-
-        out = self.client.get(x, step)
-        if isinstance(out, Tensor):
-            return out.to(self.device).unsqueeze(0)
-        return [from_wire(out).to(self.device)]
-
     def _from_disk(self, x: Tensor):
-        """This batch's outputs from the disk cache; the examples it lacks go through the teacher
+        """This batch's output from the disk cache; the examples it lacks go through the teacher
         once and are added (written with the next checkpoint)."""
-        from .cache import digests, entries_of, stack_entries
-
-        keys = digests(x)
+        keys = example_digests(x)
         missing = self.disk.missing(keys)
         if missing:
             z = self._counted(x[missing])
-            out = z if self.form.dense else self.form.compress(z, step=int.from_bytes(keys[missing[0]][:4], "little"),
-                                                               teacher=0)
-            self.disk.put([keys[i] for i in missing], entries_of(out))
-        batch = stack_entries([self.disk.entries[k] for k in keys], x.device)
-        return batch.unsqueeze(0) if isinstance(batch, Tensor) else [batch]
+            self.disk.put([keys[i] for i in missing],
+                          self.form.entries(self.form.output(z, digests=[keys[i] for i in missing], teacher=0)))
+        return self.form.stack([self.disk.entries[k] for k in keys], x.device)
 
     def state_dict(self) -> dict:
         if self.client is not None:
@@ -301,8 +294,7 @@ def fill_disk_cache(cfg: Config, data, members: list, models: Mapping | None = N
     from ..data.datasets import Batches
     from ..core.host import memory_format
     from ..models.builders import build_model
-    from .base import LogitForm
-    from .cache import cache_key, digests, entries_of
+    from .cache import cache_key
 
     fmt = memory_format(data.sample, cfg.scale.channels_last)
     nets = []
@@ -313,18 +305,18 @@ def fill_disk_cache(cfg: Config, data, members: list, models: Mapping | None = N
         nets.append(net.eval())
     model = nets[0] if len(nets) == 1 else Ensemble(nets)
     disk = shared_disk_cache(cfg.distill.teacher_cache_dir, cache_key(cfg, [(s.model_name, w) for s, w in members]))
-    form = LogitForm(cfg, torch.device("cpu"))
+    form = LogitForm.of(cfg)
     computed = 0
     with disk.filling():  # two runs started together: one fills, the other waits and reads
         for x, _ in Batches(data.train, batch_size, torch.device("cpu"), shuffle=False, drop_last=False,
                             memory_format=fmt):
-            keys = digests(x)
+            keys = example_digests(x)
             missing = disk.missing(keys)
             if not missing:
                 continue
             z = model(x[missing]).float()
-            out = z if form.dense else form.compress(z, step=int.from_bytes(keys[missing[0]][:4], "little"), teacher=0)
-            disk.put([keys[i] for i in missing], entries_of(out))
+            fresh = [keys[i] for i in missing]
+            disk.put(fresh, form.entries(form.output(z, digests=fresh, teacher=0)))
             computed += len(missing)
         disk.flush()
     return computed, len(data.train)

@@ -23,41 +23,25 @@ class PeerTeacher(Teacher):
         self.mine = ctx.topo.peers  # cohort positions of this worker's peers; slots hold consecutive peers
 
     def logits(self, x: Tensor, student_logits: list[Tensor], step: int = 0) -> list:
-        local = torch.stack([z.detach().float() for z in student_logits])  # (k, B, [L,] V)
-        if not self.form.dense:
-            return self._compressed(local, step)
-        if self.group is None:
-            cohort = local
-        else:  # slot-major ranks: concatenating the slots' stacks gives peers 0..K-1 in order
-            gathered = [torch.empty_like(local) for _ in range(self.slots)]
-            dist.all_gather(gathered, local, group=self.group)
-            cohort = torch.cat(gathered)
-            self.comm_bytes_per_step = (self.slots - 1) * local.numel() * local.element_size()
-        k = cohort.shape[0]
-        return [cohort[[q for q in range(k) if q != p]] for p in self.mine]
-
-    def _compressed(self, local: Tensor, step: int) -> list:
-        """Each local peer's logits compressed once (sparse.to_wire: small ids, float16), the wire
-        tensors all-gathered: what crosses the wire is bytes_per_token x positions per peer."""
-        from ..distill.sparse import from_wire, nbytes, to_wire
-
-        wires = [to_wire(self.form.compress(z, step=step, teacher=p)) for z, p in zip(local, self.mine)]
+        """Each local peer's logits in the run's form once (LogitForm.to_wire: dense float32, or
+        small ids and 8/16-bit log-probs), each wire tensor all-gathered: what crosses the wire is
+        the form's bytes_per_token x positions per peer."""
+        form = self.form
+        wires = [form.to_wire(form.output(z, x=x, teacher=p)) for z, p in zip(student_logits, self.mine)]
         tensors = {key: torch.stack([w[key] for w in wires]) for key in wires[0] if isinstance(wires[0][key], Tensor)}
         header = {key: v for key, v in wires[0].items() if not isinstance(v, Tensor)}
-        if self.group is not None:
+        if self.group is not None:  # slot-major ranks: concatenating the slots' stacks gives peers 0..K-1 in order
             for key, t in tensors.items():
                 gathered = [torch.empty_like(t) for _ in range(self.slots)]
                 dist.all_gather(gathered, t, group=self.group)
                 tensors[key] = torch.cat(gathered)
-            self.comm_bytes_per_step = (self.slots - 1) * sum(nbytes(w) for w in wires)
-        cohort = [from_wire({**header, **{key: t[q] for key, t in tensors.items()}}) for q in range(len(tensors["ids"]))]
-        return [[cohort[q] for q in range(len(cohort)) if q != p] for p in self.mine]
+            self.comm_bytes_per_step = (self.slots - 1) * sum(form.nbytes(w) for w in wires)
+        cohort = [form.from_wire({**header, **{key: t[q] for key, t in tensors.items()}})
+                  for q in range(len(next(iter(tensors.values()))))]
+        return [form.target([cohort[q] for q in range(len(cohort)) if q != p]) for p in self.mine]
 
     def fidelity(self, x: Tensor, student_logits: list[Tensor]) -> dict[str, float]:
-        if self.form.dense:
-            return {}
-        from .base import measure_fidelity
-
         # a neighbour's logits as the teacher where this worker holds two peers, else its own
-        teacher = student_logits[1] if len(student_logits) > 1 else student_logits[0]
-        return measure_fidelity(self.form, teacher.float(), student_logits[0], peer=self.mine[0])
+        q = 1 if len(student_logits) > 1 else 0
+        return self.form.fidelity(student_logits[q].detach().float(), student_logits[0], x=x,
+                                  teacher_index=self.mine[q])

@@ -20,7 +20,6 @@ _precision), started by the driver of a run or of a whole sweep before any stude
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import time
 
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from ..core.host import memory_format, to_format
+from ..distill.form import LogitForm, example_digests
 
 MAX_ROWS = 4096
 """Rows of one forward pass at most (requests are merged up to this)."""
@@ -37,7 +37,7 @@ NAMESPACE = "online_distill"
 
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class TeacherReplica:
-    def __init__(self, copy: str, model_args: dict, form: dict, precision: str, threads: int, keep: bool):
+    def __init__(self, copy: str, model_args: dict, form: LogitForm, precision: str, threads: int, keep: bool):
         """copy: the teacher copy file (run.plan.write_teacher_copy) this replica reads its weights
         from, here and after every restart: nothing of the teacher goes through the object store."""
         import io
@@ -73,8 +73,8 @@ class TeacherReplica:
         return True
 
     async def logits(self, x: Tensor, step: int = 0):
-        """The teacher's output for a batch, in the run's form: dense logits (B, ..., V) float32,
-        or a sparse wire dict (compact dtypes)."""
+        """The teacher's output for a batch as the run's form puts it on the wire (LogitForm.to_wire):
+        dense float32 logits, or compact ids and log-probs; sampled draws seeded by example."""
         done = asyncio.get_running_loop().create_future()
         self.queue.append((x, step, done, time.perf_counter()))
         self.counters["requests"] += 1
@@ -89,8 +89,6 @@ class TeacherReplica:
         return await done
 
     def _serve(self) -> None:
-        from ..distill.sparse import nbytes
-
         take, rows = [], 0
         while self.queue and (not take or rows + len(self.queue[0][0]) <= MAX_ROWS):
             item = self.queue.pop(0)
@@ -100,19 +98,19 @@ class TeacherReplica:
         for _, _, _, arrived in take:
             self.counters["queue_s"] += t0 - arrived
         xs = [x for x, _, _, _ in take]
-        outs = self._outputs(torch.cat(xs), steps=[s for _, s, _, _ in take], sizes=[len(x) for x in xs])
+        outs = self._outputs(torch.cat(xs), sizes=[len(x) for x in xs])
         self.counters["busy_s"] += time.perf_counter() - t0
         self.counters["batches"] += 1
         self.counters["rows"] += rows
         for (_, _, done, _), out in zip(take, outs):
-            self.counters["bytes_out"] += out.numel() * out.element_size() if isinstance(out, Tensor) else nbytes(out)
+            self.counters["bytes_out"] += self.form.nbytes(out)
             done.set_result(out)
 
     @torch.no_grad()
-    def _outputs(self, x: Tensor, *, steps: list[int], sizes: list[int]) -> list:
+    def _outputs(self, x: Tensor, *, sizes: list[int]) -> list:
         """Each request's output: the examples kept from before, the others through the teacher."""
-        keys = _digests(x) if self.keep else [None] * len(x)
-        fresh = [i for i, k in enumerate(keys) if k is None or k not in self.kept]
+        keys = example_digests(x) if self.keep or self.form.kind == "sampled" else [None] * len(x)
+        fresh = [i for i, k in enumerate(keys) if not self.keep or k not in self.kept]
         rows: dict[int, object] = {}
         if fresh:
             xb = to_format(x[fresh].to(self.device), self.fmt)
@@ -121,25 +119,15 @@ class TeacherReplica:
             self.counters["forwards"] += len(fresh)
             for j, i in enumerate(fresh):
                 rows[i] = z[j].cpu()
-                if keys[i] is not None:
+                if self.keep:
                     self.kept[keys[i]] = rows[i]
         dense = [rows[i] if i in rows else self.kept[keys[i]] for i in range(len(x))]
         out, start = [], 0
-        for size, step in zip(sizes, steps):
+        for size in sizes:
             z = torch.stack(dense[start:start + size])
+            out.append(self.form.to_wire(self.form.output(z, digests=keys[start:start + size], teacher=0)))
             start += size
-            out.append(z if self.form["kind"] == "dense" else self._compress(z, step))
         return out
-
-    def _compress(self, z: Tensor, step: int) -> dict:
-        from ..distill.sparse import compress, to_wire
-
-        g = None
-        if self.form["kind"] == "sampled":
-            g = torch.Generator().manual_seed((self.form["seed"] * 1_000_003 + step) * 1009)
-        k = min(self.form["k"], z.shape[-1]) if self.form["kind"] == "topk" else self.form["k"]
-        return to_wire(compress(z, temperature=self.form["temperature"], kind=self.form["kind"], k=k, generator=g,
-                                bits=self.form["bits"]))
 
     def stats(self) -> dict:
         c = dict(self.counters)
@@ -159,11 +147,6 @@ def _resident_bytes() -> int:
         return 0
 
 
-def _digests(x: Tensor) -> list[bytes]:
-    rows = x.detach().cpu().contiguous().view(len(x), -1).numpy()
-    return [hashlib.blake2b(r.tobytes(), digest_size=8).digest() for r in rows]
-
-
 def service_name(key: str, i: int) -> str:
     return f"teacher-{key}-{i}"
 
@@ -178,8 +161,7 @@ def start(cfg, copy: str, data, key: str) -> list[str]:
     d = cfg.distill
     model_args = {"sample": data.sample, "num_classes": data.num_classes, "label_shape": data.label_shape,
                   "channels_last": memory_format(data.sample, cfg.scale.channels_last) is torch.channels_last}
-    form = {"kind": d.logits, "k": d.logits_k, "bits": d.logits_bits, "temperature": cfg.loss.temperature,
-            "seed": cfg.train.seed}
+    form = LogitForm.of(cfg)
     free = ray.available_resources()
     running = [_running(service_name(key, i)) for i in range(d.service_replicas)]  # another run's pool is shared
     new = running.count(None)

@@ -53,10 +53,9 @@ class StalePeerTeacher(Teacher):
             return [None] * self.n
         with self._autocast():
             z = {q: m(x).float() for q, m in self.copies.items()}  # each copy's forward once, shared
-        if not self.form.dense:  # each stale copy's logits compressed once, as its peer's own would be
-            targets = {q: self.form.compress(v, step=step, teacher=int(q)) for q, v in z.items()}
-            return [[t for q, t in targets.items() if int(q) != p] for p in self.topo.peers]
-        return [torch.stack([v for q, v in z.items() if int(q) != p]) for p in self.topo.peers]
+        # each stale copy's logits in the run's form once, as its peer's own would be
+        outputs = {q: self.form.output(v, x=x, teacher=int(q)) for q, v in z.items()}
+        return [self.form.target([o for q, o in outputs.items() if int(q) != p]) for p in self.topo.peers]
 
     def after_step(self, models: list[nn.Module], step: int) -> None:
         if is_sync_step(step, self.burn_in, self.sync_every):
