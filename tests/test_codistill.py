@@ -20,6 +20,11 @@ PEERS, REPLICAS, B = 2, 2, 8
 MODELS = ("tiny_cnn", "small_cnn")  # peers may differ in architecture
 
 
+
+def dense(target):
+    """The stacked teacher logits of a dense target (losses.DenseTarget), or None before any swap."""
+    return None if target is None else target.logits
+
 def test_swaps_follow_the_burn_in_then_every_sync_every_steps():
     assert [s for s in range(12) if is_sync_step(s, burn_in=0, sync_every=4)] == [3, 7, 11]
     assert [s for s in range(12) if is_sync_step(s, burn_in=5, sync_every=3)] == [4, 7, 10]
@@ -55,7 +60,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
     for step in range(2):
         x, y = torch.rand(B, 1, 28, 28, generator=g), torch.randint(0, 10, (B,), generator=g)
         logits = train_model(x)
-        out[f"teacher_at_{step}"] = teacher.logits(x, [logits])[0]
+        out[f"teacher_at_{step}"] = dense(teacher.logits(x, [logits])[0])
         loss = torch.nn.functional.cross_entropy(logits, y)
         opt.zero_grad()
         loss.backward()
@@ -65,7 +70,7 @@ def _worker(rank: int, world: int, tmp: str) -> None:
         teacher.after_step([model], step)  # swaps after step 1 (sync_every=2)
     probe = torch.rand(B, 1, 28, 28, generator=torch.Generator().manual_seed(7))
     out.update(state=model.state_dict(), copies=teacher.copies.state_dict(), teacher_state=teacher.state_dict(0),
-               probe_logits=teacher.logits(probe, [None])[0])
+               probe_logits=dense(teacher.logits(probe, [None])[0]))
     torch.save(out, os.path.join(tmp, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -116,7 +121,7 @@ def test_teacher_state_round_trips_for_resume(swapped):
     fresh.load_state_dict(0, saved)
     assert fresh.synced
     probe = torch.rand(B, 1, 28, 28, generator=torch.Generator().manual_seed(7))
-    torch.testing.assert_close(fresh.logits(probe, [None])[0], swapped[(0, 1)]["probe_logits"], rtol=0, atol=0)
+    torch.testing.assert_close(dense(fresh.logits(probe, [None])[0]), swapped[(0, 1)]["probe_logits"], rtol=0, atol=0)
 
 
 def test_codistill_cohort_on_disjoint_shards_reports_its_traffic(make_cfg, train_history):

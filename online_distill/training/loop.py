@@ -12,6 +12,7 @@ token at each position (B, L), where label -100 marks padding that counts nowher
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -103,121 +104,186 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
         return build_model(name, data.sample, data.num_classes, model_builders, memory_format=fmt,
                            label_shape=data.label_shape)
 
-    models = [build_peer(p).to(device) for p in topo.peers]
-    train_models = [_data_parallel(m, topo, device) for m in models]
-    opts = [make_optimizer(cfg.optim, m) for m in models]
-    scheds = [make_scheduler(cfg.optim, o, steps_per_epoch, cfg.train.epochs) for o in opts]
-    constrain = [constraints(m) for m in models]  # weight constraints (max-norm) after each step
-    peers = list(zip(models, opts, scheds))
+    peers = [Peer.build(p, build_peer(p).to(device), cfg, topo, device, steps_per_epoch) for p in topo.peers]
+    models = [peer.model for peer in peers]
     teacher = build_teacher(TeacherContext(cfg, topo, device, build_peer, steps_per_epoch, build_named,
                                            run_dir=getattr(reporter, "run_dir", None), service=service))
     autocast = _autocast(cfg, device)
-    clock = Clock(device)  # CUDA events on a GPU, so timing never stalls the queue
     # one after another, or a thread per peer on CPU cores
     each_peer = PeerRunner(cfg, topo, models, device, overlap=not teacher.waits_for_updates)
-
-    def forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        with autocast():  # a context per call: autocast's state is per thread
-            return model(x)
-
-    def learn(j: int, z, z_teacher, y, opt, sched, kd_w: float, epoch: int, step: int) -> None:
-        """The j-th peer's loss, backward and optimizer step; adds its (ce, kd, correct, counted)
-        sums to its row of the epoch's `sums` (each peer writes its own row only). A loss or a
-        gradient that is not finite ends the run here, before the optimizer takes it in."""
-        loss, parts = distill_loss(z, z_teacher, y, temperature=cfg.loss.temperature, kd_weight=kd_w,
-                                   multi_teacher=cfg.loss.multi_teacher, ce_weight=cfg.loss.ce_weight,
-                                   divergence=cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta)
-        if not torch.isfinite(loss):
-            raise NonFiniteError(_non_finite("loss", cfg, topo.peers[j], epoch, step, steps_per_epoch, sched, parts))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.optim.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(models[j].parameters(), cfg.optim.grad_clip)
-            if not torch.isfinite(norm):
-                raise NonFiniteError(_non_finite("gradient norm", cfg, topo.peers[j], epoch, step, steps_per_epoch,
-                                                 sched, parts))
-        opt.step()
-        for c in constrain[j]:
-            c()
-        sched.step()
-        mask = y != IGNORE_INDEX
-        counted = mask.sum()
-        sums[j] += torch.stack([parts["ce"] * counted, parts["kd"] * counted,
-                                ((z.detach().argmax(-1) == y) & mask).sum().float(), counted.float()])
+    learner = Learner(cfg, topo, steps_per_epoch, autocast)
 
     # --- resume: models, optimizers, schedules, teachers, RNG and the metrics so far
     start_epoch, history = 0, []
     if restore_from is not None:
-        start_epoch, history = restore(restore_from, topo, peers, teacher)
+        start_epoch, history = restore(restore_from, topo, [p.state for p in peers], teacher)
     elif cfg.run.fail_once_at_epoch is not None:
         _arm_chaos(cfg, rank)
 
     for epoch in range(start_epoch, cfg.train.epochs):
         train_batches.set_epoch(epoch)
-        # per peer: ce, kd, correct, counted (examples, or real tokens); summed on device, read once per epoch
-        sums = torch.zeros(len(models), 4, device=device)
-        marks, t_log = [], time.perf_counter()  # per-step clock marks, read once per epoch
-        kd_w = kd_weight_at(cfg.loss, epoch)
         forwards_before = teacher.teacher_forwards  # examples the frozen teacher runs on this epoch
-        for i, (x, y, x_next) in enumerate(lookahead(train_batches)):
-            t0 = clock.mark()
-            step = epoch * steps_per_epoch + i
-            kd_w = kd_weight_at(cfg.loss, epoch + i / steps_per_epoch)
-            if check_labels:
-                _check_batch_labels(y, data.num_classes, cfg, epoch, i)
-            x, y = teacher.prepare_batch(x, y)  # as loaded, except for teachers that revisit samples (DLB)
-            logits = each_peer.map(forward, train_models, [x] * len(models))  # every peer, on the same batch
-            t1 = clock.mark()
-            teacher_logits = teacher.logits(x, logits, step)
-            if x_next is not None:
-                teacher.prefetch(x_next, step + 1)  # a teacher served elsewhere starts on the next batch now
-            t1_end = clock.mark()
-            n = len(models)
-            each_peer.update(learn, range(n), logits, teacher_logits, [y] * n, opts, scheds, [kd_w] * n,
-                             [epoch] * n, [i] * n)
-            t2 = clock.mark()
-            teacher.after_step(models, step)  # EMA updates, codistill swaps weights here: teacher time too
-            t2_end = clock.mark()
-            _chaos(cfg, rank, epoch, i)
-
-            marks.append((t0, t1, t1_end, t2, t2_end, clock.mark()))
-            if verbose and rank == 0 and time.perf_counter() - t_log > cfg.train.log_every_s:
-                t_log = time.perf_counter()
-                each_peer.wait()  # the sums so far
-                ce, kd = (sums[:, k].sum().item() / sums[:, 3].sum().item() for k in (0, 1))
-                print(f"  epoch {epoch + 1}/{cfg.train.epochs}  step {i + 1}/{steps_per_epoch}  "
-                      f"ce {ce:.4f}  kd {kd:.4f}  (this epoch so far, mean over peers)", flush=True)
-        each_peer.wait()  # every update of the epoch done: its sums, the models to evaluate
-        step_times, exchange_s = clock.read(marks)  # on a GPU: the epoch's one synchronize
+        step_times, exchange_s, kd_w = _train_epoch(cfg, rank, epoch, train_batches, peers, teacher, learner,
+                                                    each_peer, check_labels, data.num_classes, verbose)
         _check_finite_weights(models, topo, cfg, epoch)  # no checkpoint ever holds a NaN
 
         # --- evaluate these peers and the cohort's ensemble; gather everything to rank 0
         last = epoch == cfg.train.epochs - 1
-        keep = last and not data.is_sequence  # the last epoch's logits, for per-class tables and analysis
-        evals, outputs = {}, {}
-        for split, ds in [("val", data.val)] + ([("test", data.test)] if last else []):
-            # the test split is looked at once, at the end, never for model selection
-            evals[split], outputs[split] = evaluate(models, eval_batches(ds), topo, autocast, keep_logits=keep,
-                                                    bytes_per_token=data.bytes_per_token)
-        fidelity = _fidelity(teacher, models, eval_batches(data.val), autocast)  # what distill.logits loses
-        stats = [{"peer": p, "replica": topo.replica, "model": cfg.models[p], "train": sums[j].tolist(),
-                  "step_times": step_times, "exchange_s": exchange_s, "comm_bytes_per_step": teacher.comm_bytes_per_step,
-                  "teacher_forwards": teacher.teacher_forwards - forwards_before if j == 0 else 0, "fidelity": fidelity,
-                  "batch_size": cfg.train.batch_size, **{split: ev[j] for split, ev in evals.items()}}
-                 for j, p in enumerate(topo.peers)]
-        all_stats = _gather(stats, topo)
-        predictions = _gather_predictions(outputs, topo) if keep else None
+        timing = {"step_times": step_times, "exchange_s": exchange_s, "comm_bytes_per_step": teacher.comm_bytes_per_step,
+                  "teacher_forwards": teacher.teacher_forwards - forwards_before}
+        all_stats, predictions = _evaluate_epoch(cfg, data, peers, teacher, topo, autocast, eval_batches, last, timing)
         metrics, row = {}, []
         if rank == 0:
-            metrics, row = merge_rank_stats(all_stats, cfg, epoch, lr=scheds[0].get_last_lr()[0], kd_weight=kd_w,
+            metrics, row = merge_rank_stats(all_stats, cfg, epoch, lr=peers[0].sched.get_last_lr()[0], kd_weight=kd_w,
                                            resumed_from_epoch=start_epoch, sequence=data.is_sequence)
             history.extend(row)
             if verbose:
                 print(format_epoch(metrics, cfg), flush=True)
         if reporter is not None:
-            reporter(Epoch(epoch, metrics, history, topo, peers, teacher, predictions, last))
+            reporter(Epoch(epoch, metrics, history, topo, [p.state for p in peers], teacher, predictions, last))
     each_peer.close()
     return history if rank == 0 else []
+
+
+def _evaluate_epoch(cfg: Config, data, peers: list["Peer"], teacher, topo: Topology, autocast, eval_batches,
+                    last: bool, timing: dict) -> tuple[list[dict], dict | None]:
+    """Every peer's and the ensemble's validation numbers (and test, at the last epoch), what the
+    logit form loses, and the epoch's training sums and timing, gathered from every rank: one
+    dict per peer and replica; with them, at the last epoch, the test logits of every peer."""
+    models = [p.model for p in peers]
+    keep = last and not data.is_sequence  # the last epoch's logits, for per-class tables and analysis
+    evals, outputs = {}, {}
+    for split, ds in [("val", data.val)] + ([("test", data.test)] if last else []):
+        # the test split is looked at once, at the end, never for model selection
+        evals[split], outputs[split] = evaluate(models, eval_batches(ds), topo, autocast, keep_logits=keep,
+                                                bytes_per_token=data.bytes_per_token)
+    fidelity = _fidelity(teacher, models, eval_batches(data.val), autocast)  # what the logit form loses
+    stats = [{"peer": peer.position, "replica": topo.replica, "model": cfg.models[peer.position],
+              "train": peer.sums.tolist(), **timing, "teacher_forwards": timing["teacher_forwards"] if j == 0 else 0,
+              "fidelity": fidelity, "batch_size": cfg.train.batch_size, **{split: ev[j] for split, ev in evals.items()}}
+             for j, peer in enumerate(peers)]
+    return _gather(stats, topo), (_gather_predictions(outputs, topo) if keep else None)
+
+
+@dataclass
+class Peer:
+    """One peer this worker trains: the model (and the DDP wrapper it trains through, over its
+    replicas only), its optimizer, schedule and weight constraints (max-norm), and the epoch's
+    sums of ce, kd, correct and counted (examples, or real tokens), kept on the device."""
+
+    position: int
+    """Its place in the cohort (the peer index of cfg.models)."""
+    model: nn.Module
+    train_model: nn.Module
+    opt: torch.optim.Optimizer
+    sched: object
+    constrain: list
+    sums: torch.Tensor
+
+    @classmethod
+    def build(cls, position: int, model: nn.Module, cfg: Config, topo: Topology, device: torch.device,
+              steps_per_epoch: int) -> "Peer":
+        opt = make_optimizer(cfg.optim, model)
+        return cls(position, model, _data_parallel(model, topo, device), opt,
+                   make_scheduler(cfg.optim, opt, steps_per_epoch, cfg.train.epochs), constraints(model),
+                   torch.zeros(4, device=device))
+
+    @property
+    def state(self) -> tuple:
+        """(model, optimizer, schedule): what a checkpoint saves and restores."""
+        return self.model, self.opt, self.sched
+
+
+@dataclass
+class Batch:
+    """What every peer learns from at one optimizer step."""
+
+    y: torch.Tensor
+    kd_weight: float
+    epoch: int
+    index: int
+    """The step's index within its epoch."""
+
+
+class Learner:
+    """A peer's forward pass, and its loss, backward and optimizer step against its teacher target."""
+
+    def __init__(self, cfg: Config, topo: Topology, steps_per_epoch: int, autocast):
+        self.cfg, self.topo, self.steps_per_epoch, self.autocast = cfg, topo, steps_per_epoch, autocast
+
+    def forward(self, peer: Peer, x: torch.Tensor) -> torch.Tensor:
+        with self.autocast():  # a context per call: autocast's state is per thread
+            return peer.train_model(x)
+
+    def learn(self, peer: Peer, z, target, b: Batch) -> None:
+        """Adds the step's (ce, kd, correct, counted) sums to the peer's own row. A loss or a
+        gradient that is not finite ends the run here, before the optimizer takes it in."""
+        cfg = self.cfg
+        loss, parts = distill_loss(z, target, b.y, temperature=cfg.loss.temperature, kd_weight=b.kd_weight,
+                                   multi_teacher=cfg.loss.multi_teacher, ce_weight=cfg.loss.ce_weight,
+                                   divergence=cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(self._non_finite("loss", peer, b, parts))
+        peer.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(peer.model.parameters(), cfg.optim.grad_clip)
+            if not torch.isfinite(norm):
+                raise NonFiniteError(self._non_finite("gradient norm", peer, b, parts))
+        peer.opt.step()
+        for c in peer.constrain:
+            c()
+        peer.sched.step()
+        mask = b.y != IGNORE_INDEX
+        counted = mask.sum()
+        peer.sums += torch.stack([parts["ce"] * counted, parts["kd"] * counted,
+                                  ((z.detach().argmax(-1) == b.y) & mask).sum().float(), counted.float()])
+
+    def _non_finite(self, what: str, peer: Peer, b: Batch, parts: dict) -> str:
+        return _non_finite(what, self.cfg, peer.position, b.epoch, b.index, self.steps_per_epoch, peer.sched, parts)
+
+
+def _train_epoch(cfg: Config, rank: int, epoch: int, batches: Batches, peers: list[Peer], teacher, learner: Learner,
+                 each_peer: "PeerRunner", check_labels: bool, num_classes: int,
+                 verbose: bool) -> tuple[list[float], float, float]:
+    """One epoch of every peer of this worker on the same batches. Returns the step times, the
+    seconds spent in the teacher (exchange, frozen teacher, EMA updates) and the last KD weight."""
+    steps = len(batches)
+    clock = Clock(peers[0].sums.device)  # CUDA events on a GPU, so timing never stalls the queue
+    marks, t_log = [], time.perf_counter()  # per-step clock marks, read once per epoch
+    for p in peers:
+        p.sums.zero_()
+    kd_w = kd_weight_at(cfg.loss, epoch)
+    for i, (x, y, x_next) in enumerate(lookahead(batches)):
+        t0 = clock.mark()
+        step = epoch * steps + i
+        kd_w = kd_weight_at(cfg.loss, epoch + i / steps)
+        if check_labels:
+            _check_batch_labels(y, num_classes, cfg, epoch, i)
+        x, y = teacher.prepare_batch(x, y)  # as loaded, except for teachers that revisit samples (DLB)
+        logits = each_peer.map(learner.forward, peers, [x] * len(peers))  # every peer, on the same batch
+        t1 = clock.mark()
+        targets = teacher.logits(x, logits, step)  # each peer's teacher target, in the run's logit form
+        if x_next is not None:
+            teacher.prefetch(x_next, step + 1)  # a teacher served elsewhere starts on the next batch now
+        t1_end = clock.mark()
+        each_peer.update(learner.learn, peers, logits, targets, [Batch(y, kd_w, epoch, i)] * len(peers))
+        t2 = clock.mark()
+        teacher.after_step([p.model for p in peers], step)  # EMA updates, codistill swaps weights: teacher time too
+        t2_end = clock.mark()
+        _chaos(cfg, rank, epoch, i)
+
+        marks.append((t0, t1, t1_end, t2, t2_end, clock.mark()))
+        if verbose and rank == 0 and time.perf_counter() - t_log > cfg.train.log_every_s:
+            t_log = time.perf_counter()
+            each_peer.wait()  # the sums so far
+            sums = torch.stack([p.sums for p in peers])
+            ce, kd = (sums[:, k].sum().item() / sums[:, 3].sum().item() for k in (0, 1))
+            print(f"  epoch {epoch + 1}/{cfg.train.epochs}  step {i + 1}/{steps}  "
+                  f"ce {ce:.4f}  kd {kd:.4f}  (this epoch so far, mean over peers)", flush=True)
+    each_peer.wait()  # every update of the epoch done: its sums, the models to evaluate
+    step_times, exchange_s = clock.read(marks)  # on a GPU: the epoch's one synchronize
+    return step_times, exchange_s, kd_w
 
 
 @torch.no_grad()
