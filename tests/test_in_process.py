@@ -108,3 +108,23 @@ def test_a_run_stopped_after_its_last_report_finishes_from_that_checkpoint(make_
     assert res.checkpoint == last and res.metrics["epoch"] == 3
     assert sorted(res.history["epoch"].unique()) == [1, 2, 3]
     assert os.path.exists(os.path.join(plan.run_dir.path, "result.json"))
+
+
+def test_the_compression_report_is_behind_a_flag_and_its_own_command(make_cfg, capsys):
+    """run.compression_report: false skips the after-run measurement of every model on the CPU;
+    `online-distill report RUN --compression` makes the same table later from the checkpoint."""
+    from online_distill import cli
+
+    res = train(C.with_overrides(packed(make_cfg, run__name="quiet", run__compression_report=False), {"train.epochs": 1}))
+    said = capsys.readouterr().out
+    assert "size and CPU speed" not in said and not os.path.exists(os.path.join(res.run_dir, "compression.csv"))
+    assert cli.main(["report", res.run_dir, "--compression"]) == 0
+    said = capsys.readouterr().out
+    assert "size and CPU speed (compression.csv)" in said
+    import pandas as pd
+
+    table = pd.read_csv(os.path.join(res.run_dir, "compression.csv"))
+    assert list(table["member"]) == ["peer0", "peer1"] and (table["params"] > 0).all()
+    final = pd.read_csv(os.path.join(res.run_dir, "final.csv")).set_index("member")["test_acc"]
+    for member, acc in zip(table["member"], table["test_acc"]):  # measured again here: what the run measured
+        assert acc == pytest.approx(final[member], abs=1e-6), member

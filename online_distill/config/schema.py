@@ -367,6 +367,11 @@ class RunConfig:
     """Experiment trackers that get every epoch's per-peer and ensemble metrics, the config and
     the final table: 'tensorboard', 'mlflow', 'wandb' (offline unless W&B is logged in), e.g.
     [tensorboard, mlflow]. Install them with `pip install 'online_distill[trackers]'`."""
+    compression_report: bool = True
+    """After the run: compression.csv (each student's and teacher's size, parameters, CPU latency
+    and test accuracy), printed under the final table. It runs every model on the CPU for a few
+    seconds; false skips it (a sweep's trials, tests), and `online-distill report RUN
+    --compression` makes it later from the run's last checkpoint."""
     fail_once_at_epoch: int | None = None
     """Chaos testing: the last rank raises once at this epoch of an attempt that started from
     scratch, to exercise recovery from the last checkpoint. None in real runs."""

@@ -136,8 +136,10 @@ def train_cohort(cfg: Config, *, models: dict | None = None, datasets: dict | No
             write_predictions(run, predictions, cfg.models)
         final = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not math.isnan(v)}
         final_rows = final_table(history)
-        sizes = compression.write_report(cfg, run, last, plan.data, models=models, datasets=datasets,
-                                         test_acc=_measured(final_rows, "test_acc"))
+        sizes = None
+        if cfg.run.compression_report:
+            sizes = compression.write_report(cfg, run, last, plan.data, models=models, datasets=datasets,
+                                             test_acc=_measured(final_rows, "test_acc"))
         served = service_summary(plan.service) if plan.service else {}
         final.update(served)
         metrics = {**metrics, **served}
@@ -151,7 +153,8 @@ def train_cohort(cfg: Config, *, models: dict | None = None, datasets: dict | No
             print(f"\nteacher service: {s['service/forwards']:.0f} examples through the teacher, {s['service/requests']:.0f} "
                   f"requests in {s['service/batches']:.0f} forward passes, mean queue {1e3 * s['service/mean_queue_s']:.1f} ms, "
                   f"{s['service/bytes_out'] / 1e6:.1f} MB sent", flush=True)
-        print(f"\nsize and CPU speed ({COMPRESSION}):\n{compression.format_report(sizes)}", flush=True)
+        if sizes is not None:
+            print(f"\nsize and CPU speed ({COMPRESSION}):\n{compression.format_report(sizes)}", flush=True)
     return RunResult(run.path, history, metrics, last)
 
 

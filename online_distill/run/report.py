@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..rundir import checkpoint as ckpt
 from ..rundir import storage
 from ..config.schema import ConfigError
-from ..rundir.layout import CONFIG, RunDir
+from ..rundir.layout import COMPRESSION, CONFIG, RunDir
 
 
 def latest_history(run: RunDir) -> tuple[list[dict], str] | None:
@@ -21,7 +21,9 @@ def latest_history(run: RunDir) -> tuple[list[dict], str] | None:
     return None if best is None else (ckpt.read_history(best[1]), best[1])
 
 
-def report_run(path: str, verbose: bool = True) -> dict[str, str]:
+def report_run(path: str, verbose: bool = True, compression: bool = False) -> dict[str, str]:
+    """The run's tables and plots from its newest checkpoint; with `compression`, its
+    compression.csv too (what run.compression_report: false skipped). Returns what was written."""
     from .results import final_table, format_table, history_frame, write_predictions, write_run_tables
 
     run = RunDir(path)
@@ -40,7 +42,17 @@ def report_run(path: str, verbose: bool = True) -> dict[str, str]:
 
         models = (yaml.safe_load(run.read_text(CONFIG) or "{}") or {}).get("models") or sorted(set(df["model"]))
         paths["per_class"] = write_predictions(run, predictions, models)
+    sizes = None
+    if compression:
+        from ..config.files import load
+        from .compression import format_report, write_report
+
+        cfg = load(run.file(CONFIG))
+        sizes = write_report(cfg, run, directory)
+        paths["compression"] = run.file(COMPRESSION)
     if verbose:
         print(f"{run.path}: {df['epoch'].max()} epochs\n{format_table(final_table(df))}\nwrote "
               + ", ".join(paths.values()), flush=True)
+        if sizes is not None:
+            print(f"\nsize and CPU speed ({COMPRESSION}):\n{format_report(sizes)}", flush=True)
     return paths
