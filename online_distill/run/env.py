@@ -13,11 +13,11 @@ policy in every run's output. A cluster keeps Ray's defaults."""
 
 
 def use_local_ray_env() -> None:
+    from ..core.ray_adapter import quiet_token_notice
+
     for key, value in LOCAL_RAY_ENV.items():
         os.environ.setdefault(key, value)
-    # Ray announces, once per start, that the local cluster it makes has token authentication on:
-    # the secure default, which a run on this machine does not need to be told about
-    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    quiet_token_notice()
 
 
 OUR_LINES_ENV = {"RAY_DISABLE_WORKER_LOG_PREFIX": "1", "RAY_DEDUP_LOGS": "0"}
@@ -50,7 +50,7 @@ def use_sweep_env() -> None:
 def cluster_address() -> str | None:
     """The Ray cluster a run would join: RAY_ADDRESS, or the address a `ray start` on this
     machine left behind (what ray.init() would join too); None: none, Ray would start locally."""
-    from ray._private.utils import read_ray_address
+    from ..core.ray_adapter import read_ray_address
 
     return os.environ.get("RAY_ADDRESS") or read_ray_address()
 

@@ -1,6 +1,7 @@
 """What a worker group does when a worker fails, and what the person watching is told.
 
-Both run inside the Train controller (an actor of its own), where Ray Train decides:
+Both run inside the Train controller (an actor of its own), where Ray Train decides; Ray's
+hooks for them are adapted in core/ray_adapter.py:
 - `OurFailurePolicy`: Ray's default policy (retry under run.max_failures), except that an error
   a retry cannot fix (errors.NotRetryable: a NaN loss, a bad label, a full disk) ends the run at
   once, with no retry spent.
@@ -14,24 +15,10 @@ import sys
 import threading
 import time
 
-from ray.train.v2._internal.execution.callback import ControllerCallback
-from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
-from ray.train.v2.api.exceptions import WorkerGroupError
+from ray.train import WorkerGroupError
 
+from ..core.ray_adapter import ControllerWatch, FailureHooks, root_error
 from ..errors import NotRetryable
-
-
-def root_error(e: BaseException) -> BaseException:
-    """The user's exception inside what Ray wraps around it (UserExceptionWithTraceback,
-    RayTaskError), or e itself."""
-    seen = set()
-    while id(e) not in seen:
-        seen.add(id(e))
-        inner = getattr(e, "_base_exc", None) or getattr(e, "cause", None)
-        if not isinstance(inner, BaseException):
-            break
-        e = inner
-    return e
 
 
 def not_retryable(error: BaseException) -> NotRetryable | None:
@@ -59,29 +46,27 @@ def worker_summary(error: BaseException) -> str:
     return "; ".join(parts)
 
 
-class OurFailurePolicy(DefaultFailurePolicy):
-    def __init__(self, failure_config, run_name: str, run_dir: str, num_peers: int):
-        super().__init__(failure_config)
+class OurFailurePolicy(FailureHooks):
+    """What our runs add to Ray Train's default failure policy: no retry for NotRetryable, and a
+    line before each retry naming the checkpoint the run resumes from."""
+
+    def __init__(self, run_name: str, run_dir: str, num_peers: int):
         self.run_name, self.run_dir, self.num_peers = run_name, run_dir, num_peers
 
-    def make_decision(self, training_failed_error) -> FailureDecision:
-        if not_retryable(training_failed_error) is not None:
-            return FailureDecision.RAISE
-        decision = super().make_decision(training_failed_error)
-        if decision == FailureDecision.RETRY:
-            from ..rundir.checkpoint import find_resume_point
-            from ..rundir.layout import RunDir
+    def ends_run(self, error: BaseException) -> bool:
+        return not_retryable(error) is not None
 
-            point = find_resume_point(RunDir(self.run_dir), self.num_peers, deep=False)
-            limit = self.failure_config.max_failures
-            limit = "unlimited" if limit == -1 else limit
-            print(f"run {self.run_name!r}: worker lost ({worker_summary(training_failed_error)}); resuming "
-                  f"{point.describe()}, retry {self._worker_group_failures} of {limit} (run.max_failures)",
-                  file=sys.stderr, flush=True)
-        return decision
+    def retrying(self, error: BaseException, retry: int, max_failures: int) -> None:
+        from ..rundir.checkpoint import find_resume_point
+        from ..rundir.layout import RunDir
+
+        point = find_resume_point(RunDir(self.run_dir), self.num_peers, deep=False)
+        limit = "unlimited" if max_failures == -1 else max_failures
+        print(f"run {self.run_name!r}: worker lost ({worker_summary(error)}); resuming "
+              f"{point.describe()}, retry {retry} of {limit} (run.max_failures)", file=sys.stderr, flush=True)
 
 
-class SayWhatHappens(ControllerCallback):
+class SayWhatHappens(ControllerWatch):
     """One line every WAIT_S while a worker group is not running yet: waiting for its resources
     (after a lost worker or node, until one comes back or is replaced) or for its processes to
     start. A first start says so only once it has taken longer than a start should."""
@@ -93,7 +78,7 @@ class SayWhatHappens(ControllerCallback):
         self._stop: threading.Event | None = None
         self._starts = 0
 
-    def before_controller_execute_resize_decision(self, resize_decision) -> None:
+    def group_starting(self) -> None:
         self._stopped()
         self._starts += 1
         stop, since, restart = threading.Event(), time.monotonic(), self._starts > 1
@@ -114,10 +99,8 @@ class SayWhatHappens(ControllerCallback):
 
         threading.Thread(target=watch, name="say-waiting", daemon=True).start()
 
-    def after_controller_state_update(self, previous_state, current_state) -> None:
-        if type(current_state).__name__ in ("RunningState", "ErroredState", "FinishedState", "AbortedState",
-                                             "ShuttingDownState"):
-            self._stopped()
+    def group_settled(self) -> None:
+        self._stopped()
 
     def _stopped(self) -> None:
         if self._stop is not None:

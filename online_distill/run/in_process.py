@@ -8,7 +8,7 @@ run, and on a one-GPU machine the GPU is this process's.
 
 The loop writes its checkpoints into the run directory itself, as a worker group's ranks do
 (reporting.py), so the files are the same either way and a run may move between the two. Local
-mode retries nothing (ray/train/v2/_internal/execution/local_mode/), so this module does what
+mode retries nothing (where Ray's code shows it: core/ray_adapter.py), so this module does what
 Train's controller does for a worker group: an exception in the loop is retried from the newest
 checkpoint, run.max_failures times, except an error a retry cannot fix (errors.NotRetryable),
 which ends the run at once. A crash of the process itself (a segfault, the kernel's OOM killer)

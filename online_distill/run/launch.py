@@ -3,7 +3,6 @@ Ray Train worker group, then the tables. Everything that can be refused is refus
 worker starts; an error a retry cannot fix ends the run with one paragraph (errors.py)."""
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -45,36 +44,22 @@ def make_trainer(cfg: Config, run_dir: RunDir, *, models=None, datasets=None, ca
     `local`: Train's local mode (ScalingConfig(num_workers=0): the loop runs in this process, no
     worker group) for a cohort of one worker."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
+    from ..core.ray_adapter import quiet_local_mode_notice, torch_trainer
     from ..training.loop import train_loop_per_worker
     from .failures import OurFailurePolicy, SayWhatHappens
 
     if local and cfg.world_size != 1:
         raise ValueError(f"Train's local mode runs one worker; this cohort has {cfg.world_size}")
-    # ScalingConfig announces local mode at INFO on every trial; that it runs so is our design
-    logging.getLogger("ray.train.v2.api.config").setLevel(logging.WARNING)
-
-    class Trainer(TorchTrainer):
-        """TorchTrainer with our failure policy: no retry for what a retry cannot fix."""
-
-        def _initialize_and_run_controller(self, **kwargs):
-            kwargs["failure_policy"] = OurFailurePolicy(self.run_config.failure_config, cfg.run.name, run_dir.path,
-                                                        cfg.num_peers)
-            return super()._initialize_and_run_controller(**kwargs)
-
-        def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            if cluster_address() is None:
-                # An embedded Ray ends with this process, placement groups and all, so Train's
-                # cleaner of a dead driver's placement groups has nothing to do; it asks the state
-                # API for the controller and prints a traceback when another Ray runs on the machine.
-                callbacks = [c for c in callbacks if type(c).__name__ != "PlacementGroupCleanerCallback"]
-            return callbacks
+    quiet_local_mode_notice()
 
     said = [] if local else [SayWhatHappens(cfg.run.name, cfg.world_size, cfg.worker_resources)]
-    return Trainer(
+    return torch_trainer(
         train_loop_per_worker,
+        # no retry for what a retry cannot fix; an embedded Ray ends with this process, placement groups and all
+        failure_hooks=OurFailurePolicy(cfg.run.name, run_dir.path, cfg.num_peers),
+        placement_group_cleaner=cluster_address() is not None,
         train_loop_config={"cfg": cfg, "models": models, "datasets": datasets, "run_dir": run_dir.path,
                            "resume_from": resume_from, "local": local, "notify": notify, "group": group,
                            "verbose": verbose, "data": data if local else None,  # in this process: read once
@@ -186,9 +171,11 @@ def _log_traceback(run: RunDir, e: BaseException, error: BaseException) -> None:
     import time
     import traceback
 
+    from ..core.ray_adapter import worker_traceback
+
     text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
     if error is not e:  # the worker's own traceback, as Ray kept it
-        text += f"\n--- in the worker ---\n{getattr(e, '_traceback_str', '') or error}\n"
+        text += f"\n--- in the worker ---\n{worker_traceback(e) or error}\n"
     try:
         old = run.read_text(LOG) or ""
         run.write(LOG, f"{old}\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {type(error).__name__}\n{text}")

@@ -11,14 +11,12 @@ off and calls `ray.tune.report(metrics, checkpoint=...)`, which copies the check
 trial's directory. Every start of a driver (first start, PBT exploit, resumed sweep, retried
 trial) starts a *new* Train run from `ray.tune.get_checkpoint()`, so a trial never picks up its
 own stale Train run after PBT gave it another trial's weights. And a trial that Tune stops
-aborts its Train run before its actor goes, so its workers' CPUs come back (StopsItsCohort).
+aborts its Train run before its actor goes, so its workers' CPUs come back (abort_cohort).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
 import math
 import os
 import tempfile
@@ -30,12 +28,13 @@ from typing import Any, Mapping
 
 import pandas as pd
 import ray
-from ray.train.v2._internal.execution.callback import ControllerCallback
-from ray.train.v2.api.callback import UserCallback
+from ray.train import UserCallback
 
 import pyarrow.fs as pafs
 
 from ..config import files as config_file
+from ..core.ray_adapter import (ControllerWatch, cleans_up_first, no_trial_retry_when, quiet_checkpoint_notices,
+                                root_error)
 from ..rundir import storage
 from . import spec as sweep_config
 from ..config.schema import Config, ConfigError, flatten
@@ -79,14 +78,14 @@ class RelayReports(UserCallback):
         self.queue.put(("report", (dict(metrics[0]), checkpoint)))
 
 
-class AnnounceController(ControllerCallback):
+class AnnounceController(ControllerWatch):
     """Runs in the trial's Train controller as it starts: gives the driver the controller's
-    handle, so a trial that Tune stops can abort its Train run (see StopsItsCohort)."""
+    handle, so a trial that Tune stops can abort its Train run (see abort_cohort)."""
 
     def __init__(self, queue):
         self.queue = queue
 
-    def after_controller_start(self, train_run_context):
+    def controller_started(self):
         self.queue.put(("controller", ray.get_runtime_context().current_actor))
 
 
@@ -94,8 +93,9 @@ _COHORT: dict = {}
 """The Train run of the trial running in this (trial actor) process: its controller and queue."""
 
 
-class StopsItsCohort:
-    """Mixin of the trial's Trainable (Tune's `__mixins__` hook for function trainables).
+def abort_cohort(timeout_s: float = 30.0) -> None:
+    """Abort the Train run of the trial in this actor, if any (Tune calls it before it ends the
+    trial: cleans_up_first below).
 
     When Tune stops a trial (ASHA, PBT pausing it to exploit, an interrupted sweep), it ends
     the trial's actor, and with it the Train controller the actor owns. Train V2 then relies on
@@ -103,13 +103,6 @@ class StopsItsCohort:
     (several Ray instances on one machine, as on a shared dev box), the trial's workers'
     placement group outlives it and later trials wait for CPUs that never come back. So the
     trial aborts its Train run itself, before its actor goes."""
-
-    def cleanup(self):
-        _abort_cohort()
-        super().cleanup()
-
-
-def _abort_cohort(timeout_s: float = 30.0) -> None:
     from ray.util.queue import Empty
 
     # the controller announces itself first thing, before it asks for workers; one that has not
@@ -144,9 +137,7 @@ def _trial_driver(params: dict, *, spec: SweepSpec, models=None, datasets=None, 
     from ..rundir.layout import RunDir
     from ..run.launch import make_trainer
 
-    # Tune logs every checkpoint it persists at INFO ("Checkpoint successfully created at ..."),
-    # a line per trial and epoch; the epoch lines and Tune's status table say it better
-    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
+    quiet_checkpoint_notices()
     trial_id = ray.tune.get_context().get_trial_id()
     start = _local_checkpoint(ray.tune.get_checkpoint())  # None, this trial's last one, or a PBT donor's
     # the date stamp makes a trial's Train runs sort in the order they started
@@ -206,7 +197,7 @@ def _local_checkpoint(checkpoint) -> str | None:
     return checkpoint.to_directory(tempfile.mkdtemp(prefix="od-start-"))
 
 
-_trial_driver.__mixins__ = (StopsItsCohort,)
+cleans_up_first(_trial_driver, abort_cohort)
 
 
 def _fill_teacher_caches(configs: list[Config], datas: dict, models, datasets, verbose) -> None:
@@ -260,32 +251,11 @@ def _start_teacher_services(configs: list[Config], sweep_dir: str, models, datas
     return out
 
 
-@contextlib.contextmanager
 def no_retry_for_not_retryable():
     """Tune retries a failed trial (FailureConfig.max_failures) whatever it failed with; a trial
     that failed on an error a retry cannot fix (errors.NotRetryable: a NaN loss, a bad label, a
-    full disk) is not retried while this holds. Tune has no hook for it, so Trial.should_recover
-    (read in the driver, where this runs) is wrapped for the length of the sweep."""
-    from ray.tune.experiment.trial import Trial
-
-    from ..run.failures import root_error
-
-    original = Trial.should_recover
-
-    def should_recover(self):
-        try:
-            error = self.get_pickled_error()
-        except Exception:  # noqa: BLE001 - no readable error: Tune's own rule
-            error = None
-        if error is not None and isinstance(root_error(error), NotRetryable):
-            return False
-        return original(self)
-
-    Trial.should_recover = should_recover
-    try:
-        yield
-    finally:
-        Trial.should_recover = original
+    full disk) is not retried while this holds (in the driver, for the length of the sweep)."""
+    return no_trial_retry_when(lambda error: isinstance(root_error(error), NotRetryable))
 
 
 # ---- schedulers, concurrency ----------------------------------------------------------------

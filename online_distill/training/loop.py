@@ -51,7 +51,9 @@ def train_loop_per_worker(config: dict) -> None:
         import ray.train
         import ray.train.torch
 
-        _quiet_ray_train_logs()
+        from ..core.ray_adapter import quiet_report_logs
+
+        quiet_report_logs()
         rank, device = ray.train.get_context().get_world_rank(), ray.train.torch.get_device()
     run_dir = RunDir(config["run_dir"])
     # this attempt's own newest checkpoint (after a lost worker) wins over the one it started from
@@ -462,17 +464,6 @@ def _gather_predictions(outputs: dict, topo: Topology) -> dict | None:
                 logits.setdefault(p, torch.empty(n, o["logits"].shape[-1]))[o["index"]] = o["logits"][j]
         out[split] = {"labels": labels, "logits": dict(sorted(logits.items()))}
     return out
-
-
-def _quiet_ray_train_logs() -> None:
-    """Ray Train logs every report (with all metrics) at INFO from loggers named by file path,
-    which RunConfig's LoggingConfig does not reach; our own epoch line says it better."""
-    import logging
-
-    from ray.train.v2._internal.execution import context, storage
-
-    for module in (context, storage):
-        logging.getLogger(module.__file__).setLevel(logging.WARNING)
 
 
 def _data_parallel(model: nn.Module, topo: Topology, device: torch.device) -> nn.Module:
