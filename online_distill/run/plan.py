@@ -22,6 +22,7 @@ from ..config import files as config_file
 from ..rundir.checkpoint import ResumePoint, find_resume_point
 from ..config.schema import Config, ConfigError
 from ..config.schema import with_overrides
+from ..core.topology import Layout, layout_of
 from ..rundir.layout import CONFIG, RESULT, TEACHER, RunDir, generation_name
 from .resume import refusal, set_aside
 
@@ -40,6 +41,8 @@ class Plan:
     run_dir: RunDir
     in_process: bool
     """The cohort trains in this process (Train's local mode), else in a Ray Train worker group."""
+    layout: Layout | None = None
+    """Where the cohort runs (core.topology.layout_of): the launch and every worker use this one."""
     data: Any = None
     """The dataset as the driver read it (data.Data); None where the data live on the cluster only."""
     resume: ResumePoint = field(default_factory=ResumePoint)
@@ -54,6 +57,10 @@ class Plan:
     lock: Any = None
     service: list[str] | None = None
     """The teacher service's actor names (distill.teacher_service), once started."""
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            self.layout = layout_of(self.cfg)
 
     def prepare(self) -> list[str]:
         """Take the run's lock, then write what the run starts from. Returns lines to print."""
@@ -95,9 +102,9 @@ class Plan:
             self.service = None
 
     def header(self) -> str:
-        cfg = self.cfg
+        cfg, workers = self.cfg, self.layout.world_size
         where = "in this process" if self.in_process else \
-            f"on {cfg.world_size} Ray Train worker{'s' if cfg.world_size > 1 else ''}"
+            f"on {workers} Ray Train worker{'s' if workers > 1 else ''}"
         if self.resume.checkpoint:
             what = f"resuming run {cfg.run.name!r} {self.resume.describe()}"
         elif self.resuming:
@@ -176,8 +183,9 @@ def read_data(cfg: Config, models=None, datasets=None):
     from ..models.builders import build_model
 
     data = load_data(cfg.data, datasets)
-    disjoint = cfg.distill.peer_data == "disjoint"  # codistilling peers may each take their own shard
-    shard = len(data.train) // (cfg.world_size if disjoint else cfg.scale.replicas)  # disjoint: one peer per worker
+    layout = layout_of(cfg)
+    disjoint = layout.disjoint_peers  # codistilling peers may each take their own shard
+    shard = len(data.train) // layout.num_shards  # disjoint: one peer per worker
     if cfg.train.batch_size > shard:
         raise ConfigError(f"train.batch_size: got {cfg.train.batch_size}; allowed: at most {shard}, "
                           f"the training examples per {'worker' if disjoint else 'replica'}", "train.batch_size")
@@ -323,22 +331,23 @@ def cluster_resources() -> tuple[dict, list[dict]]:
 def check_resources(cfg: Config, total: dict, nodes: list[dict]) -> None:
     """Refuse a cohort that the cluster can never place: all workers must run at once, and each
     worker's CPUs and GPUs must fit on one node."""
-    ppw = cfg.scale.peers_per_worker
+    layout = layout_of(cfg)
+    ppw, need = cfg.scale.peers_per_worker, layout.total_resources
     where = (f"{cfg.num_peers} models / scale.peers_per_worker={ppw} x scale.replicas={cfg.scale.replicas} = "
-             f"{cfg.world_size} worker{'s' if cfg.world_size > 1 else ''}")
+             f"{layout.world_size} worker{'s' if layout.world_size > 1 else ''}")
     packed_hint = (f", or more peers per worker (scale.peers_per_worker: a divisor of {cfg.num_peers})"
                    if ppw < cfg.num_peers else "")
     biggest = max((n.get("CPU", 0) for n in nodes), default=total.get("CPU", 0))
     if cfg.scale.cpus_per_worker > biggest + 1e-9:
         raise ConfigError(f"scale.cpus_per_worker: got {cfg.scale.cpus_per_worker:g}; allowed: at most {biggest:g}, "
                           "the CPUs of the largest node (a worker runs on one node)", "scale.cpus_per_worker")
-    need_cpu = cfg.world_size * cfg.scale.cpus_per_worker
+    need_cpu = need["CPU"]
     if need_cpu > total.get("CPU", 0) + 1e-9:
         raise ConfigError(f"scale: {where} at scale.cpus_per_worker={cfg.scale.cpus_per_worker:g} need "
                           f"{need_cpu:g} CPUs; the cluster has {total.get('CPU', 0):g}. Allowed: fewer replicas, "
                           f"a smaller scale.cpus_per_worker{packed_hint}", "scale")
     if cfg.scale.use_gpu:
-        gpus = cfg.world_size * cfg.scale.gpus_per_worker
+        gpus = need["GPU"]
         if gpus > total.get("GPU", 0) + 1e-9:
             raise ConfigError(f"scale.use_gpu: {where} need {gpus:g} GPUs; the cluster has {total.get('GPU', 0):g}. "
                               f"Allowed: use_gpu=false, fewer replicas{packed_hint}", "scale.use_gpu")
@@ -347,9 +356,10 @@ def check_resources(cfg: Config, total: dict, nodes: list[dict]) -> None:
 def concurrency(configs: list[Config], resources: dict) -> int:
     """How many cohorts fit at once when each needs all its workers at the same time: the
     cluster's CPUs (and GPUs) over the biggest cohort's demand, at least 1."""
-    cpu = max(c.world_size * c.scale.cpus_per_worker for c in configs)
+    needs = [layout_of(c).total_resources for c in configs]
+    cpu = max(n["CPU"] for n in needs)
     n = math.floor(resources.get("CPU", 0) / cpu + 1e-9)
-    gpu = max((c.world_size * c.scale.gpus_per_worker for c in configs if c.scale.use_gpu), default=0)
+    gpu = max((need.get("GPU", 0) for need in needs), default=0)
     if gpu:
         n = min(n, math.floor(resources.get("GPU", 0) / gpu + 1e-9))
     return max(1, n)
