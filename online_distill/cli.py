@@ -41,10 +41,10 @@ def cmd_train(args) -> int:
 
         print(describe_run(plan))
         return 0
-    if cfg.distill.mode == "born_again":
-        from .run import train
+    if cfg.distill.mode == "born_again":  # the chain's plan (generation 0's) is kept: the data read once in all
+        from .run.generations import train_generations
 
-        train(cfg)
+        train_generations(plan.chain.cfg, plan=plan)
         return 0
     from .run.launch import train_cohort  # Ray
 

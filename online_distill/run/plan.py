@@ -2,12 +2,14 @@
 
 `make_plan` checks the config (fields, builders, what the teacher source needs), reads the
 dataset once and builds every model of the cohort on its real first examples, works out where
-the cohort runs and whether this machine or cluster can hold it, and where the run directory
-stands (finished, another config, another live run holding it, where it resumes). The launch
-(`launch.train_cohort`), the dry run and the sweeps take a Plan, so a dry run refuses exactly
-what the run refuses, and no check is made twice. Nothing is written until `Plan.prepare`,
-which takes the run's lock and writes the config, the teacher copy, and sets aside what a
-crashed attempt left.
+the cohort runs (its Layout: workers, shards, resources) and whether this machine or cluster can
+hold it, and where the run directory stands (finished, another config, another live run holding
+it, where it resumes). The launch (`launch.train_cohort`), the dry run, a born-again chain
+(generations.py) and the sweeps (sweep/plan.py) take a Plan, so a dry run refuses exactly what
+the run refuses, and no check is made twice. Plans made together (a chain's generations) share
+what they read (`Shared`): each dataset is read once. Nothing is written
+until `Plan.prepare`, which takes the run's lock and writes the config, the teacher copy, and
+sets aside what a crashed attempt left.
 """
 from __future__ import annotations
 
@@ -36,6 +38,36 @@ RESUMABLE_CHANGES = {"train.epochs", "train.log_every_s", "run.max_failures", "r
 
 
 @dataclass
+class Shared:
+    """What plans made together share (a born-again chain's generations, a sweep's trials), filled
+    as they are made: each dataset read once, by its data config; each teacher source checked once,
+    by what its check depends on; each model built once on each dataset."""
+    data: dict = field(default_factory=dict)
+    teachers: dict = field(default_factory=dict)
+    built: set = field(default_factory=set)
+
+    def read(self, cfg: Config, datasets=None):
+        """The dataset of cfg.data, read the first time it is asked for (data.datasets.load_data)."""
+        if cfg.data not in self.data:
+            from ..data.datasets import load_data
+
+            self.data[cfg.data] = load_data(cfg.data, datasets)
+        return self.data[cfg.data]
+
+    def teacher(self, cfg: Config, models=None, datasets=None, data=None):
+        """What cfg's teacher source needs (teachers.check_teacher), checked once per teacher
+        setting; a frozen teacher is built on the dataset (read here, once, if `data` is None)."""
+        key = (cfg.distill, cfg.data, cfg.models, cfg.optim.schedule, cfg.optim.cycles)
+        if key not in self.teachers:
+            from ..teachers import check_teacher
+
+            if data is None and cfg.distill.mode == "offline":
+                data = self.read(cfg, datasets)
+            self.teachers[key] = check_teacher(cfg, models, datasets, data=data)
+        return self.teachers[key]
+
+
+@dataclass
 class Plan:
     cfg: Config
     run_dir: RunDir
@@ -57,6 +89,11 @@ class Plan:
     lock: Any = None
     service: list[str] | None = None
     """The teacher service's actor names (distill.teacher_service), once started."""
+    shared: Shared = field(default_factory=Shared)
+    """What this plan read, for the plans made after it to share (the dataset: read once)."""
+    chain: "Plan | None" = None
+    """Born-again: the chain's own plan (its config and run directory); this plan is generation 0's
+    (generations.py makes each later generation's with this one's `shared`)."""
 
     def __post_init__(self) -> None:
         if self.layout is None:
@@ -117,84 +154,101 @@ class Plan:
 
 
 def make_plan(cfg: Config, *, models=None, datasets=None, dry_run: bool = False, run_dir: RunDir | None = None,
-              check_run_dir: bool = True) -> Plan:
+              check_run_dir: bool = True, shared: Shared | None = None) -> Plan:
     """Every check of a run, made once (see the module docstring). `dry_run`: start nothing and
     write nothing (a worker group's resources are checked against this machine unless a cluster
-    is joined). `check_run_dir=False`: the caller owns the directory's state (a sweep trial)."""
+    is joined). `check_run_dir=False`: the caller owns the directory's state. `shared`: what
+    plans made before this one read (a chain's generations): not read again."""
     from .checks import check_names
-    from ..teachers import check_teacher
     from ..teachers.frozen import with_absolute_checkpoint
-    from .env import cluster_address
     from .in_process import runs_in_process
 
     cfg = check_names(cfg.check_fields(), models, datasets, teacher=False)
     cfg = with_absolute_checkpoint(cfg)  # workers do not share the driver's working directory
+    shared = shared if shared is not None else Shared()
     if cfg.distill.mode == "born_again":
-        return _born_again_plan(cfg, models, datasets, dry_run, run_dir, check_run_dir)
-    plan = Plan(cfg, run_dir or RunDir.of(cfg), in_process=runs_in_process(cfg), models=models, datasets=datasets)
+        return _born_again_plan(cfg, models, datasets, dry_run, run_dir, check_run_dir, shared)
+    plan = Plan(cfg, run_dir or RunDir.of(cfg), in_process=runs_in_process(cfg), models=models, datasets=datasets,
+                shared=shared)
     if not os.environ.get("RAY_ADDRESS"):  # a cluster's data may live only where its workers run
-        plan.data = read_data(cfg, models, datasets)
-    plan.teacher = check_teacher(cfg, models, datasets, data=plan.data)
+        plan.data = read_data(cfg, models, datasets, shared=shared)
+    plan.teacher = shared.teacher(cfg, models, datasets, data=plan.data)
     if cfg.run.loggers:
         from ..rundir.trackers import check_trackers
 
         check_trackers(cfg.run.loggers)  # their libraries, here, before any worker starts
+    _check_resources(plan, dry_run)
+    if check_run_dir:
+        check_run_directory(plan, dry_run=dry_run)
+    return plan
+
+
+def _check_resources(plan: Plan, dry_run: bool) -> None:
+    """Refuse a cohort that cannot be placed: on this machine (a cohort in this process), on an
+    embedded Ray with this machine's CPUs and GPUs (a dry run that joins no cluster), or on the
+    cluster (joined, or started, here)."""
+    from .env import cluster_address
+
     if plan.in_process:
-        check_machine(cfg)
+        check_machine(plan.cfg)
     elif dry_run and cluster_address() is None:
-        check_resources(cfg, *local_resources())
+        check_resources(plan.cfg, *local_resources())
     elif dry_run:
         plan.notes.append(f"resources not checked: a dry run does not join the cluster at {cluster_address()}")
     else:
         from .env import init_ray
 
         init_ray()
-        check_resources(cfg, *cluster_resources())
-    if check_run_dir:
-        check_run_directory(plan, dry_run=dry_run)
-    return plan
+        check_resources(plan.cfg, *cluster_resources())
 
 
-def _born_again_plan(cfg: Config, models, datasets, dry_run: bool, run_dir: RunDir | None, check_run_dir: bool) -> Plan:
+def _born_again_plan(cfg: Config, models, datasets, dry_run: bool, run_dir: RunDir | None, check_run_dir: bool,
+                     shared: Shared) -> Plan:
     """A born-again chain is a run of runs (generations.py): its own directory is checked here,
-    and the plan is generation 0's, each later generation being the same cohort taught by the one
-    before (each makes its own plan when it starts)."""
-    from ..teachers import check_teacher
-    check_teacher(cfg, models, datasets)
-    outer = Plan(cfg, run_dir or RunDir.of(cfg), in_process=True)
+    and the plan is generation 0's, its `chain` the chain's own; each later generation, the same
+    cohort taught by the one before, makes its plan when it starts (its teacher is the generation
+    before it), with this one's `shared`: the data are read once for the whole chain."""
+    shared.teacher(cfg, models, datasets)  # what born-again needs: generations >= 2, one model, ...
+    outer = Plan(cfg, run_dir or RunDir.of(cfg), in_process=True, shared=shared)
     if check_run_dir:
         check_run_directory(outer, dry_run=dry_run)
     first = make_plan(generation_config(cfg, 0, outer.run_dir), models=models, datasets=datasets, dry_run=dry_run,
-                      check_run_dir=False)
+                      check_run_dir=False, shared=shared)
     first.notes.append(f"born-again: {cfg.distill.generations} generations, each this cohort in "
                        f"{outer.run_dir.path}/gen<g>; generation g > 0 is taught by frozen generation g - 1")
+    first.chain = outer
     return first
 
 
-def read_data(cfg: Config, models=None, datasets=None):
+def read_data(cfg: Config, models=None, datasets=None, *, shared: Shared | None = None):
     """Load the data once on the driver and build every model of the cohort on its real first
     examples: a missing dataset, a split that does not fit, labels outside [0, num_classes), or
     a model builder that fails or returns logits of the wrong shape is a ConfigError now, not a
-    worker retry later (and downloads happen once)."""
+    worker retry later (and downloads happen once). `shared`: the data and models read and
+    built for earlier plans, not read or built again."""
     import torch
 
-    from ..data.datasets import load_data
     from ..core.host import memory_format
     from ..models.builders import build_model
 
-    data = load_data(cfg.data, datasets)
+    shared = shared if shared is not None else Shared()
+    data = shared.read(cfg, datasets)
     layout = layout_of(cfg)
     disjoint = layout.disjoint_peers  # codistilling peers may each take their own shard
     shard = len(data.train) // layout.num_shards  # disjoint: one peer per worker
     if cfg.train.batch_size > shard:
         raise ConfigError(f"train.batch_size: got {cfg.train.batch_size}; allowed: at most {shard}, "
                           f"the training examples per {'worker' if disjoint else 'replica'}", "train.batch_size")
-    if data.is_sequence:  # a vocabulary per model: say which disagree (classes: build_model names the model)
-        _same_output_size(cfg, data, models)
+    if data.is_sequence and (cfg.data, cfg.models) not in shared.built:  # a vocabulary per model: say which disagree
+        _same_output_size(cfg, data, models)  # (classes: build_model names the model)
+        shared.built.add((cfg.data, cfg.models))
     for i, name in enumerate(dict.fromkeys(cfg.models)):  # one build per architecture (a resnet costs a second)
+        if (cfg.data, name, cfg.scale.channels_last) in shared.built:
+            continue
         with torch.random.fork_rng():  # the driver's RNG is not the workers' business
             build_model(name, data.sample, data.num_classes, models, field=f"models[{cfg.models.index(name)}]",
                         memory_format=memory_format(data.sample, cfg.scale.channels_last), label_shape=data.label_shape)
+        shared.built.add((cfg.data, name, cfg.scale.channels_last))
     return data
 
 
