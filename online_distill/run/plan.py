@@ -6,8 +6,8 @@ the cohort runs (its Layout: workers, shards, resources) and whether this machin
 hold it, and where the run directory stands (finished, another config, another live run holding
 it, where it resumes). The launch (`launch.train_cohort`), the dry run, a born-again chain
 (generations.py) and the sweeps (sweep/plan.py) take a Plan, so a dry run refuses exactly what
-the run refuses, and no check is made twice. Plans made together (a chain's generations) share
-what they read (`Shared`): each dataset is read once. Nothing is written
+the run refuses, and no check is made twice. Plans made together (a chain's generations, a
+sweep's trials) share what they read (`Shared`): each dataset is read once. Nothing is written
 until `Plan.prepare`, which takes the run's lock and writes the config, the teacher copy, and
 sets aside what a crashed attempt left.
 """
@@ -72,7 +72,8 @@ class Plan:
     cfg: Config
     run_dir: RunDir
     in_process: bool
-    """The cohort trains in this process (Train's local mode), else in a Ray Train worker group."""
+    """The cohort trains in this process (Train's local mode), else in a Ray Train worker group.
+    A sweep trial's: in its trial's process."""
     layout: Layout | None = None
     """Where the cohort runs (core.topology.layout_of): the launch and every worker use this one."""
     data: Any = None
@@ -154,42 +155,51 @@ class Plan:
 
 
 def make_plan(cfg: Config, *, models=None, datasets=None, dry_run: bool = False, run_dir: RunDir | None = None,
-              check_run_dir: bool = True, shared: Shared | None = None) -> Plan:
+              check_run_dir: bool = True, shared: Shared | None = None, trial: bool = False) -> Plan:
     """Every check of a run, made once (see the module docstring). `dry_run`: start nothing and
     write nothing (a worker group's resources are checked against this machine unless a cluster
     is joined). `check_run_dir=False`: the caller owns the directory's state. `shared`: what
-    plans made before this one read (a chain's generations): not read again."""
+    plans made before this one read (a chain's generations, a sweep's trials): not read again.
+    `trial`: a sweep trial's plan (sweep/plan.py): its spec has checked the config's fields,
+    names and loggers; the directory is the trial's; the cohort runs in a trial's process or
+    worker group anywhere in the cluster, which the sweep has joined (a dry run: this machine),
+    and a sweep that cannot be placed is refused before its data are read."""
     from .checks import check_names
     from ..teachers.frozen import with_absolute_checkpoint
     from .in_process import runs_in_process
 
-    cfg = check_names(cfg.check_fields(), models, datasets, teacher=False)
+    if not trial:
+        cfg = check_names(cfg.check_fields(), models, datasets, teacher=False)
     cfg = with_absolute_checkpoint(cfg)  # workers do not share the driver's working directory
     shared = shared if shared is not None else Shared()
     if cfg.distill.mode == "born_again":
         return _born_again_plan(cfg, models, datasets, dry_run, run_dir, check_run_dir, shared)
-    plan = Plan(cfg, run_dir or RunDir.of(cfg), in_process=runs_in_process(cfg), models=models, datasets=datasets,
-                shared=shared)
+    plan = Plan(cfg, run_dir or RunDir.of(cfg), in_process=cfg.in_one_process if trial else runs_in_process(cfg),
+                models=models, datasets=datasets, shared=shared)
+    if trial:
+        _check_resources(plan, dry_run, trial=True)
     if not os.environ.get("RAY_ADDRESS"):  # a cluster's data may live only where its workers run
         plan.data = read_data(cfg, models, datasets, shared=shared)
     plan.teacher = shared.teacher(cfg, models, datasets, data=plan.data)
-    if cfg.run.loggers:
+    if cfg.run.loggers and not trial:
         from ..rundir.trackers import check_trackers
 
         check_trackers(cfg.run.loggers)  # their libraries, here, before any worker starts
-    _check_resources(plan, dry_run)
-    if check_run_dir:
+    if not trial:
+        _check_resources(plan, dry_run)
+    if check_run_dir and not trial:
         check_run_directory(plan, dry_run=dry_run)
     return plan
 
 
-def _check_resources(plan: Plan, dry_run: bool) -> None:
+def _check_resources(plan: Plan, dry_run: bool, trial: bool = False) -> None:
     """Refuse a cohort that cannot be placed: on this machine (a cohort in this process), on an
     embedded Ray with this machine's CPUs and GPUs (a dry run that joins no cluster), or on the
-    cluster (joined, or started, here)."""
+    cluster (joined, or started, here). A sweep trial runs in a trial's process anywhere in the
+    cluster: the cluster's resources, never this process's."""
     from .env import cluster_address
 
-    if plan.in_process:
+    if plan.in_process and not trial:
         check_machine(plan.cfg)
     elif dry_run and cluster_address() is None:
         check_resources(plan.cfg, *local_resources())
