@@ -41,10 +41,10 @@ def cmd_train(args) -> int:
 
         print(describe_run(plan))
         return 0
-    if cfg.distill.mode == "born_again":
-        from .run import train
+    if cfg.distill.mode == "born_again":  # the chain's plan (generation 0's) is kept: the data read once in all
+        from .run.generations import train_generations
 
-        train(cfg)
+        train_generations(plan.chain.cfg, plan=plan)
         return 0
     from .run.launch import train_cohort  # Ray
 
@@ -103,23 +103,22 @@ def cmd_tune(args) -> int:
     where = f"sweep file {args.config!r}"  # a sweep's error may come from the file and the items together
     if args.sets:
         where += " with " + ", ".join(f"--set {s!r}" for s in args.sets)
-    try:  # everything but the registry names, before torch and Ray
+    from .sweep.plan import plan_sweep
+
+    try:  # the sweep's one preflight: its fields first (before torch and Ray), then a plan per trial config
         spec = sweep_config.from_dict(raw, base_dir=os.path.dirname(os.path.abspath(args.config)),
-                                      overrides=overrides, names=False)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}", e.field) from None
-    try:
-        spec.check()  # the registry names (imports torch)
+                                      overrides=overrides, check=False)
+        plan = plan_sweep(spec, dry_run=args.dry_run)  # the same for the sweep and its dry run
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}", e.field) from None
     if args.dry_run:
         from .sweep.spec import describe
 
-        print(describe(spec))
+        print("\n".join([describe(plan.spec), *plan.notes]))
         return 0
     from .sweep.driver import run_sweep  # Ray
 
-    result = run_sweep(spec, retry_errored=args.retry_errored)
+    result = run_sweep(plan.spec, retry_errored=args.retry_errored, plan=plan)
     return 0 if result.complete else 130  # Tune handled Ctrl+C itself: the sweep is resumable, not done
 
 

@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 
 import pytest
+import yaml
 
 from online_distill import cli
 
@@ -116,12 +117,26 @@ def check(cmd: Command) -> str | None:
         return None
     if rc == 2 and not cmd.refused and EARLIER_OUTPUT.search(err.getvalue()):
         return None  # everything up to the file an earlier command writes checks
-    if rc == 2 and not cmd.refused and NO_GPU in err.getvalue() and "scale.use_gpu=true" in cmd.argv:
-        return None  # a command for a machine with a GPU: everything but the GPU checks here
+    if rc == 2 and not cmd.refused and NO_GPU.search(err.getvalue()) and _asks_for_gpus(cmd):
+        return None  # a command for a machine (or cluster) with GPUs: everything up to the resources checks here
     return f"exit {rc} with --dry-run: {err.getvalue().strip()}"
 
 
-NO_GPU = "this machine has no GPU that torch can use"
+NO_GPU = re.compile(r"this machine has no GPU that torch can use|"  # a cohort in this process
+                    r"the CPUs of the largest node|need [\d.]+ (CPUs|GPUs); the cluster has")  # a sweep's, or workers'
+"""A dry run's refusal of what this machine cannot give (a sweep's dry run checks its trials' resources)."""
+
+
+def _asks_for_gpus(cmd: Command) -> bool:
+    """The command, or the config or sweep file it runs, sets scale.use_gpu: it is for a GPU machine."""
+    if "scale.use_gpu=true" in cmd.argv:
+        return True
+    try:
+        raw = yaml.safe_load(open(os.path.join(ROOT, cmd.argv[1]), encoding="utf-8"))
+    except (OSError, IndexError, yaml.YAMLError):
+        return False
+    base = raw.get("base") if isinstance(raw, dict) and isinstance(raw.get("base"), dict) else raw
+    return isinstance(base, dict) and bool((base.get("scale") or {}).get("use_gpu"))
 EARLIER_OUTPUT = re.compile(r"'(%s/)?runs/[^']*' does not exist" % re.escape(ROOT))
 
 

@@ -15,7 +15,8 @@ from online_distill.config import schema as config_mod
 from online_distill.distill.losses import distill_loss
 from online_distill.core.optim import make_optimizer
 from online_distill.run.checks import check
-from online_distill.core.topology import Topology, build_topology, exchange_group_ranks, slot_and_replica, slot_group_ranks, train_shard
+from online_distill.core.topology import (Topology, build_topology, exchange_group_ranks, layout_of, slot_and_replica,
+                                          slot_group_ranks, train_shard)
 
 PEERS, REPLICAS, B, STEPS = 2, 2, 16, 2
 
@@ -59,6 +60,40 @@ def test_packed_workers_hold_consecutive_peers_and_exchange_across_workers():
     assert topos[1].exchange_ranks == [1, 3] and topos[1].holder(3) == 3 and topos[1].holder(0) == 1
     assert Topology(0, 4, 1, peers_per_worker=4).world_size == 1  # the whole cohort in one worker
     assert train_shard(3, 4, 2, disjoint_peers=False, peers_per_worker=2) == (1, 2)
+
+
+@pytest.mark.parametrize("peers, replicas, ppw, mode, gpu", [
+    (2, 1, 1, "dml", False), (2, 2, 1, "dml", True), (4, 2, 2, "dml", False), (4, 1, 4, "dml", False),
+    (3, 2, 1, "codistill", False), (1, 3, 1, "independent", True)])
+def test_the_cohorts_layout_is_worked_out_in_one_place(make_cfg, peers, replicas, ppw, mode, gpu):
+    """layout_of(cfg) is what the plan holds, the launch sizes the worker group by, and every
+    worker builds its topology from: it agrees with the config's own count of workers and with
+    the rank arithmetic above."""
+    over = {"distill.peer_data": "disjoint"} if mode == "codistill" else {}
+    cfg = make_cfg(models=["tiny_cnn"] * peers, scale__replicas=replicas, scale__peers_per_worker=ppw,
+                   distill__mode=mode, scale__use_gpu=gpu, scale__cpus_per_worker=2, **over)
+    layout = layout_of(cfg)
+    assert layout.world_size == cfg.world_size == peers // ppw * replicas
+    assert layout.worker_resources == cfg.worker_resources == {"CPU": 2.0, **({"GPU": 1.0} if gpu else {})}
+    assert layout.total_resources == {k: v * layout.world_size for k, v in cfg.worker_resources.items()}
+    disjoint = mode == "codistill"
+    for rank in range(layout.world_size):
+        assert layout.shard(rank) == train_shard(rank, peers, replicas, disjoint_peers=disjoint, peers_per_worker=ppw)
+        assert layout.topology(rank) == Topology(rank, peers, replicas, ppw)
+    assert layout.num_shards == (layout.world_size if disjoint else replicas)
+
+
+def test_the_launch_hands_the_plans_layout_to_every_worker(make_cfg, tmp_path):
+    from online_distill.run.launch import make_trainer
+    from online_distill.run.plan import Plan
+    from online_distill.rundir.layout import RunDir
+
+    cfg = make_cfg(scale__replicas=2)
+    plan = Plan(cfg, RunDir(str(tmp_path)), in_process=False)
+    trainer = make_trainer(cfg, plan.run_dir, layout=plan.layout)
+    assert trainer.train_loop_config["layout"] is plan.layout  # what train_loop_per_worker builds its topology from
+    assert trainer.scaling_config.num_workers == plan.layout.world_size == 4
+    assert trainer.scaling_config.resources_per_worker == plan.layout.worker_resources
 
 
 def test_disjoint_peer_data_only_for_codistill(make_cfg):

@@ -16,13 +16,20 @@ with slots = peers / peers_per_worker, and ranks laid out slot-major: rank = slo
     peers=4, replicas=1, peers_per_worker=2:
                            rank 0 = (peers 0, 1)          rank 1 = (peers 2, 3)
     exchange group: {0, 1}; peers 0 and 1 trade logits in memory, with 2 and 3 over the group
+
+A cohort's `Layout` (world size, training shards, what each worker asks for) is worked out in
+one place, `layout_of(cfg)`: the driver's preflight plan holds it, the launch sizes the worker
+group by it, and every worker builds its Topology from the one it is handed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from ..config.schema import Config
 
 
 def slot_and_replica(rank: int, replicas: int) -> tuple[int, int]:
@@ -141,3 +148,52 @@ def build_topology(rank: int, num_peers: int, replicas: int, peers_per_worker: i
                 if r == topo.replica:
                     exchange_group = g
     return Topology(rank, num_peers, replicas, peers_per_worker, slot_group, exchange_group)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a cohort runs: its workers, the peers each holds, the training shards and what each
+    worker asks Ray for. Worked out once (layout_of) by the driver's plan, and handed to every
+    worker, which builds its Topology from it: the driver and the workers cannot disagree."""
+    num_peers: int
+    replicas: int
+    peers_per_worker: int = 1
+    disjoint_peers: bool = False
+    """Each worker trains on a shard of its own (codistillation's distill.peer_data='disjoint');
+    otherwise peers share shards, cut by replica only (DML needs every peer on the same batch)."""
+    worker_resources: dict[str, float] = field(default_factory=lambda: {"CPU": 1.0})
+    """What each Ray Train worker asks for (scale.cpus_per_worker, and its GPUs with scale.use_gpu)."""
+
+    @property
+    def world_size(self) -> int:
+        return world_size(self.num_peers, self.replicas, self.peers_per_worker)
+
+    @property
+    def num_shards(self) -> int:
+        """How many shards the training set is cut into."""
+        return self.world_size if self.disjoint_peers else self.replicas
+
+    @property
+    def total_resources(self) -> dict[str, float]:
+        """What the whole worker group asks for: it runs all at once or not at all."""
+        return {k: v * self.world_size for k, v in self.worker_resources.items()}
+
+    def topology(self, rank: int) -> Topology:
+        """Who rank `rank` is, without process groups (the dry run's listing)."""
+        return Topology(rank, self.num_peers, self.replicas, self.peers_per_worker)
+
+    def build(self, rank: int) -> Topology:
+        """This rank's Topology with its process groups (collective: every rank calls it)."""
+        return build_topology(rank, self.num_peers, self.replicas, self.peers_per_worker)
+
+    def shard(self, rank: int) -> tuple[int, int]:
+        """(shard index, number of shards) of the training set that `rank` draws batches from."""
+        return train_shard(rank, self.num_peers, self.replicas, disjoint_peers=self.disjoint_peers,
+                           peers_per_worker=self.peers_per_worker)
+
+
+def layout_of(cfg: "Config") -> Layout:
+    """The cohort's layout as its config says (models, scale, distill.peer_data): the one place
+    it is worked out."""
+    return Layout(cfg.num_peers, cfg.scale.replicas, cfg.scale.peers_per_worker,
+                  disjoint_peers=cfg.distill.peer_data == "disjoint", worker_resources=dict(cfg.worker_resources))

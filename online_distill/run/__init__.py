@@ -6,16 +6,14 @@ leaves (results, compression, export, report), resuming (resume) and `--dry-run`
 
 def train(cfg, *, models: dict | None = None, datasets: dict | None = None, verbose: bool = True):
     """Train one cohort, or for distill.mode 'born_again' one generation after another (each an
-    ordinary run). `models` / `datasets` add user builders by name. Returns a RunResult."""
-    from .checks import check
-    from ..teachers.frozen import with_absolute_checkpoint
+    ordinary run). `models` / `datasets` add user builders by name. Either way one preflight
+    (plan.make_plan) checks everything and reads the dataset once. Returns a RunResult."""
     from .generations import train_generations
     from .launch import train_cohort
 
     if cfg.distill.mode != "born_again":
         return train_cohort(cfg, models=models, datasets=datasets, verbose=verbose)
-    check(cfg, models, datasets)
-    return train_generations(with_absolute_checkpoint(cfg), models=models, datasets=datasets, verbose=verbose)
+    return train_generations(cfg, models=models, datasets=datasets, verbose=verbose)
 
 
 def preflight(cfg, *, models: dict | None = None, datasets: dict | None = None, dry_run: bool = False):

@@ -9,7 +9,6 @@ run refuses; it writes nothing and starts no Ray.
 from __future__ import annotations
 
 from ..config.files import dump
-from ..core.topology import Topology
 
 
 def _fmt(resources: dict) -> str:
@@ -18,17 +17,17 @@ def _fmt(resources: dict) -> str:
 
 def describe_run(plan) -> str:
     """The resolved config, the cohort's layout over Ray Train workers, and where the run stands."""
-    cfg = plan.cfg
-    ppw, n = cfg.scale.peers_per_worker, cfg.num_peers
-    topos = [Topology(rank, n, cfg.scale.replicas, ppw) for rank in range(cfg.world_size)]
+    cfg, layout = plan.cfg, plan.layout  # the layout the launch and the workers use
+    ppw, n = layout.peers_per_worker, cfg.num_peers
+    topos = [layout.topology(rank) for rank in range(layout.world_size)]
     workers = [f"  worker {t.rank}: peer{'s' if ppw > 1 else ''} {', '.join(map(str, t.peers))} "
                f"({', '.join(cfg.models[p] for p in t.peers)}), replica {t.replica}" for t in topos]
     if plan.in_process:
         where = (f"in this process (Ray Train's local mode, run.in_process={cfg.run.in_process!r}): no Ray cluster "
-                 f"or worker process to start; {_fmt(cfg.worker_resources)} of this machine")
+                 f"or worker process to start; {_fmt(layout.worker_resources)} of this machine")
     else:
-        where = (f"{cfg.world_size} Ray Train worker(s), each asking for {_fmt(cfg.worker_resources)}; "
-                 f"in all {_fmt({k: v * cfg.world_size for k, v in cfg.worker_resources.items()})}")
+        where = (f"{layout.world_size} Ray Train worker(s), each asking for {_fmt(layout.worker_resources)}; "
+                 f"in all {_fmt(layout.total_resources)}")
     data = ""
     if plan.data is not None:
         d = plan.data

@@ -12,6 +12,11 @@ The born-again run directory gets `generations.csv` (the final row of every gene
 `final.csv`, `metrics.csv`, `compression.csv` and `curves.png` over all generations. An
 interrupted run resumes where it stopped: finished generations are kept, the running one
 resumes from its last checkpoint.
+
+The chain has one preflight (run/plan.py make_plan of the born-again config): the chain's own
+directory checked, generation 0 planned on the dataset, read once. Each later generation's plan
+is made when it starts (its teacher is the generation before it, which only then exists) and
+shares what the first one read: the dataset is read once for the whole chain.
 """
 from __future__ import annotations
 
@@ -20,8 +25,9 @@ import io
 import pandas as pd
 
 from ..config import files as config_file
-from ..config.schema import Config, ConfigError
+from ..config.schema import Config
 from ..rundir.layout import COMPRESSION, CONFIG, CURVES, FINAL, GENERATIONS, METRICS_CSV, RESULT, RunDir, checkpoint_dir_of, generation_name
+from .plan import Plan
 from .results import final_table, format_table, plot_curves
 
 
@@ -30,18 +36,17 @@ def _read_csv(run: RunDir, name: str) -> pd.DataFrame:
     return pd.read_csv(io.StringIO(text)) if text is not None else pd.DataFrame()
 
 
-def train_generations(cfg: Config, *, models=None, datasets=None, verbose: bool = True):
+def train_generations(cfg: Config, *, models=None, datasets=None, verbose: bool = True, plan: Plan | None = None):
     """Train cfg.distill.generations generations one after another; returns a RunResult whose
-    history has one member per generation (gen0, gen1, ...) and a `generation` column."""
+    history has one member per generation (gen0, gen1, ...) and a `generation` column. `plan`:
+    the chain's preflight, already made (make_plan(cfg): generation 0's plan, its `chain` the
+    chain's own); made here if None."""
     from .launch import RunResult, train_cohort
-    from .plan import Plan, check_run_directory, generation_config, make_plan
+    from .plan import check_run_directory, generation_config, make_plan
 
-    run = RunDir.of(cfg)
-    if run.finished:
-        raise ConfigError(f"run.name: run {cfg.run.name!r} already finished in {run.path}; its results are kept. "
-                          f"Allowed: a new name, e.g. --set run.name={cfg.run.name}-2", "run.name")
-    outer = Plan(cfg, run, in_process=True)
-    check_run_directory(outer, dry_run=False)  # refuses a changed config under the same name
+    # the chain's directory is checked here: finished, or another config under the same name, is refused
+    plan = plan or make_plan(cfg, models=models, datasets=datasets)
+    cfg, run = plan.chain.cfg, plan.chain.run_dir
     with run.lock():
         run.write(CONFIG, config_file.dump(cfg))
         histories, reports, metrics = [], [], {}
@@ -55,8 +60,12 @@ def train_generations(cfg: Config, *, models=None, datasets=None, verbose: bool 
                 if verbose:
                     teacher = "labels only" if g == 0 else f"taught by frozen generation {g - 1}"
                     print(f"\n=== born-again generation {g}/{cfg.distill.generations - 1}: {teacher}", flush=True)
-                train_cohort(child, models=models, datasets=datasets, verbose=verbose,
-                             plan=make_plan(child, models=models, datasets=datasets))
+                if g == 0:  # the preflight's plan; where its directory stands is known now, the chain locked
+                    check_run_directory(plan, dry_run=False)
+                    child_plan = plan
+                else:  # taught by generation g - 1, which exists only now; the data are the first plan's
+                    child_plan = make_plan(child, models=models, datasets=datasets, shared=plan.shared)
+                train_cohort(child, models=models, datasets=datasets, verbose=verbose, plan=child_plan)
             histories.append(_read_csv(child_run, METRICS_CSV).assign(generation=g))
             reports.append(_read_csv(child_run, COMPRESSION).assign(generation=g))
             metrics = child_run.read_json(RESULT)["metrics"]

@@ -33,14 +33,14 @@ def runs_in_process(cfg: Config) -> bool:
 
 def fit_in_process(cfg: Config, run: RunDir, start: str | None, make_trainer, *, models=None, datasets=None,
                    notify: str | None = None, group: str | None = None, verbose: bool = True, data=None,
-                   service: list[str] | None = None) -> None:
+                   service: list[str] | None = None, layout=None) -> None:
     """Train the cohort in this process from checkpoint directory `start` (None: from scratch),
     retrying a failed attempt from the newest checkpoint; `make_trainer` is launch.make_trainer."""
     failures = 0
     while True:
         try:
             make_trainer(cfg, run, models=models, datasets=datasets, resume_from=start, local=True, notify=notify,
-                         group=group, verbose=verbose, data=data, service=service).fit()
+                         group=group, verbose=verbose, data=data, service=service, layout=layout).fit()
             return
         except NotRetryable:
             raise

@@ -14,6 +14,7 @@ from . import compression
 from ..rundir import checkpoint as ckpt
 from ..rundir import storage
 from ..config.schema import Config
+from ..core.topology import Layout, layout_of
 from ..errors import NotRetryable
 from ..rundir.layout import COMPRESSION, LOG, PREDICTIONS, RAY_TRAIN, RESULT, RunDir
 from .env import cluster_address, init_ray  # noqa: F401 (init_ray: the place callers have always found it)
@@ -37,12 +38,13 @@ class RunResult:
 
 def make_trainer(cfg: Config, run_dir: RunDir, *, models=None, datasets=None, callbacks=None,
                  resume_from: str | None = None, local: bool = False, notify: str | None = None, group: str | None = None,
-                 verbose: bool = True, data=None, service: list[str] | None = None):
+                 verbose: bool = True, data=None, service: list[str] | None = None, layout: Layout | None = None):
     """The TorchTrainer of one cohort (also built by each Tune trial's driver). Every rank saves
     its checkpoints into `run_dir` itself (reporting.py); `resume_from` is a checkpoint directory
     to start from when the run directory holds none of its own (a Tune trial's, a PBT donor's).
     `local`: Train's local mode (ScalingConfig(num_workers=0): the loop runs in this process, no
-    worker group) for a cohort of one worker."""
+    worker group) for a cohort of one worker. `layout`: the cohort's (the plan's; None: layout_of(cfg),
+    the same), which sizes the worker group and which every worker builds its topology from."""
     import ray.train
     from ray.train.torch import TorchConfig
 
@@ -50,11 +52,12 @@ def make_trainer(cfg: Config, run_dir: RunDir, *, models=None, datasets=None, ca
     from ..training.loop import train_loop_per_worker
     from .failures import OurFailurePolicy, SayWhatHappens
 
-    if local and cfg.world_size != 1:
-        raise ValueError(f"Train's local mode runs one worker; this cohort has {cfg.world_size}")
+    layout = layout or layout_of(cfg)
+    if local and layout.world_size != 1:
+        raise ValueError(f"Train's local mode runs one worker; this cohort has {layout.world_size}")
     quiet_local_mode_notice()
 
-    said = [] if local else [SayWhatHappens(cfg.run.name, cfg.world_size, cfg.worker_resources)]
+    said = [] if local else [SayWhatHappens(cfg.run.name, layout.world_size, layout.worker_resources)]
     return torch_trainer(
         train_loop_per_worker,
         # no retry for what a retry cannot fix; an embedded Ray ends with this process, placement groups and all
@@ -63,9 +66,9 @@ def make_trainer(cfg: Config, run_dir: RunDir, *, models=None, datasets=None, ca
         train_loop_config={"cfg": cfg, "models": models, "datasets": datasets, "run_dir": run_dir.path,
                            "resume_from": resume_from, "local": local, "notify": notify, "group": group,
                            "verbose": verbose, "data": data if local else None,  # in this process: read once
-                           "teacher_service": service},
-        scaling_config=ray.train.ScalingConfig(num_workers=0 if local else cfg.world_size, use_gpu=cfg.scale.use_gpu,
-                                               resources_per_worker=None if local else cfg.worker_resources),
+                           "teacher_service": service, "layout": layout},
+        scaling_config=ray.train.ScalingConfig(num_workers=0 if local else layout.world_size, use_gpu=cfg.scale.use_gpu,
+                                               resources_per_worker=None if local else layout.worker_resources),
         torch_config=TorchConfig(backend="nccl" if cfg.scale.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             # Ray Train's own records, apart from ours: the run directory is rundir.py's
@@ -102,10 +105,10 @@ def train_cohort(cfg: Config, *, models: dict | None = None, datasets: dict | No
         try:
             if plan.in_process:
                 fit_in_process(cfg, run, start, make_trainer, models=models, datasets=datasets, verbose=verbose,
-                               data=plan.data, service=plan.service)
+                               data=plan.data, service=plan.service, layout=plan.layout)
             else:
                 make_trainer(cfg, run, models=models, datasets=datasets, resume_from=start, notify="train",
-                             verbose=verbose, service=plan.service).fit()
+                             verbose=verbose, service=plan.service, layout=plan.layout).fit()
         except Exception as e:
             run.clean_partial()  # a save cut short leaves nothing half-named
             error = unwrapped_error(e)

@@ -15,10 +15,10 @@ aborts its Train run before its actor goes, so its workers' CPUs come back (abor
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
 import tempfile
 import threading
 import time
@@ -42,6 +42,7 @@ from ..distill.form import LogitForm
 from ..errors import NotRetryable
 from ..rundir.layout import CONFIG
 from .console import SweepConsole, quiet_tune
+from .plan import SweepPlan, plan_sweep
 from .spec import SweepSpec, trial_resources
 
 
@@ -200,19 +201,19 @@ def _local_checkpoint(checkpoint) -> str | None:
 cleans_up_first(_trial_driver, abort_cohort)
 
 
-def _fill_teacher_caches(configs: list[Config], datas: dict, models, datasets, verbose) -> None:
+def _fill_teacher_caches(plan: SweepPlan, models, verbose) -> None:
     """Before any trial starts: each distinct frozen teacher's outputs into its disk cache, so
-    every trial reads them and runs the teacher zero times (distill.teacher_cache_dir)."""
+    every trial reads them and runs the teacher zero times (distill.teacher_cache_dir). The
+    teacher and the data are the trial plans' (read and checked once)."""
     from ..run.plan import fill_teacher_cache
-    from ..teachers import check_teacher
 
     done = set()
-    for c in configs:
+    for c, p in plan.plans.items():
         key = (c.distill, c.data, LogitForm.of(c))
-        if c.distill.mode != "offline" or not c.distill.teacher_cache_dir or key in done:
+        if c.distill.mode != "offline" or not c.distill.teacher_cache_dir or key in done or p.data is None:
             continue
         done.add(key)
-        line = fill_teacher_cache(c, datas[c.data], check_teacher(c, models, datasets, data=datas[c.data]), models)
+        line = fill_teacher_cache(c, p.data, p.teacher, models)
         if verbose:
             print(line, flush=True)
 
@@ -229,22 +230,20 @@ def service_key(c: Config) -> str:
                  c.data.dataset, c.data.seq_len, form, c.distill.service_replicas))
 
 
-def _start_teacher_services(configs: list[Config], sweep_dir: str, models, datasets, verbose) -> dict[str, list[str]]:
+def _start_teacher_services(plan: SweepPlan, sweep_dir: str, verbose) -> dict[str, list[str]]:
     """One teacher service per distinct teacher of the sweep, started before any trial (every
-    trial of that teacher calls it: one copy of the teacher, not one per trial)."""
-    from ..data.datasets import load_data
+    trial of that teacher calls it: one copy of the teacher, not one per trial). The teacher and
+    the data are the trial plans'."""
     from ..run.plan import start_teacher_service, teacher_copy_bytes
-    from ..teachers import check_teacher
 
     out: dict[str, list[str]] = {}
-    for c in configs:
+    for c in plan.configs:
         if not _served(c) or service_key(c) in out:
             continue
-        data = load_data(c.data, datasets)
-        members = check_teacher(c, models, datasets, data=data)
+        p = plan.plan_of(c)
         copy = storage.join(sweep_dir, f"teacher-{len(out)}.pt")  # what the service's replicas read, restarts too
-        storage.write_bytes(copy, teacher_copy_bytes(members))
-        out[service_key(c)] = start_teacher_service(c, data, members, copy)
+        storage.write_bytes(copy, teacher_copy_bytes(p.teacher))
+        out[service_key(c)] = start_teacher_service(c, p.data, p.teacher, copy)
         if verbose:
             print(f"teacher service for {c.distill.teacher_checkpoint}: {c.distill.service_replicas} replica(s), "
                   f"shared by every trial of this teacher", flush=True)
@@ -336,38 +335,23 @@ def _check_same_sweep(spec: SweepSpec, sweep_dir: str) -> None:
 # ---- the sweep ------------------------------------------------------------------------------
 
 def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, datasets=None, callbacks=None,
-              verbose: int = 1) -> SweepResult:
+              verbose: int = 1, plan: SweepPlan | None = None) -> SweepResult:
     """Run (or resume) a sweep and write its tables and plots. `models` / `datasets` add user
-    builders by name; `callbacks` are Ray Tune callbacks."""
+    builders by name; `callbacks` are Ray Tune callbacks. `plan`: the sweep's preflight, already
+    made (sweep.plan.plan_sweep, not a dry run's); made here if None."""
     import ray
     from ray import tune
     from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from . import results as sweep_results
-    from ..run.env import use_sweep_env
-    from ..run.launch import init_ray
-    from ..run.plan import check_resources, cluster_resources, concurrency, read_data
+    from ..run.plan import concurrency
 
-    from ..teachers.frozen import with_absolute_checkpoint
-
-    # trials run in their own working directories: paths are made absolute here, where they were written
-    spec = dataclasses.replace(spec, storage_path=spec.storage_root, base=with_absolute_checkpoint(spec.base))
-    configs = spec.check(models, datasets)
-    if spec.base.run.loggers:
-        from ..rundir.trackers import check_trackers
-
-        check_trackers(spec.base.run.loggers, "loggers")
-    use_sweep_env()
-    init_ray(workers_print=False)  # each trial's own lines stay in its worker's log: the console says ours
-    for cfg in configs:
-        check_resources(cfg, *cluster_resources())
-    if not os.environ.get("RAY_ADDRESS"):  # each distinct dataset read once, every model built on it
-        datas = {}
-        for cfg in {(c.data, c.train.batch_size, c.scale.replicas, c.models): c for c in configs}.values():
-            datas[cfg.data] = read_data(cfg, models, datasets)
-        _fill_teacher_caches(configs, datas, models, datasets, verbose)
-    services = _start_teacher_services(configs, spec.sweep_dir, models, datasets, verbose)
+    # the spec checked once, Ray started, each trial's cohort placed, each dataset read once
+    plan = plan or plan_sweep(spec, models, datasets)
+    spec, configs = plan.spec, plan.configs
+    _fill_teacher_caches(plan, models, verbose)
+    services = _start_teacher_services(plan, spec.sweep_dir, verbose)
     n_at_once = spec.max_concurrent or concurrency(configs, ray.cluster_resources())
     trials = spec.trials()
     sweep_dir = spec.sweep_dir

@@ -219,13 +219,55 @@ class SweepSpec:
             overrides["run.storage_path"] = storage_path
         return config_mod.with_overrides(self.base, overrides)
 
-    def check(self, models=None, datasets=None, *, names: bool = True) -> list[Config]:
-        """Validate everything; returns the config of every trial (all of them checked).
-        `names=False` leaves out the registry checks (model and dataset names, teacher sources),
-        which import torch: the CLI refuses the rest before importing anything heavy."""
-        if not self.name or any(c in self.name for c in "/\\") or self.name.startswith("."):
+    def check(self, models=None, datasets=None, *, names: bool = True, teachers: bool = True) -> list[Config]:
+        """Validate everything, each check once; returns the config of every trial (all of them
+        checked). First what needs no registry: the sweep's own fields, the base, each value of the
+        space, each point and every trial's config (pure Python: the CLI refuses them before
+        importing anything heavy). Then, with `names`, the registry names in each (model and dataset
+        builders: torch), and with `teachers`, what each trial's teacher source needs, once per
+        teacher setting. A sweep's preflight (sweep/plan.py) checks the teachers itself, on the data
+        its trials' plans share."""
+        configs = self._each_config(lambda c: c.check_fields(), own_fields=True)
+        epochs = max(c.train.epochs for c in configs)
+        self.scheduler.check(epochs)
+        if self.scheduler.name == "pbt":
+            if self.baseline:
+                _fail("baseline", True, "false with scheduler.name='pbt' (PBT copies weights and settings between "
+                      "trials, so a baseline inside it would not stay a baseline; run it as its own sweep)")
+            if not self.mutations:
+                _fail("space", sorted(self.space), f"at least one of {', '.join(PBT_MUTABLE)} for PBT to explore")
+        if names:
+            from ..run.checks import check_names  # the registries: torch
+
+            self._each_config(lambda c: check_names(c, models, datasets, teacher=False))
+            if teachers:
+                _check_teachers(configs, models, datasets)
+        return configs
+
+    def _each_config(self, check, own_fields: bool = False) -> list[Config]:
+        """`check` the base, the base with each value of the space and with each point, and every
+        trial's config, a refusal naming which; `own_fields`: the sweep's own fields too. Returns
+        the trials' configs."""
+        if own_fields and (not self.name or any(c in self.name for c in "/\\") or self.name.startswith(".")):
             _fail("name", self.name, "a non-empty name without '/' or a leading '.'")
-        _check_config(self.base, models, datasets, names)
+        check(self.base)
+        if own_fields:
+            self._check_own_fields()
+        for key, dist in self.space.items():
+            for value in dist.values:  # every grid/choice value, or both ends of a range
+                _check_value(self.base, f"space.{key}", key, value, check)
+        for i, point in enumerate(self.points):
+            _check_value(self.base, f"points[{i}]", None, point, check)
+        configs = []
+        for params in self.trials():
+            try:
+                configs.append(check(self.trial_config(params)))
+            except ConfigError as e:
+                shown = {k: v for k, v in params.items() if k != "baseline"}
+                raise ConfigError(f"trial {shown}: {e}") from None
+        return configs
+
+    def _check_own_fields(self) -> None:
         if self.num_samples < 1:
             _fail("num_samples", self.num_samples, "an integer >= 1")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
@@ -238,29 +280,6 @@ class SweepSpec:
             _fail("max_concurrent", self.max_concurrent, "null (derived from the cluster) or an integer >= 1")
         if self.checkpoints_to_keep is not None and self.checkpoints_to_keep < 1:
             _fail("checkpoints_to_keep", self.checkpoints_to_keep, "null or an integer >= 1")
-        for key, dist in self.space.items():
-            for value in dist.values:  # every grid/choice value, or both ends of a range
-                _check_value(self.base, f"space.{key}", key, value, models, datasets, names)
-        for i, point in enumerate(self.points):
-            _check_value(self.base, f"points[{i}]", None, point, models, datasets, names)
-        configs = []
-        for params in self.trials():
-            try:
-                configs.append(_check_config(self.trial_config(params), models, datasets, names))
-            except ConfigError as e:
-                shown = {k: v for k, v in params.items() if k != "baseline"}
-                raise ConfigError(f"trial {shown}: {e}") from None
-        if names:
-            _check_teachers(configs, models, datasets)
-        epochs = max(c.train.epochs for c in configs)
-        self.scheduler.check(epochs)
-        if self.scheduler.name == "pbt":
-            if self.baseline:
-                _fail("baseline", True, "false with scheduler.name='pbt' (PBT copies weights and settings between "
-                      "trials, so a baseline inside it would not stay a baseline; run it as its own sweep)")
-            if not self.mutations:
-                _fail("space", sorted(self.space), f"at least one of {', '.join(PBT_MUTABLE)} for PBT to explore")
-        return configs
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -273,40 +292,23 @@ class SweepSpec:
         return d
 
 
-def _check_config(cfg: Config, models, datasets, names: bool) -> Config:
-    if not names:
-        return cfg.check_fields()
-    from ..run.checks import check_names  # the registries: torch
-
-    return check_names(cfg.check_fields(), models, datasets, teacher=False)
-
-
 def _check_teachers(configs: list[Config], models, datasets) -> None:
     """What each trial's teacher source needs, once per distinct teacher setting (a frozen
-    teacher's checkpoint is read, and the data its check builds it on, once)."""
-    from ..data.datasets import load_data
-    from ..teachers import check_teacher
+    teacher's checkpoint is read, and the data its check builds it on, once: run.plan.Shared)."""
+    from ..run.plan import Shared
 
-    datas: dict = {}
-    seen = set()
+    shared = Shared()
     for c in configs:
-        key = (c.distill, c.data, c.models, c.optim.schedule, c.optim.cycles)
-        if key in seen:
-            continue
-        seen.add(key)
-        data = None
-        if c.distill.mode == "offline":
-            data = datas.get(c.data) or datas.setdefault(c.data, load_data(c.data, datasets))
-        check_teacher(c, models, datasets, data=data)
+        shared.teacher(c, models, datasets)
 
 
-def _check_value(base: Config, where: str, key: str | None, value: Any, models, datasets, names: bool = True) -> None:
+def _check_value(base: Config, where: str, key: str | None, value: Any, check) -> None:
     overrides = {key: value} if key is not None else dict(value)
     for k in overrides:
         if k in NOT_SWEPT and not (k == "train.seed" and key is None):  # a point may pin its seed
             raise ConfigError(f"{where}: {k} cannot be swept; {NOT_SWEPT[k]}")
     try:
-        _check_config(config_mod.with_overrides(base, overrides), models, datasets, names)
+        check(config_mod.with_overrides(base, overrides))
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 

@@ -33,7 +33,7 @@ from ..core.optim import kd_weight_at, make_optimizer, make_scheduler
 from ..rundir.layout import RunDir
 from ..teachers import TeacherContext, build_teacher
 from ..core.timing import Clock
-from ..core.topology import Topology, build_topology, train_shard
+from ..core.topology import Layout, Topology, layout_of
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -62,7 +62,7 @@ def train_loop_per_worker(config: dict) -> None:
     try:
         run(cfg, rank, device, model_builders=config.get("models"), dataset_builders=config.get("datasets"),
             reporter=reporter, restore_from=own or config.get("resume_from"), verbose=config.get("verbose", True),
-            data=config.get("data"), service=config.get("teacher_service"))
+            data=config.get("data"), service=config.get("teacher_service"), layout=config.get("layout"))
     except BaseException as e:
         reporter.finish("interrupted" if isinstance(e, KeyboardInterrupt) else "failed")
         raise
@@ -70,11 +70,13 @@ def train_loop_per_worker(config: dict) -> None:
 
 def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, dataset_builders=None,
         reporter=None, restore_from: str | None = None, verbose: bool = True, data=None,
-        service: list[str] | None = None) -> list[dict]:
+        service: list[str] | None = None, layout: Layout | None = None) -> list[dict]:
     """Train this rank's peers for cfg.train.epochs. Returns rank 0's history (others: []).
     `verbose`: rank 0 prints a line per epoch (and progress lines within long epochs). `data`:
-    the dataset as the driver read it, when the loop runs in the driver's process (else read here)."""
-    topo = build_topology(rank, cfg.num_peers, cfg.scale.replicas, cfg.scale.peers_per_worker)
+    the dataset as the driver read it, when the loop runs in the driver's process (else read here).
+    `layout`: the cohort's layout as the driver's plan worked it out (None: layout_of(cfg), the same)."""
+    layout = layout or layout_of(cfg)
+    topo = layout.build(rank)
     if device.type == "cpu":
         keep_freed_memory()  # no page faults for every step's activations (host.py)
 
@@ -82,8 +84,7 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
     # peers were given disjoint shards: distill.peer_data); images channels-last (scale.channels_last)
     data = data if data is not None else load_data(cfg.data, dataset_builders)
     fmt = memory_format(data.sample, cfg.scale.channels_last)
-    shard, num_shards = train_shard(rank, cfg.num_peers, cfg.scale.replicas, peers_per_worker=cfg.scale.peers_per_worker,
-                                    disjoint_peers=cfg.distill.peer_data == "disjoint")
+    shard, num_shards = layout.shard(rank)
     train_batches = Batches(data.train, cfg.train.batch_size, device, seed=cfg.train.seed, shard=shard,
                             num_shards=num_shards, jitter=Jitter.of(cfg.data), num_workers=cfg.data.num_workers,
                             max_batches=cfg.train.max_steps_per_epoch, memory_format=fmt)
