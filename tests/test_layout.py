@@ -174,3 +174,13 @@ def test_the_config_schema_and_its_yaml_reading_are_apart():
     schema = open(os.path.join(PKG_DIR, "config", "schema.py")).read()
     assert "import yaml" not in schema and "safe_load" not in schema
     assert "yaml.SafeLoader" in open(os.path.join(PKG_DIR, "config", "files.py")).read()
+
+
+def test_run_and_sweep_reach_the_teachers_through_their_face():
+    """A frozen teacher's lifecycle (copy, cache, service) is teachers/lifecycle.py's, re-exported by
+    the teachers package: run/ and sweep/ never import the files that implement it."""
+    graph = import_graph()
+    inside = [f"{m} -> {t}" for m, targets in graph.items()
+              if m.startswith(("online_distill.run", "online_distill.sweep"))
+              for t in targets if t.startswith("online_distill.teachers.")]
+    assert inside == []

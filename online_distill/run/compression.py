@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..rundir.layout import COMPRESSION, TEACHER, RunDir
-from ..teachers.frozen import teacher_members
+from ..teachers import copy_members
 from ..config.schema import Config
 from ..core.host import to_format
 
@@ -114,14 +114,14 @@ def compression_table(cfg: Config, checkpoint_dir: str, *, run: RunDir | None = 
         m.load_state_dict(state)
         return m.eval()
 
-    frozen = _frozen_teacher(run)
+    frozen = copy_members(run.read_bytes(TEACHER) if run is not None else None)  # the run's frozen teacher
     rows, nets = [], []
     for p, name in enumerate(cfg.models):
         state = load_peer(checkpoint_dir, p)
         rows.append({"member": f"peer{p}", "role": "student", "model": name})
         nets.append(build(name, state["model"]))
         t = state.get("teacher") or {}
-        members = [t] if isinstance(t.get("model"), dict) else teacher_members(frozen) if frozen is not None else []
+        members = [t] if isinstance(t.get("model"), dict) else frozen
         for k, m in enumerate(members):
             if isinstance(m.get("model"), dict) and isinstance(m.get("model_name"), str):
                 role = f"teacher ({cfg.distill.mode}{', ensemble member' if len(members) > 1 else ''})"
@@ -141,11 +141,6 @@ def compression_table(cfg: Config, checkpoint_dir: str, *, run: RunDir | None = 
         row.update(params=sum(p.numel() for p in net.parameters()), size_kb=size_bytes(net) / 1024,
                    **speed[row["model"]], test_acc=acc)
     return pd.DataFrame(rows)
-
-
-def _frozen_teacher(run: RunDir | None) -> dict | None:
-    data = run.read_bytes(TEACHER) if run is not None else None
-    return None if data is None else torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
 
 def write_report(cfg: Config, run: RunDir, checkpoint_dir: str, data=None, *, models=None, datasets=None,

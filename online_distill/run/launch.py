@@ -128,7 +128,11 @@ def train_cohort(cfg: Config, *, models: dict | None = None, datasets: dict | No
         if cfg.run.compression_report:
             sizes = compression.write_report(cfg, run, last, plan.data, models=models, datasets=datasets,
                                              test_acc=_measured(final_rows, "test_acc"))
-        served = service_summary(plan.service) if plan.service else {}
+        served = {}
+        if plan.service:
+            from .. import teachers
+
+            served = teachers.service_summary(plan.service)
         final.update(served)
         metrics = {**metrics, **served}
         run.write_json(RESULT, {"complete": True, "metrics": final})  # last: the run finished
@@ -155,17 +159,6 @@ def unwrapped_error(e: Exception) -> Exception:
         return e
     root = not_retryable(e)
     return root if root is not None else e
-
-
-def service_summary(names: list[str]) -> dict[str, float]:
-    """The teacher service's counters, summed over its replicas (teachers/service.py)."""
-    from ..teachers.service import ServiceClient
-
-    stats = ServiceClient(names).stats()
-    keys = ("forwards", "requests", "rows", "batches", "bytes_out", "queue_s", "rss_bytes")
-    out = {f"service/{k}": float(sum(s[k] for s in stats)) for k in keys}
-    out["service/mean_queue_s"] = out["service/queue_s"] / max(1.0, out["service/requests"])
-    return out
 
 
 def _log_traceback(run: RunDir, e: BaseException, error: BaseException) -> None:

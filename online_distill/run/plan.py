@@ -21,7 +21,6 @@ from typing import Any
 
 from ..config import schema as config_mod
 from ..config import files as config_file
-from ..distill.form import LogitForm
 from ..rundir.checkpoint import ResumePoint, find_resume_point
 from ..config.schema import Config, ConfigError
 from ..config.schema import with_overrides
@@ -117,10 +116,12 @@ class Plan:
             if moved:
                 lines.append(moved)
             self.run_dir.write(CONFIG, config_file.dump(self.cfg))
+            from .. import teachers
+
             if self.teacher is not None and not self.run_dir.exists(TEACHER):
-                write_teacher_copy(self.run_dir, self.teacher)
+                teachers.write_copy(self.run_dir, self.teacher)
             if self.teacher is not None and self.cfg.distill.teacher_cache_dir and self.data is not None:
-                lines.append(fill_teacher_cache(self.cfg, self.data, self.teacher, self.models))
+                lines.append(teachers.fill_cache(self.cfg, self.data, self.teacher, self.models))
             if self.teacher is not None and self.cfg.distill.teacher_service:
                 self.service = start_teacher_service(self.cfg, self.data, self.teacher, self.run_dir.file(TEACHER))
                 lines.append(f"teacher service: {len(self.service)} replica(s) of {self.cfg.distill.service_cpus:g} CPU, "
@@ -135,9 +136,9 @@ class Plan:
             self.lock.release()
             self.lock = None
         if self.service:
-            from ..teachers.service import stop
+            from .. import teachers
 
-            stop(self.service)  # the run's own teacher service: its resources go back
+            teachers.stop_service(self.service)  # the run's own teacher service: its resources go back
             self.service = None
 
     def header(self) -> str:
@@ -166,7 +167,7 @@ def make_plan(cfg: Config, *, models=None, datasets=None, dry_run: bool = False,
     worker group anywhere in the cluster, which the sweep has joined (a dry run: this machine),
     and a sweep that cannot be placed is refused before its data are read."""
     from .checks import check_names
-    from ..teachers.frozen import with_absolute_checkpoint
+    from ..teachers import with_absolute_checkpoint
     from .in_process import runs_in_process
 
     if not trial:
@@ -312,55 +313,6 @@ def check_run_directory(plan: Plan, *, dry_run: bool) -> None:
         raise refusal(cfg, run, plan.resume)
 
 
-def start_teacher_service(cfg: Config, data, members: list, copy: str) -> list[str]:
-    """The teacher's actor pool (teachers/service.py), on Ray (started here if need be), its
-    replicas reading the teacher from `copy` (write_teacher_copy's file)."""
-    from ..teachers.cache import cache_key
-    from ..teachers.service import start
-    from .env import init_ray
-
-    if data is None:
-        from ..data.datasets import load_data
-
-        data = load_data(cfg.data)
-    init_ray()
-    return start(cfg, copy, data, cache_key(cfg, [(s.model_name, w) for s, w in members]))
-
-
-def fill_teacher_cache(cfg: Config, data, members: list, models=None) -> str:
-    """The frozen teacher's outputs for every training example, in the disk cache, before any
-    worker starts; the line that says what it cost (the teacher's runs) and where it is."""
-    from ..teachers.frozen import fill_disk_cache
-
-    computed, total = fill_disk_cache(cfg, data, members, models)
-    where, form = cfg.distill.teacher_cache_dir, LogitForm.of(cfg).describe()
-    if computed:
-        return (f"teacher cache {where}: the teacher ran on {computed} of {total} training examples, once; this run "
-                f"and every later one with the same teacher, data and logits ({form}) read them")
-    return f"teacher cache {where}: all {total} training examples there: the teacher runs 0 times"
-
-
-def write_teacher_copy(run: RunDir, members: list) -> None:
-    """The frozen teacher, once per run: every checkpoint names it instead of storing it again,
-    and a resumed run goes on with this copy even if its source has changed since. `members`:
-    (source, weights) of the teacher, or of each model of an ensemble teacher."""
-    run.write(TEACHER, teacher_copy_bytes(members))
-
-
-def teacher_copy_bytes(members: list) -> bytes:
-    """write_teacher_copy's file (a sweep's teacher service reads one from the sweep directory)."""
-    import io
-
-    import torch
-
-    rows = [{"model": weights, "model_name": src.model_name, "source": src.path, "peer": src.peer}
-            for src, weights in members]
-    buf = io.BytesIO()
-    torch.save({**rows[0], **({"members": rows} if len(rows) > 1 else {})}, buf)
-    return buf.getvalue()
-
-
-# --- resources ----------------------------------------------------------------------------------
 
 def check_machine(cfg: Config) -> None:
     """What check_resources is for a worker group: refuse what this process cannot give."""
@@ -442,3 +394,17 @@ def generation_config(cfg: Config, g: int, run: RunDir) -> Config:
         over.update({"distill.mode": "offline", "distill.teacher_checkpoint": run.generation(g - 1).path,
                      "distill.teacher_peer": 0, "distill.teacher_model": None})
     return with_overrides(cfg, over)
+
+
+def start_teacher_service(cfg: Config, data, members: list, copy: str) -> list[str]:
+    """The teacher's actor pool (teachers.start_service), on Ray, started here if need be."""
+    from .env import init_ray
+
+    if data is None:
+        from ..data.datasets import load_data
+
+        data = load_data(cfg.data)
+    init_ray()
+    from .. import teachers
+
+    return teachers.start_service(cfg, data, members, copy)

@@ -15,10 +15,7 @@ aborts its Train run before its actor goes, so its workers' CPUs come back (abor
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
-import math
 import tempfile
 import threading
 import time
@@ -205,7 +202,7 @@ def _fill_teacher_caches(plan: SweepPlan, models, verbose) -> None:
     """Before any trial starts: each distinct frozen teacher's outputs into its disk cache, so
     every trial reads them and runs the teacher zero times (distill.teacher_cache_dir). The
     teacher and the data are the trial plans' (read and checked once)."""
-    from ..run.plan import fill_teacher_cache
+    from ..teachers import fill_cache
 
     done = set()
     for c, p in plan.plans.items():
@@ -213,7 +210,7 @@ def _fill_teacher_caches(plan: SweepPlan, models, verbose) -> None:
         if c.distill.mode != "offline" or not c.distill.teacher_cache_dir or key in done or p.data is None:
             continue
         done.add(key)
-        line = fill_teacher_cache(c, p.data, p.teacher, models)
+        line = fill_cache(c, p.data, p.teacher, models)
         if verbose:
             print(line, flush=True)
 
@@ -234,7 +231,8 @@ def _start_teacher_services(plan: SweepPlan, sweep_dir: str, verbose) -> dict[st
     """One teacher service per distinct teacher of the sweep, started before any trial (every
     trial of that teacher calls it: one copy of the teacher, not one per trial). The teacher and
     the data are the trial plans'."""
-    from ..run.plan import start_teacher_service, teacher_copy_bytes
+    from ..run.plan import start_teacher_service
+    from ..teachers import copy_bytes
 
     out: dict[str, list[str]] = {}
     for c in plan.configs:
@@ -242,7 +240,7 @@ def _start_teacher_services(plan: SweepPlan, sweep_dir: str, verbose) -> dict[st
             continue
         p = plan.plan_of(c)
         copy = storage.join(sweep_dir, f"teacher-{len(out)}.pt")  # what the service's replicas read, restarts too
-        storage.write_bytes(copy, teacher_copy_bytes(p.teacher))
+        storage.write_bytes(copy, copy_bytes(p.teacher))
         out[service_key(c)] = start_teacher_service(c, p.data, p.teacher, copy)
         if verbose:
             print(f"teacher service for {c.distill.teacher_checkpoint}: {c.distill.service_replicas} replica(s), "
@@ -407,14 +405,13 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
         with no_retry_for_not_retryable():
             grid = tuner.fit()
     finally:
-        from ..run.launch import service_summary
-        from ..teachers.service import stop
+        from ..teachers import service_summary, stop_service
 
         if services:  # what the sweep's teachers did, for the record (and the service bench)
             storage.write_text(storage.join(sweep_dir, "service.json"), json.dumps(
                 {key: service_summary(names) for key, names in services.items()}, indent=1))
         for names in services.values():
-            stop(names)
+            stop_service(names)
     wall = time.perf_counter() - t0
     tables = sweep_results.write(sweep_dir, spec)
     # from the saved experiment state: an interrupted sweep saves its unfinished trials as pending
@@ -422,6 +419,6 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
     if verbose:
         print(sweep_results.describe(tables, spec), flush=True)
         if not complete:
-            print(f"\nsweep interrupted: finished trials are kept; rerun the same command to resume "
-                  f"(--retry-errored to rerun errored trials too)", flush=True)
+            print("\nsweep interrupted: finished trials are kept; rerun the same command to resume "
+                  "(--retry-errored to rerun errored trials too)", flush=True)
     return SweepResult(sweep_dir, tables.trials, tables.summary, tables.best_config, complete, wall)

@@ -47,7 +47,7 @@ def plan_sweep(spec: SweepSpec, models=None, datasets=None, *, dry_run: bool = F
     configs = spec.check(models, datasets, teachers=False)  # the teachers: below, on the data the plans share
 
     from ..run.plan import Shared, make_plan
-    from ..teachers.frozen import with_absolute_checkpoint
+    from ..teachers import with_absolute_checkpoint
 
     # trials run in their own working directories: paths are made absolute here, where they were written
     spec = dataclasses.replace(spec, storage_path=spec.storage_root, base=with_absolute_checkpoint(spec.base))

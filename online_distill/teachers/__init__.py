@@ -11,6 +11,9 @@ Two kinds of source:
   each other's logits (or stale copies) from memory, and only other workers' come over the wire;
 - per-peer sources (EMA, snapshots, DLB, a frozen teacher) are written for one peer
   (`PeerSource`) and `per_peer` runs one of them for each peer the worker holds.
+
+A frozen teacher's life on the driver (its copy in the run directory, its disk cache, its service)
+is lifecycle.py's, re-exported here: run/ and sweep/ import this package, never its files.
 """
 from __future__ import annotations
 
@@ -18,8 +21,12 @@ from typing import Callable
 
 from ..config.schema import Config
 from .base import PeerSource, PerPeer, Teacher, TeacherContext, per_peer
+from .frozen import with_absolute_checkpoint
+from .lifecycle import copy_bytes, copy_members, fill_cache, service_summary, start_service, stop_service, write_copy
 
-__all__ = ["TEACHERS", "PeerSource", "PerPeer", "Teacher", "TeacherContext", "build_teacher", "check_teacher", "per_peer"]
+__all__ = ["TEACHERS", "PeerSource", "PerPeer", "Teacher", "TeacherContext", "build_teacher", "check_teacher",
+           "copy_bytes", "copy_members", "fill_cache", "per_peer", "service_summary", "start_service", "stop_service",
+           "with_absolute_checkpoint", "write_copy"]
 
 
 def _registry() -> dict[str, Callable[[TeacherContext], Teacher]]:

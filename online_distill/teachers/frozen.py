@@ -107,7 +107,7 @@ class FrozenTeacher(PeerSource):
     """The frozen teacher of offline KD (and of a born-again generation): one model, or with
     distill.teacher_ensemble every peer of the teacher run, whose logits are then the log of
     their mean probability. It is read from the run's own copy (rundir.TEACHER, written once by
-    the driver: run.plan.write_teacher_copy), so a checkpoint names the teacher instead of storing
+    the driver: lifecycle.write_copy), so a checkpoint names the teacher instead of storing
     it again, and a resumed run goes on with the same teacher even if its source has changed
     since; outside a run, from the source."""
 

@@ -38,7 +38,7 @@ NAMESPACE = "online_distill"
 @ray.remote(max_restarts=-1, max_task_retries=-1)
 class TeacherReplica:
     def __init__(self, copy: str, model_args: dict, form: LogitForm, precision: str, threads: int, keep: bool):
-        """copy: the teacher copy file (run.plan.write_teacher_copy) this replica reads its weights
+        """copy: the teacher copy file (lifecycle.write_copy) this replica reads its weights
         from, here and after every restart: nothing of the teacher goes through the object store."""
         import io
 

@@ -65,5 +65,5 @@ class Ensemble(torch.nn.Module):
 
 
 def teacher_members(copy: dict) -> list[dict]:
-    """The members of a run's teacher copy (run.plan.write_teacher_copy): one, or an ensemble's."""
+    """The members of a run's teacher copy (lifecycle.write_copy): one, or an ensemble's."""
     return copy.get("members") or [copy]
