@@ -149,9 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "as a run config, the plots: from Tune's experiment state). Nothing is trained.")
     p.add_argument("path", help="a run directory (runs/NAME) or a sweep directory (runs/sweeps/NAME, with sweep.yaml)")
     p.add_argument("--compression", action="store_true",
-                   help="a run: also measure compression.csv (size, CPU latency, test accuracy of every student and "
-                        "teacher) from its newest checkpoint, as a run does at its end unless run.compression_report "
-                        "is false")
+                   help="a run: also measure its compression report (size, CPU latency, test accuracy of every "
+                        "student and teacher) from its newest checkpoint, as a run does at its end unless "
+                        "run.compression_report is false")
     p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("bench", help="step time of DML vs independent peers vs plain PyTorch, side by side")
