@@ -10,7 +10,7 @@ from torch import nn
 import online_distill
 from online_distill.run import launch  # noqa: F401
 from online_distill.config.schema import ConfigError, DataConfig
-from online_distill.data.datasets import BYTE_VOCAB, WORD_BYTES, Splits, Tensors, lang_words, load_data
+from online_distill.data.datasets import BYTE_VOCAB, WORD_BYTES, SequenceTensors, Splits, Tensors, lang_words, load_data
 from online_distill.models.builders import build_model
 
 
@@ -223,6 +223,48 @@ def test_a_dataset_builder_that_raises_or_breaks_its_promise_is_refused(no_ray, 
 
     msg = refused(make_cfg, datasets={"liar": liar}, **{"data.dataset": "liar", "data.val_size": 100})
     assert "promised input_shape=(1, 28, 28), but its first training examples batch to (2, 1, 64) float32" in msg
+
+
+# ---- bits per byte of a user's token sequences: Splits.bytes_per_token is where they come from ---
+
+def subword_windows(n: int, seed: int) -> SequenceTensors:
+    """Next-token windows (16 tokens + 1) of a made-up subword vocabulary of ids 1..47: each counts
+    up from a random start, so a model has something to learn."""
+    start = torch.randint(0, 47, (n, 1), generator=torch.Generator().manual_seed(seed))
+    return SequenceTensors(((start + torch.arange(17)) % 47 + 1).to(torch.uint8))
+
+
+def subwords(cfg: DataConfig) -> Splits:
+    """As docs/language-models.md says a user's text dataset gives its bytes of text per token."""
+    return Splits(subword_windows(512, 0), subword_windows(128, 1), num_classes=48, bytes_per_token=3.5)
+
+
+def test_a_users_token_sequences_report_bits_per_byte_from_their_splits(make_cfg):
+    cfg = make_cfg(models=["gpt(dim=16, layers=1, heads=2)"], distill__mode="independent", data__dataset="subwords",
+                   data__val_size=64, data__train_subset=None, data__test_subset=None, train__epochs=1,
+                   train__batch_size=32, optim__name="adamw", optim__lr=0.003, run__name="subwords")
+    res = online_distill.train(cfg, datasets={"subwords": subwords}, verbose=False)
+    final = res.final.set_index("member").loc["peer0"]
+    assert final["test_bpb"] == pytest.approx(final["test_nll"] / math.log(2) / 3.5)
+    assert final["val_bpb"] == pytest.approx(final["val_nll"] / math.log(2) / 3.5)
+    assert res.metrics["peer0/val_bpb"] == pytest.approx(final["val_bpb"])
+
+
+def test_bytes_per_token_anywhere_but_the_splits_or_not_a_positive_number_is_refused(no_ray, make_cfg):
+    class OnTheDataset(SequenceTensors):
+        bytes_per_token = 3.5  # where an older docstring put it: a run never read it there
+
+    over = dict(models=["gpt(dim=16, layers=1, heads=2)"], distill__mode="independent", data__val_size=64,
+                data__train_subset=None, data__test_subset=None)
+    on_dataset = lambda cfg: Splits(OnTheDataset(subword_windows(512, 0).x), subword_windows(128, 1), num_classes=48)  # noqa: E731
+    msg = refused(make_cfg, datasets={"mine": on_dataset}, data__dataset="mine", **over)
+    assert "its train dataset has a bytes_per_token, which a run does not read" in msg
+    assert "Splits(..., bytes_per_token=...)" in msg
+    for bad in (0, -1.0, float("nan"), "3.5", True):
+        bad_splits = lambda cfg, bad=bad: Splits(subword_windows(512, 0), subword_windows(128, 1), num_classes=48,  # noqa: E731
+                                                  bytes_per_token=bad)
+        msg = refused(make_cfg, datasets={"mine": bad_splits}, data__dataset="mine", **over)
+        assert f"returned bytes_per_token={bad!r}; allowed: a positive number" in msg, msg
 
 
 def test_a_token_batch_given_to_an_image_model_is_refused(no_ray, make_cfg):

@@ -43,7 +43,6 @@ def test_sequence_tensors_batch_next_bytes_with_padding_ignored():
     sub = ds.subset(torch.tensor([3, 0]))
     assert isinstance(sub, data.SequenceTensors) and isinstance(sub, data.Tensors) and len(sub) == 2
     assert torch.equal(sub.batch(torch.tensor([0]), torch.device("cpu"))[1], y[3:4])
-    assert data.SequenceTensors.bytes_per_token == 1.0
     with pytest.raises(ValueError, match="tokens must be"):
         data.SequenceTensors(torch.zeros(3, 1, dtype=torch.uint8))
 

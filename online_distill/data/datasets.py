@@ -94,9 +94,9 @@ class SequenceTensors(Tensors):
     e.g. uint8), 0 for padding at the right. A batch is x = tokens[:, :-1] and y = tokens[:, 1:]
     as int64, y = IGNORE_INDEX (-100) where the predicted token is padding; x holds 0 only where
     it is padding itself, which a causal model never lets a real position see. `labels` (N, L)
-    are derived from the tokens, not stored (they would take 8x the memory)."""
-
-    bytes_per_token = 1.0  # byte-level tokens; a subword dataset sets its own, for bits per byte
+    are derived from the tokens, not stored (they would take 8x the memory). Bits per byte need
+    the bytes of text per token: the dataset builder gives them as Splits(bytes_per_token=...),
+    not here."""
 
     def __init__(self, tokens: torch.Tensor):
         if tokens.dim() != 2 or tokens.shape[1] < 2 or tokens.is_floating_point():
@@ -140,7 +140,9 @@ class Splits:
     num_classes: int
     input_shape: tuple[int, ...] | None = None
     bytes_per_token: float | None = None
-    """Text: bytes of text per token (1.0 for byte-level tokens), for bits per byte; else None."""
+    """Token sequences: bytes of text per token, for bits per byte (val_bpb, test_bpb): 1.0 for
+    byte-level tokens (fortunes), the corpus's bytes over its token count for a subword tokenizer.
+    The one place a run reads it (load_data); None: no bits per byte."""
 
 
 DatasetBuilder = Callable[[DataConfig], Splits]
@@ -318,7 +320,7 @@ def fortunes(cfg: DataConfig) -> Splits:
     seq_len = int(getattr(cfg, "seq_len", None) or SEQ_LEN)
     train, test = fortunes_tokens(seq_len)
     return Splits(SequenceTensors(train), SequenceTensors(test), num_classes=BYTE_VOCAB, input_shape=(seq_len,),
-                  bytes_per_token=SequenceTensors.bytes_per_token)
+                  bytes_per_token=1.0)  # byte-level tokens
 
 
 DATASETS: dict[str, DatasetBuilder] = {
@@ -345,7 +347,7 @@ class Data:
     label_shape: tuple[int, ...] = ()
     """One example's label shape: () for a class, (L,) for a next token at each of L positions."""
     bytes_per_token: float | None = None
-    """Text: bytes of text per token (1 for byte-level tokens), for bits per byte; else None."""
+    """Splits.bytes_per_token, as the dataset builder gave it."""
 
     @property
     def is_sequence(self) -> bool:
@@ -404,6 +406,7 @@ def load_data(cfg: DataConfig, builders: dict[str, DatasetBuilder] | None = None
                           "(train, test, num_classes, input_shape=None)")
     if not isinstance(splits.num_classes, int) or splits.num_classes < 2:
         raise ConfigError(f"{who} returned num_classes={splits.num_classes!r}; allowed: an integer >= 2")
+    _check_bytes_per_token(splits, who)
     n = len(splits.train)
     if cfg.val_size >= n:
         raise ConfigError(f"data.val_size: got {cfg.val_size}; allowed: fewer than the {n} training examples")
@@ -434,7 +437,20 @@ def load_data(cfg: DataConfig, builders: dict[str, DatasetBuilder] | None = None
                           f"{cfg.dataset!r}, whose examples batch to {describe(sample)}: jitter and flips are for "
                           "images (B, C, H, W)", field)
     return Data(train, _take(splits.train, val_idx), test, splits.num_classes, sample, tuple(labels.shape[1:]),
-                getattr(splits, "bytes_per_token", None))
+                splits.bytes_per_token)
+
+
+def _check_bytes_per_token(splits: Splits, who: str) -> None:
+    """Bits per byte come from Splits.bytes_per_token alone: a positive number, or None. One set on
+    the train or test dataset instead would never be read, so it is refused, naming the field."""
+    bpt = splits.bytes_per_token
+    if bpt is not None and (isinstance(bpt, bool) or not isinstance(bpt, (int, float)) or not 0 < bpt < float("inf")):
+        raise ConfigError(f"{who} returned bytes_per_token={bpt!r}; allowed: a positive number (bytes of text per "
+                          "token, for bits per byte) or None")
+    for split in ("train", "test"):
+        if bpt is None and getattr(getattr(splits, split), "bytes_per_token", None) is not None:
+            raise ConfigError(f"{who}: its {split} dataset has a bytes_per_token, which a run does not read; allowed: "
+                              "Splits(..., bytes_per_token=...), the one place bits per byte take it from")
 
 
 def labels_of(ds: Dataset) -> torch.Tensor | None:

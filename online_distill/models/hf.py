@@ -7,8 +7,9 @@ object. `HFClassifier` is the adapter between them, and `sequence_classifier(...
 model builder of it for `train(cfg, models={...})`:
 
     from transformers import AutoConfig, AutoTokenizer
-    from online_distill import hf, train
-    from online_distill.data.datasets import Splits, TokenTensors
+    from online_distill import train
+    from online_distill.data import Splits, TokenTensors
+    from online_distill.models import hf
 
     tok = AutoTokenizer.from_pretrained("prajjwal1/bert-tiny")
     def my_texts(data_cfg):
