@@ -5,8 +5,8 @@
 Importing the package imports only the config (no torch, no Ray): the CLI refuses bad input
 before anything heavy is loaded. The rest is imported when first called.
 """
-from .config.schema import Config, ConfigError, with_overrides
 from .config.files import load
+from .config.schema import Config, ConfigError, with_overrides
 
 __all__ = ["Config", "ConfigError", "load", "with_overrides", "check", "train", "load_sweep", "run_sweep"]
 

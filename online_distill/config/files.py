@@ -4,8 +4,9 @@ item, a value came from. The schema itself is config.py; this module only reads 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from . import specs
 
@@ -435,7 +436,7 @@ class Config:
         """What each Ray Train worker asks for."""
         return {"CPU": self.scale.cpus_per_worker, **({"GPU": self.scale.gpus_per_worker} if self.scale.use_gpu else {})}
 
-    def check_fields(self) -> "Config":
+    def check_fields(self) -> Config:
         """The checks that need no registry (types were checked on loading; ranges, choices and
         combinations here): pure Python, so the CLI refuses bad input before importing torch."""
         for section in (self.data, self.loss, self.optim, self.train, self.distill, self.scale, self.run):

@@ -18,8 +18,9 @@ import functools
 import importlib
 import inspect
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -131,7 +132,7 @@ def resolve(text: str, registry: Mapping[str, Callable], user: Mapping[str, Call
     return bound
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _import(path: str) -> Any:
     module_name, _, attr = path.partition(":")
     try:

@@ -192,7 +192,7 @@ class Layout:
                            peers_per_worker=self.peers_per_worker)
 
 
-def layout_of(cfg: "Config") -> Layout:
+def layout_of(cfg: Config) -> Layout:
     """The cohort's layout as its config says (models, scale, distill.peer_data): the one place
     it is worked out."""
     return Layout(cfg.num_peers, cfg.scale.replicas, cfg.scale.peers_per_worker,

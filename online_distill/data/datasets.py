@@ -15,8 +15,8 @@ import gzip
 import os
 import struct
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -48,7 +48,7 @@ class Tensors(Dataset):
         x = self.convert(self.x[idx].to(device, non_blocking=True))
         return x, self.labels[idx].to(device, non_blocking=True)
 
-    def subset(self, idx: torch.Tensor) -> "Tensors":
+    def subset(self, idx: torch.Tensor) -> Tensors:
         out = copy.copy(self)
         out.x, out.labels = self.x[idx], self.labels[idx]
         return out
@@ -120,7 +120,7 @@ class SequenceTensors(Tensors):
     def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         return self._next_token(self.x[idx].to(device, non_blocking=True))  # widened on the device: 8x less to copy
 
-    def subset(self, idx: torch.Tensor) -> "SequenceTensors":
+    def subset(self, idx: torch.Tensor) -> SequenceTensors:
         out = copy.copy(self)
         out.x = self.x[idx]
         return out
@@ -533,7 +533,7 @@ class Jitter:
     pad: str = "background"
 
     @classmethod
-    def of(cls, cfg: DataConfig) -> "Jitter | None":
+    def of(cls, cfg: DataConfig) -> Jitter | None:
         return cls(cfg.shift, cfg.flip, cfg.pad) if cfg.augments else None
 
     def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -61,7 +61,7 @@ class LogitForm:
     """The KD temperature: compressed log-probs are stored tempered (loss.temperature)."""
 
     @classmethod
-    def of(cls, cfg) -> "LogitForm":
+    def of(cls, cfg) -> LogitForm:
         d = cfg.distill
         return cls(d.logits, d.logits_k, d.logits_bits, float(cfg.loss.temperature))
 

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 MULTI_TEACHER = ("mean_kl", "mean_probs")
 
@@ -133,7 +132,7 @@ class DenseTarget:
         return per_position_kd(student_logits, self.logits, temperature=temperature, multi_teacher=multi_teacher,
                                divergence=divergence, jsd_beta=jsd_beta)
 
-    def to(self, device: torch.device | str) -> "DenseTarget":
+    def to(self, device: torch.device | str) -> DenseTarget:
         return DenseTarget(self.logits.to(device))
 
     def __len__(self) -> int:

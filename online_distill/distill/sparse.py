@@ -69,7 +69,7 @@ class SparseTarget:
     def k(self) -> int:
         return self.ids.shape[-1]
 
-    def to(self, device: torch.device | str) -> "SparseTarget":
+    def to(self, device: torch.device | str) -> SparseTarget:
         w = None if self.weight is None else self.weight.to(device)
         c = None if self.codes is None else self.codes.to(device)
         return replace(self, ids=self.ids.to(device), logp=self.logp.to(device), weight=w, codes=c)
@@ -84,7 +84,7 @@ class SparseTarget:
                                                                jsd_beta=jsd_beta)
         return sparse_kd(student_logits, self, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta)
 
-    def unbind(self) -> list["SparseTarget"]:
+    def unbind(self) -> list[SparseTarget]:
         """One SparseTarget per entry of the leading dim (teachers stacked, e.g. after an all-gather)."""
         ws = [None] * len(self.ids) if self.weight is None else self.weight.unbind(0)
         cs = [None] * len(self.ids) if self.codes is None else self.codes.unbind(0)
@@ -108,7 +108,7 @@ class SparseTeachers(list):
         return torch.stack([t.per_position(student_logits, temperature=temperature, divergence=divergence,
                                            jsd_beta=jsd_beta) for t in self]).mean(0)
 
-    def to(self, device: torch.device | str) -> "SparseTeachers":
+    def to(self, device: torch.device | str) -> SparseTeachers:
         return SparseTeachers(t.to(device) for t in self)
 
 

@@ -14,16 +14,16 @@ Python API (`train(cfg, models={...})`); online_distill.models.hf wraps Hugging 
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 from torchvision import models as tvm
 
-from . import gpt
 from ..config import specs
 from ..config.schema import ConfigError
 from ..core.host import to_format
+from . import gpt
 
 Shape = tuple[int, ...]
 Builder = Callable[[Shape, int], nn.Module]

@@ -24,7 +24,8 @@ weights and downloads nothing. `transformers` is imported only when a model is b
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn

@@ -27,12 +27,12 @@ import torch
 import torch.distributed as dist
 
 from ..config import schema as config_mod
-from ..data.datasets import Batches, load_data
 from ..core.host import keep_freed_memory, memory_format
-from ..distill.losses import distill_loss
-from ..training.metrics import steady
-from ..models.builders import build_model
 from ..core.optim import make_optimizer
+from ..data.datasets import Batches, load_data
+from ..distill.losses import distill_loss
+from ..models.builders import build_model
+from ..training.metrics import steady
 
 
 def bench_config(mode: str, peers: int, model: str, batch_size: int, steps: int, storage: str, name: str,

@@ -8,9 +8,10 @@ imports none of them and the CLI can refuse a bad field before torch is imported
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from ..config.schema import Config, ConfigError
+from ..config.schema import Config
 from ..data.datasets import resolve_dataset
 from ..models.builders import resolve_model
 from ..teachers import check_teacher

@@ -18,16 +18,16 @@ from __future__ import annotations
 import io
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pandas as pd
 import torch
 from torch import nn
 
-from ..rundir.layout import COMPRESSION, TEACHER, RunDir
-from ..teachers import copy_members
 from ..config.schema import Config
 from ..core.host import to_format
+from ..rundir.layout import COMPRESSION, TEACHER, RunDir
+from ..teachers import copy_members
 
 
 def size_bytes(model: nn.Module) -> int:
@@ -101,10 +101,10 @@ def compression_table(cfg: Config, checkpoint_dir: str, *, run: RunDir | None = 
     (a frozen teacher from the run's own copy). `data`: the dataset as the driver read it (None:
     read here). `test_acc`: the accuracies the run already measured, by member (peer0, ...); the
     others are evaluated here."""
-    from ..rundir.checkpoint import load_peer
-    from ..data.datasets import Batches, load_data
     from ..core.host import memory_format
+    from ..data.datasets import Batches, load_data
     from ..models.builders import build_model
+    from ..rundir.checkpoint import load_peer
 
     data = data if data is not None else load_data(cfg.data, datasets)
     fmt = memory_format(data.sample, cfg.scale.channels_last)

@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from .compression import accuracy, cpu_latency
 from ..config.schema import ConfigError
+from .compression import accuracy, cpu_latency
 
 FORMATS = ("torchscript", "onnx")
 QUANTIZABLE = {nn.Linear, nn.LSTM, nn.GRU}
@@ -101,10 +101,10 @@ def _save_onnx(model: nn.Module, example: Tensor, path: str):
 def load_trained(run_dir: str, peer: int, *, models=None, datasets=None):
     """(config, checkpoint directory, the peer's trained model in eval mode, data) of a run. Its
     models are rebuilt from the run's config.yaml: a name, or an import path (online_distill.config.specs)."""
-    from ..rundir.checkpoint import load_peer
     from ..config.files import load
     from ..data.datasets import load_data
     from ..models.builders import build_model
+    from ..rundir.checkpoint import load_peer
     from ..rundir.layout import CONFIG, RunDir, checkpoint_dir_of
 
     run = RunDir(run_dir)

@@ -26,7 +26,18 @@ import pandas as pd
 
 from ..config import files as config_file
 from ..config.schema import Config
-from ..rundir.layout import COMPRESSION, CONFIG, CURVES, FINAL, GENERATIONS, METRICS_CSV, RESULT, RunDir, checkpoint_dir_of, generation_name
+from ..rundir.layout import (
+    COMPRESSION,
+    CONFIG,
+    CURVES,
+    FINAL,
+    GENERATIONS,
+    METRICS_CSV,
+    RESULT,
+    RunDir,
+    checkpoint_dir_of,
+    generation_name,
+)
 from .plan import Plan
 from .results import final_table, format_table, plot_curves
 

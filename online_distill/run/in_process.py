@@ -16,12 +16,11 @@ ends the run: rerun the command and it resumes, or choose a worker group (run.in
 """
 from __future__ import annotations
 
-import os
 import sys
 
-from ..rundir.checkpoint import find_resume_point
 from ..config.schema import Config
 from ..errors import NotRetryable
+from ..rundir.checkpoint import find_resume_point
 from ..rundir.layout import RunDir
 from .env import cluster_address
 

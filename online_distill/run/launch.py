@@ -10,13 +10,13 @@ from typing import Any
 
 import pandas as pd
 
-from . import compression
-from ..rundir import checkpoint as ckpt
-from ..rundir import storage
 from ..config.schema import Config
 from ..core.topology import Layout, layout_of
 from ..errors import NotRetryable
+from ..rundir import checkpoint as ckpt
+from ..rundir import storage
 from ..rundir.layout import COMPRESSION, LOG, PREDICTIONS, RAY_TRAIN, RESULT, RunDir
+from . import compression
 from .env import cluster_address, init_ray  # noqa: F401 (init_ray: the place callers have always found it)
 from .in_process import fit_in_process
 from .plan import Plan, make_plan, say
@@ -175,7 +175,7 @@ def _log_traceback(run: RunDir, e: BaseException, error: BaseException) -> None:
     try:
         old = run.read_text(LOG) or ""
         run.write(LOG, f"{old}\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {type(error).__name__}\n{text}")
-        setattr(error, "log_path", run.file(LOG))
+        error.log_path = run.file(LOG)
     except Exception:  # noqa: BLE001 - the log is a courtesy; the error itself is what matters
         pass
 

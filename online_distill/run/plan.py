@@ -19,12 +19,11 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import schema as config_mod
 from ..config import files as config_file
-from ..rundir.checkpoint import ResumePoint, find_resume_point
-from ..config.schema import Config, ConfigError
-from ..config.schema import with_overrides
+from ..config import schema as config_mod
+from ..config.schema import Config, ConfigError, with_overrides
 from ..core.topology import Layout, layout_of
+from ..rundir.checkpoint import ResumePoint, find_resume_point
 from ..rundir.layout import CONFIG, RESULT, TEACHER, RunDir, generation_name
 from .resume import refusal, set_aside
 
@@ -92,7 +91,7 @@ class Plan:
     """The teacher service's actor names (distill.teacher_service), once started."""
     shared: Shared = field(default_factory=Shared)
     """What this plan read, for the plans made after it to share (the dataset: read once)."""
-    chain: "Plan | None" = None
+    chain: Plan | None = None
     """Born-again: the chain's own plan (its config and run directory); this plan is generation 0's
     (generations.py makes each later generation's with this one's `shared`)."""
 
@@ -166,8 +165,8 @@ def make_plan(cfg: Config, *, models=None, datasets=None, dry_run: bool = False,
     names and loggers; the directory is the trial's; the cohort runs in a trial's process or
     worker group anywhere in the cluster, which the sweep has joined (a dry run: this machine),
     and a sweep that cannot be placed is refused before its data are read."""
-    from .checks import check_names
     from ..teachers import with_absolute_checkpoint
+    from .checks import check_names
     from .in_process import runs_in_process
 
     if not trial:
@@ -254,7 +253,7 @@ def read_data(cfg: Config, models=None, datasets=None, *, shared: Shared | None 
     if data.is_sequence and (cfg.data, cfg.models) not in shared.built:  # a vocabulary per model: say which disagree
         _same_output_size(cfg, data, models)  # (classes: build_model names the model)
         shared.built.add((cfg.data, cfg.models))
-    for i, name in enumerate(dict.fromkeys(cfg.models)):  # one build per architecture (a resnet costs a second)
+    for _i, name in enumerate(dict.fromkeys(cfg.models)):  # one build per architecture (a resnet costs a second)
         if (cfg.data, name, cfg.scale.channels_last) in shared.built:
             continue
         with torch.random.fork_rng():  # the driver's RNG is not the workers' business

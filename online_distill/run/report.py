@@ -4,9 +4,9 @@ saved) from the history in its newest checkpoint. A sweep directory is sweep.res
 (`online-distill report` dispatches: cli.cmd_report)."""
 from __future__ import annotations
 
+from ..config.schema import ConfigError
 from ..rundir import checkpoint as ckpt
 from ..rundir import storage
-from ..config.schema import ConfigError
 from ..rundir.layout import COMPRESSION, CONFIG, RunDir
 
 

@@ -14,8 +14,8 @@ newest complete checkpoint, as Ray Train would from its own.
 """
 from __future__ import annotations
 
-from ..rundir.checkpoint import ResumePoint, find_resume_point
 from ..config.schema import Config, ConfigError
+from ..rundir.checkpoint import ResumePoint, find_resume_point
 from ..rundir.layout import DAMAGED, INCOMPLETE, RunDir
 
 __all__ = ["ResumePoint", "find_resume_point", "set_aside", "refusal", "start_over"]

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ..core.topology import Topology
 from . import layout as names
 from . import storage
-from ..core.topology import Topology
 
 
 @dataclass
@@ -225,7 +224,7 @@ class ResumePoint:
         return f"from {storage.basename(self.checkpoint)} (epoch {self.epoch + 1} done)"
 
 
-def find_resume_point(run: "names.RunDir", num_peers: int, *, deep: bool = True) -> ResumePoint:
+def find_resume_point(run: names.RunDir, num_peers: int, *, deep: bool = True) -> ResumePoint:
     """Check a run's checkpoint directories, newest first, until one is complete and loads
     (`deep=False`: until one is complete, without loading tensors). Changes nothing."""
     point = ResumePoint()

@@ -35,8 +35,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from . import storage
 from ..errors import RunLocked
+from . import storage
 
 CONFIG, RESULT, LOG, LOCK, LEASE = "config.yaml", "result.json", "run.log", ".lock", ".lease"
 METRICS_CSV, METRICS_PARQUET, FINAL, CURVES = "metrics.csv", "metrics.parquet", "final.csv", "curves.png"
@@ -111,7 +111,7 @@ class RunDir:
         self.path = storage.absolute(os.fspath(path))
 
     @classmethod
-    def of(cls, cfg) -> "RunDir":
+    def of(cls, cfg) -> RunDir:
         return cls(storage.join(cfg.run.storage, cfg.run.name))
 
     def __repr__(self) -> str:
@@ -150,7 +150,7 @@ class RunDir:
     def finished(self) -> bool:
         return self.exists(RESULT)
 
-    def generation(self, g: int) -> "RunDir":
+    def generation(self, g: int) -> RunDir:
         return RunDir(self.file(generation_name(g)))
 
     def generations(self) -> list[int]:
@@ -223,7 +223,7 @@ class RunDir:
             new, k = f"{prefix}{name}-{k}", k + 1
         return new
 
-    def lock(self) -> "RunLock":
+    def lock(self) -> RunLock:
         return RunLock(self)
 
 
@@ -263,7 +263,7 @@ class Holder:
     since: float
 
     @classmethod
-    def me(cls) -> "Holder":
+    def me(cls) -> Holder:
         return cls(socket.gethostname(), os.getpid(), time.time())
 
     def describe(self) -> str:
@@ -346,7 +346,7 @@ class RunLock:
             except OSError:
                 pass
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:
         self.taken_over = self.acquire()
         return self
 

@@ -38,14 +38,15 @@ import sys
 import time
 import urllib.parse
 import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
-from . import layout as names
 from ..config.schema import ConfigError, flatten
+from . import layout as names
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -20,24 +20,29 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
+import pyarrow.fs as pafs
 import ray
 from ray.train import UserCallback
 
-import pyarrow.fs as pafs
-
 from ..config import files as config_file
-from ..core.ray_adapter import (ControllerWatch, cleans_up_first, no_trial_retry_when, quiet_checkpoint_notices,
-                                root_error)
-from ..rundir import storage
-from . import spec as sweep_config
 from ..config.schema import Config, ConfigError, flatten
+from ..core.ray_adapter import (
+    ControllerWatch,
+    cleans_up_first,
+    no_trial_retry_when,
+    quiet_checkpoint_notices,
+    root_error,
+)
 from ..distill.form import LogitForm
 from ..errors import NotRetryable
+from ..rundir import storage
 from ..rundir.layout import CONFIG
+from . import spec as sweep_config
 from .console import SweepConsole, quiet_tune
 from .plan import SweepPlan, plan_sweep
 from .spec import SweepSpec, trial_resources
@@ -131,9 +136,9 @@ def _trial_driver(params: dict, *, spec: SweepSpec, models=None, datasets=None, 
     import ray.tune
     from ray.util.queue import Empty, Queue
 
-    from ..training.reporting import CHECKPOINT_KEY
-    from ..rundir.layout import RunDir
     from ..run.launch import make_trainer
+    from ..rundir.layout import RunDir
+    from ..training.reporting import CHECKPOINT_KEY
 
     quiet_checkpoint_notices()
     trial_id = ray.tune.get_context().get_trial_id()
@@ -342,8 +347,8 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
     from ray.tune.execution.placement_groups import resource_dict_to_pg_factory
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from . import results as sweep_results
     from ..run.plan import concurrency
+    from . import results as sweep_results
 
     # the spec checked once, Ray started, each trial's cohort placed, each dataset read once
     plan = plan or plan_sweep(spec, models, datasets)

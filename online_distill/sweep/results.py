@@ -11,18 +11,16 @@ the same files as the end of `online-distill tune`.
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 from dataclasses import dataclass
 
 import pandas as pd
 
-from ..config import schema as config_mod
 from ..config import files as config_file
+from ..run.results import format_table
 from ..rundir import storage
 from ..rundir.checkpoint import read_history
-from ..run.results import format_table
 from .spec import OBJECTIVES, SweepSpec
 
 SEED, BASELINE = "train.seed", "baseline"

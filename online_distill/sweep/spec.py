@@ -14,13 +14,14 @@ import itertools
 import math
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
-from ..config import schema as config_mod
 from ..config import files as config_file
+from ..config import schema as config_mod
 from ..config.schema import Config, ConfigError
 
 DISTRIBUTIONS = ("uniform", "loguniform", "choice", "grid")

@@ -17,7 +17,7 @@ is lifecycle.py's, re-exported here: run/ and sweep/ import this package, never 
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from ..config.schema import Config
 from .base import PeerSource, PerPeer, Teacher, TeacherContext, per_peer

@@ -3,8 +3,8 @@ PeerSource that self-distillation and frozen teachers implement, PerPeer that ru
 per peer of a worker, and the TeacherContext a source is built from."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ class Teacher:
     teacher_forwards: int = 0
     """Examples this worker's frozen teacher has run on (a teacher cache keeps it at 0)."""
 
-    def __init__(self, ctx: "TeacherContext"):
+    def __init__(self, ctx: TeacherContext):
         self.n = len(ctx.topo.peers)
         self.form = LogitForm.of(ctx.cfg)
 
@@ -102,7 +102,7 @@ class PeerSource:
 class PerPeer(Teacher):
     """One PeerSource per peer the worker holds; no traffic between them."""
 
-    def __init__(self, ctx: "TeacherContext", source: Callable[["TeacherContext", int], PeerSource]):
+    def __init__(self, ctx: TeacherContext, source: Callable[[TeacherContext, int], PeerSource]):
         super().__init__(ctx)
         self.peers = list(ctx.topo.peers)
         self.sources = [source(ctx, p) for p in ctx.topo.peers]
@@ -141,9 +141,9 @@ class PerPeer(Teacher):
         self.sources[i].load_state_dict(state)
 
 
-def per_peer(source: type[PeerSource]) -> Callable[["TeacherContext"], Teacher]:
+def per_peer(source: type[PeerSource]) -> Callable[[TeacherContext], Teacher]:
     """The registry entry of a per-peer source; keeps the source's driver-side `check`."""
-    def build(ctx: "TeacherContext") -> Teacher:
+    def build(ctx: TeacherContext) -> Teacher:
         return PerPeer(ctx, source)
 
     build.check = getattr(source, "check", None)

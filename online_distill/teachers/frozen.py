@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Mapping
+from collections.abc import Mapping
 
 import pyarrow.fs as pafs
 import torch
@@ -26,8 +26,8 @@ from torch import Tensor
 
 from ..config.schema import Config, ConfigError, DistillConfig
 from ..distill.form import LogitForm, example_digests
-from ..rundir import storage
 from ..models.builders import resolve_model
+from ..rundir import storage
 from ..rundir.layout import CONFIG, checkpoint_dir_of, peer_file, peer_files, run_dir_of
 from .base import PeerSource, TeacherContext
 from .weights import Ensemble, TeacherSource, load_into, load_weights, teacher_members  # noqa: F401 (re-exported)
@@ -291,8 +291,8 @@ def fill_disk_cache(cfg: Config, data, members: list, models: Mapping | None = N
     """On the driver, before any worker starts: every training example's teacher output into the
     disk cache (distill.teacher_cache_dir), so the run, and every later run and sweep trial of the
     same teacher, data and form, runs the teacher zero times. Returns (computed now, examples)."""
-    from ..data.datasets import Batches
     from ..core.host import memory_format
+    from ..data.datasets import Batches
     from ..models.builders import build_model
     from .cache import cache_key
 

@@ -42,8 +42,8 @@ class TeacherReplica:
         from, here and after every restart: nothing of the teacher goes through the object store."""
         import io
 
-        from ..rundir import storage
         from ..models.builders import build_model
+        from ..rundir import storage
         from .weights import Ensemble, TeacherSource, load_into, teacher_members
 
         torch.set_num_threads(max(1, threads))

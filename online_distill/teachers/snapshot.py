@@ -7,7 +7,7 @@ the following cycle. Between cycle ends the teacher does not change.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn

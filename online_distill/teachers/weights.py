@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from torch import Tensor
 
-from ..rundir import storage
 from ..config.schema import ConfigError
+from ..rundir import storage
 
 _FIELD = "distill.teacher_checkpoint"
 

@@ -12,28 +12,28 @@ token at each position (B, L), where label -100 marks padding that counts nowher
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..rundir.checkpoint import Epoch, find_resume_point, restore
 from ..config.schema import Config
-from ..data.datasets import IGNORE_INDEX, Batches, Jitter, labels_of, load_data
-from ..errors import LabelError, NonFiniteError
 from ..core.host import keep_freed_memory, memory_format
-from ..distill.losses import distill_loss
-from .metrics import format_epoch, merge_rank_stats
-from ..models.builders import build_model, constraints
 from ..core.optim import kd_weight_at, make_optimizer, make_scheduler
-from ..rundir.layout import RunDir
-from ..teachers import TeacherContext, build_teacher
 from ..core.timing import Clock
 from ..core.topology import Layout, Topology, layout_of
+from ..data.datasets import IGNORE_INDEX, Batches, Jitter, labels_of, load_data
+from ..distill.losses import distill_loss
+from ..errors import LabelError, NonFiniteError
+from ..models.builders import build_model, constraints
+from ..rundir.checkpoint import Epoch, find_resume_point, restore
+from ..rundir.layout import RunDir
+from ..teachers import TeacherContext, build_teacher
+from .metrics import format_epoch, merge_rank_stats
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -148,7 +148,7 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
     return history if rank == 0 else []
 
 
-def _evaluate_epoch(cfg: Config, data, peers: list["Peer"], teacher, topo: Topology, autocast, eval_batches,
+def _evaluate_epoch(cfg: Config, data, peers: list[Peer], teacher, topo: Topology, autocast, eval_batches,
                     last: bool, timing: dict) -> tuple[list[dict], dict | None]:
     """Every peer's and the ensemble's validation numbers (and test, at the last epoch), what the
     logit form loses, and the epoch's training sums and timing, gathered from every rank: one
@@ -185,7 +185,7 @@ class Peer:
 
     @classmethod
     def build(cls, position: int, model: nn.Module, cfg: Config, topo: Topology, device: torch.device,
-              steps_per_epoch: int) -> "Peer":
+              steps_per_epoch: int) -> Peer:
         opt = make_optimizer(cfg.optim, model)
         return cls(position, model, _data_parallel(model, topo, device), opt,
                    make_scheduler(cfg.optim, opt, steps_per_epoch, cfg.train.epochs), constraints(model),
@@ -247,7 +247,7 @@ class Learner:
 
 
 def _train_epoch(cfg: Config, rank: int, epoch: int, batches: Batches, peers: list[Peer], teacher, learner: Learner,
-                 each_peer: "PeerRunner", check_labels: bool, num_classes: int,
+                 each_peer: PeerRunner, check_labels: bool, num_classes: int,
                  verbose: bool) -> tuple[list[float], float, float]:
     """One epoch of every peer of this worker on the same batches. Returns the step times, the
     seconds spent in the teacher (exchange, frozen teacher, EMA updates) and the last KD weight."""

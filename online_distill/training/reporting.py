@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch.distributed as dist
 
-from ..rundir import checkpoint as ckpt
 from ..config.schema import Config
+from ..rundir import checkpoint as ckpt
 from ..rundir.layout import TRACKERS, RunDir, checkpoint_name
 
 CHECKPOINT_KEY = "checkpoint_dir"
