@@ -112,7 +112,7 @@ def test_submissions_without_the_right_token_are_refused(cluster, job, tmp_path)
 def test_the_cluster_is_not_what_a_plain_ray_init_joins(cluster):
     """`ray start` leaves its address for ray.init() to join; ours leaves it in its own temp dir,
     so other Ray users on this machine never land on it by accident."""
-    from ray._private.utils import read_ray_address
+    from online_distill.core.ray_adapter import read_ray_address
 
     port = cluster.address.rsplit(":", 1)[1]  # Ray writes the machine's IP for 127.0.0.1
     assert read_ray_address(os.path.join(cluster.root, "head")).endswith(f":{port}")
