@@ -13,7 +13,7 @@ A block runs as shown, except where SETUP lists it, saying why, with one or both
   reader (their labelled texts), files it reads that earlier documented commands write, or a
   Hugging Face hub model it names, which cannot be downloaded here: the block's hub name is
   replaced by a local directory holding a stand-in of that kind (each stand-in says what it is);
-- `tiny`: the overrides TINY on the way into `online_distill.train` (one epoch on a few hundred
+- `tiny`: the overrides TINY (and every peer in one worker) on the way into `online_distill.train` (one epoch on a few hundred
   examples), for a block whose run as shown takes minutes; what the block shows is unchanged.
 An entry of SETUP that matches no block fails, so the list cannot outlive the docs. The checker
 is shown failing on a broken page.
@@ -253,7 +253,10 @@ def run_block(block: Block, workdir: Path, setup: Setup | None = None) -> str | 
         real_train = online_distill.train
 
         def tiny_train(cfg, **kwargs):
-            return real_train(online_distill.with_overrides(cfg, TINY), **kwargs)
+            # and every peer in one worker: the cohort trains in this process (a worker group's
+            # start-up is the test cluster's business, not the docs')
+            whole = {"scale.peers_per_worker": cfg.num_peers, "scale.replicas": 1}
+            return real_train(online_distill.with_overrides(cfg, {**TINY, **whole}), **kwargs)
 
         with mock.patch.object(online_distill, "train", tiny_train if setup is not None and setup.tiny else real_train):
             exec(code, namespace)
