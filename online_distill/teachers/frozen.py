@@ -16,7 +16,6 @@ teacher runs in eval mode without gradients; its forward pass is part of the ste
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Mapping
 
 import pyarrow.fs as pafs
@@ -30,7 +29,7 @@ from ..models.builders import resolve_model
 from ..rundir import storage
 from ..rundir.layout import CONFIG, checkpoint_dir_of, peer_file, peer_files, run_dir_of
 from .base import PeerSource, TeacherContext
-from .weights import Ensemble, TeacherSource, load_into, load_weights, teacher_members  # noqa: F401 (re-exported)
+from .weights import Ensemble, TeacherSource, load_into, load_weights, read_members, teacher_members  # noqa: F401 (re-exported)
 
 _FIELD = "distill.teacher_checkpoint"
 
@@ -122,7 +121,7 @@ class FrozenTeacher(PeerSource):
             return
         copy = _run_copy(ctx.run_dir)
         if copy is not None:
-            members = [(TeacherSource(m["source"], m["model_name"], m.get("peer")), m["model"]) for m in teacher_members(copy)]
+            members = [(TeacherSource(m["source"], m["model_name"], m.get("peer")), m["model"]) for m in copy]
         else:
             members = [(src, load_weights(src)) for src in resolve_teachers(ctx.cfg.distill)]
         self.model_name = "+".join(src.model_name for src, _ in members)
@@ -245,14 +244,15 @@ def resolve_teachers(d: DistillConfig, models: Mapping | None = None) -> list[Te
             for p in peer_files(storage.listing(ckpt, files=True) or {})]
 
 
-def _run_copy(run_dir) -> dict | None:
-    """The run's copy of its frozen teacher (None outside a run, or before the driver wrote it)."""
+def _run_copy(run_dir) -> list[dict] | None:
+    """The members of the run's copy of its frozen teacher (None outside a run, or before the
+    driver wrote it)."""
     from ..rundir.layout import TEACHER
 
     if run_dir is None:
         return None
     data = run_dir.read_bytes(TEACHER)
-    return None if data is None else torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    return None if data is None else read_members(data)
 
 
 class BornAgain(PeerSource):

@@ -82,10 +82,6 @@ def service_summary(names: list[str]) -> dict[str, float]:
 def copy_members(data: bytes | None) -> list[dict]:
     """The members (model_name, model weights, source, peer) of a teacher copy file's bytes; []
     for None (a run without a frozen teacher)."""
-    if data is None:
-        return []
-    import torch
+    from .weights import read_members
 
-    from .weights import teacher_members
-
-    return teacher_members(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    return [] if data is None else read_members(data)

@@ -40,15 +40,14 @@ class TeacherReplica:
     def __init__(self, copy: str, model_args: dict, form: LogitForm, precision: str, threads: int, keep: bool):
         """copy: the teacher copy file (lifecycle.write_copy) this replica reads its weights
         from, here and after every restart: nothing of the teacher goes through the object store."""
-        import io
 
         from ..models.builders import build_model
         from ..rundir import storage
-        from .weights import Ensemble, TeacherSource, load_into, teacher_members
+        from .weights import Ensemble, TeacherSource, load_into, read_members
 
         torch.set_num_threads(max(1, threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        members = teacher_members(torch.load(io.BytesIO(storage.read_bytes(copy)), map_location="cpu", weights_only=True))
+        members = read_members(storage.read_bytes(copy))
         # the students' layout (channels-last images): a conv teacher run on the other one is
         # about 2x slower on a CPU (and converts every batch)
         fmt = torch.channels_last if model_args["channels_last"] else torch.contiguous_format

@@ -67,3 +67,8 @@ class Ensemble(torch.nn.Module):
 def teacher_members(copy: dict) -> list[dict]:
     """The members of a run's teacher copy (lifecycle.write_copy): one, or an ensemble's."""
     return copy.get("members") or [copy]
+
+
+def read_members(data: bytes) -> list[dict]:
+    """The members of a teacher copy file, from its bytes (weights_only: a copy is data)."""
+    return teacher_members(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
