@@ -1,4 +1,4 @@
-"""`online-distill` command line: train | bench | report | tune | export.
+"""`online-distill` command line: train | bench | report | tune | export | generate.
 
 Config errors exit with status 2 and one line that names the field and what is allowed, and
 where the value came from (the file and line, or the --set item). The checks that need no
@@ -129,6 +129,20 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from .models.generate import Sampling
+    from .run.sample import generate_from_run
+
+    sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p)
+    outs = generate_from_run(args.run_dir, args.prompt, sampling, peer=args.peer, seed=args.seed, num=args.num)
+    for prompt, texts in zip(args.prompt, outs):
+        for text in texts:
+            print(f"{prompt}\033[1m{text}\033[0m" if sys.stdout.isatty() else prompt + text)
+            print("---")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="online-distill", description="Online and self-distillation on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +183,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantize", action="store_true", help="also apply dynamic int8 quantization and report it")
     p.add_argument("--out", default=None, help="output file (default: inside the run directory)")
     p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("generate", help="print continuations of a prompt by a trained language-model peer")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for several)")
+    p.add_argument("--peer", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-k", type=int, default=0, help="draw from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (1: all)")
+    p.add_argument("--num", type=int, default=1, help="continuations per prompt")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same continuations")
+    p.set_defaults(fn=cmd_generate)
     return parser
 
 

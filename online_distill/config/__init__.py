@@ -7,9 +7,9 @@ bad input is refused before anything heavy loads.
     cfg = config.load("configs/fmnist_dml.yaml", {"train.epochs": 2})
 """
 from .files import dump, load, load_checked
-from .schema import (Config, ConfigError, DataConfig, DistillConfig, LossConfig, OptimConfig, RunConfig, ScaleConfig,
-                     TrainConfig, flatten, from_dict, to_dict, with_overrides)
+from .schema import (Config, ConfigError, DataConfig, DistillConfig, LossConfig, OnPolicyConfig, OptimConfig, RunConfig,
+                     ScaleConfig, TrainConfig, flatten, from_dict, to_dict, with_overrides)
 
-__all__ = ["Config", "ConfigError", "DataConfig", "DistillConfig", "LossConfig", "OptimConfig", "RunConfig",
+__all__ = ["Config", "ConfigError", "DataConfig", "DistillConfig", "LossConfig", "OnPolicyConfig", "OptimConfig", "RunConfig",
            "ScaleConfig", "TrainConfig", "dump", "flatten", "from_dict", "load", "load_checked", "to_dict",
            "with_overrides"]

@@ -207,6 +207,77 @@ class TrainConfig:
             _fail("train.max_steps_per_epoch", self.max_steps_per_epoch, "null or an integer >= 1")
 
 
+ESTIMATORS = ("divergence", "policy_gradient")
+"""onpolicy.estimator: how the KD term's gradient is taken on the student's own samples."""
+
+
+@dataclass(frozen=True)
+class OnPolicyConfig:
+    """On-policy distillation of language models (GKD, MiniLLM): the student continues a prompt
+    itself and the teacher scores every token it generated (training/onpolicy.py)."""
+
+    lmbda: float = 0.0
+    """GKD's lambda (TRL's name): the share of training sequences whose continuation the student
+    generates from a prompt (a prefix of the data window) instead of taking it from the data.
+    0: off-policy (teacher-forced) KD as before; 1: every sequence on-policy."""
+    prompt_len: int = 16
+    """Tokens of a data window kept as the prompt of a generated sequence."""
+    max_new_tokens: int | None = None
+    """Tokens generated per prompt at most; null: up to the window's end (data.seq_len)."""
+    temperature: float = 1.0
+    """Temperature of the student's draws (0: greedy); the KD term's own is loss.temperature."""
+    top_k: int = 0
+    """Draw from the k most likely tokens only (0: every token)."""
+    top_p: float = 1.0
+    """Nucleus sampling (1: every token)."""
+    mask_prompts: bool = False
+    """Data rows too count only after their prompt (a task of prompts and answers, where the
+    off-policy and the on-policy student then learn at the same positions); the student's own
+    rows never count their prompt. Works with lmbda 0 too (the off-policy baseline)."""
+    estimator: str = "divergence"
+    """'divergence': backpropagate the divergence (loss.divergence) over the whole vocabulary, or
+    over the teacher's top-k plus a tail bucket (distill.logits: topk), at every generated token.
+    'policy_gradient': the sampled token's log-ratio log p_teacher - log p_student (stopped) as a
+    per-token reward of a policy-gradient loss: a one-sample estimate of reverse KL's gradient
+    (Thinking Machines' on-policy distillation; needs only the teacher's log-prob of the sampled
+    token)."""
+    eval_prompts: int | None = None
+    """Validation prompts per epoch that each student continues, scored (val_gen_* metrics) and a
+    few written to samples/; null: 32 when lmbda > 0, else none (an off-policy baseline sets it
+    to be compared on the same measure)."""
+    samples_to_keep: int = 4
+    """Continuations written to the run directory each epoch (samples/epoch_NNNN.txt)."""
+
+    @property
+    def prompts_to_score(self) -> int:
+        return self.eval_prompts if self.eval_prompts is not None else (32 if self.lmbda > 0 else 0)
+
+    @property
+    def on(self) -> bool:
+        """The loop makes rollouts (some rows generated, or prompts masked on data rows)."""
+        return self.lmbda > 0 or self.mask_prompts
+
+    def check(self) -> None:
+        if not 0.0 <= self.lmbda <= 1.0:
+            _fail("onpolicy.lmbda", self.lmbda, "a number in [0, 1] (the share of sequences the student generates)")
+        if self.prompt_len < 1:
+            _fail("onpolicy.prompt_len", self.prompt_len, "an integer >= 1")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            _fail("onpolicy.max_new_tokens", self.max_new_tokens, "null or an integer >= 1")
+        if self.temperature < 0:
+            _fail("onpolicy.temperature", self.temperature, "a number >= 0 (0: greedy)")
+        if self.top_k < 0:
+            _fail("onpolicy.top_k", self.top_k, "an integer >= 0 (0: every token)")
+        if not 0.0 < self.top_p <= 1.0:
+            _fail("onpolicy.top_p", self.top_p, "a number in (0, 1]")
+        if self.estimator not in ESTIMATORS:
+            _fail("onpolicy.estimator", self.estimator, ", ".join(repr(e) for e in ESTIMATORS))
+        if self.eval_prompts is not None and self.eval_prompts < 0:
+            _fail("onpolicy.eval_prompts", self.eval_prompts, "null or an integer >= 0")
+        if self.samples_to_keep < 0:
+            _fail("onpolicy.samples_to_keep", self.samples_to_keep, "an integer >= 0")
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     mode: str = "dml"
@@ -415,6 +486,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    onpolicy: OnPolicyConfig = field(default_factory=OnPolicyConfig)
 
     @property
     def num_peers(self) -> int:
@@ -439,7 +511,7 @@ class Config:
     def check_fields(self) -> Config:
         """The checks that need no registry (types were checked on loading; ranges, choices and
         combinations here): pure Python, so the CLI refuses bad input before importing torch."""
-        for section in (self.data, self.loss, self.optim, self.train, self.distill, self.scale, self.run):
+        for section in (self.data, self.loss, self.optim, self.train, self.distill, self.scale, self.run, self.onpolicy):
             section.check()
         if not self.models:
             _fail("models", list(self.models), "a list of one model name per peer")
@@ -467,7 +539,31 @@ class Config:
         if self.distill.cache_teacher and self.data.augments:
             _fail("distill.cache_teacher", True, "false with data.shift or data.flip (jittered examples never repeat)")
         self._check_layout()
+        self._check_onpolicy()
         return self
+
+    def _check_onpolicy(self) -> None:
+        """What on-policy training combines with (its data is checked to be token sequences on the driver)."""
+        op = self.onpolicy
+        if not (op.on or op.prompts_to_score):
+            return
+        if op.prompt_len >= self.data.seq_len:
+            _fail("onpolicy.prompt_len", op.prompt_len, f"fewer than data.seq_len={self.data.seq_len} tokens (room "
+                  "to generate)")
+        if op.lmbda == 0:
+            return
+        if self.distill.mode in ("codistill", "dlb", "born_again"):
+            _fail("onpolicy.lmbda", op.lmbda, f"0 with distill.mode={self.distill.mode!r}; on-policy training "
+                  "takes 'offline' (a frozen teacher), 'dml' (peers score each other's samples), 'ema', 'snapshot' "
+                  "or 'independent'")
+        if op.lmbda == 1.0 and (self.distill.teacher_cache_dir or self.distill.cache_teacher):
+            field_name = "distill.teacher_cache_dir" if self.distill.teacher_cache_dir else "distill.cache_teacher"
+            _fail(field_name, getattr(self.distill, field_name.split(".")[1]), "null/false with onpolicy.lmbda=1 "
+                  "(a cache of the teacher on the data's examples would only miss: every sequence is the student's "
+                  "own; with lmbda < 1 it serves the data part)")
+        if op.estimator == "policy_gradient" and self.distill.logits == "sampled":
+            _fail("onpolicy.estimator", op.estimator, "'divergence' with distill.logits='sampled' (the policy "
+                  "gradient reads the teacher's log-prob of the student's token: distill.logits 'dense' or 'topk')")
 
     def _check_layout(self) -> None:
         """How peers are laid out over workers (and GPUs); what fits a cluster is checked in launch."""

@@ -323,6 +323,19 @@ def fortunes(cfg: DataConfig) -> Splits:
                   bytes_per_token=1.0)  # byte-level tokens
 
 
+def addition(cfg: DataConfig) -> Splits:
+    """Three-digit addition as next-byte prediction (data/tasks.py: answers of several tokens,
+    exactly checkable), one problem per window: data.seq_len must be 12."""
+    from .tasks import ADDITION_LEN, addition_problems
+
+    if cfg.seq_len != ADDITION_LEN - 1:
+        raise ConfigError(f"data.seq_len: got {cfg.seq_len}; allowed: {ADDITION_LEN - 1} with data.dataset "
+                          f"'addition' (a window holds one {ADDITION_LEN}-byte problem)", "data.seq_len")
+    train, test = addition_problems()
+    return Splits(SequenceTensors(train), SequenceTensors(test), num_classes=BYTE_VOCAB,
+                  input_shape=(ADDITION_LEN - 1,), bytes_per_token=1.0)
+
+
 DATASETS: dict[str, DatasetBuilder] = {
     "fashion_mnist": fashion_mnist,
     "cifar10": _cifar("CIFAR10", 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -330,6 +343,7 @@ DATASETS: dict[str, DatasetBuilder] = {
     "synthetic": synthetic,
     "lang_words": lang_words,
     "fortunes": fortunes,
+    "addition": addition,
 }
 
 

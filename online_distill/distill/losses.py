@@ -135,8 +135,31 @@ class DenseTarget:
     def to(self, device: torch.device | str) -> DenseTarget:
         return DenseTarget(self.logits.to(device))
 
+    def token_log_prob(self, tokens: Tensor, *, temperature: float) -> Tensor:
+        """The teachers' tempered log-prob of `tokens` (shape of the student's positions), averaged
+        over teachers: what the policy-gradient estimator reads (policy_gradient_kd)."""
+        log_p = F.log_softmax(self.logits.detach().float() / temperature, dim=-1)
+        idx = tokens.unsqueeze(0).unsqueeze(-1).expand(len(log_p), *tokens.shape, 1)
+        return log_p.gather(-1, idx).squeeze(-1).mean(0)
+
     def __len__(self) -> int:
         return len(self.logits)
+
+
+def policy_gradient_kd(student_logits: Tensor, target, tokens: Tensor, *, temperature: float) -> tuple[Tensor, Tensor]:
+    """On-policy distillation's per-token policy-gradient estimator, per position: (surrogate, ratio).
+
+    tokens[..., j] is the token the student drew after position j. ratio = log p_s(a) - log p_t(a)
+    (both tempered, stopped) is a one-sample estimate of KL(p_s || p_t) at that state, and its
+    negative the per-token reward (Thinking Machines' on-policy distillation; verl's OPD). The
+    surrogate ratio * log p_s(a) has, for a ~ p_s, the expected gradient of the reverse KL at the
+    state (sum_a p_s grad log p_s = 0 removes the other term), so only the drawn token's
+    log-prob moves, and the teacher's log-prob of that token is all it needs.
+    """
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    log_p_t = target.token_log_prob(tokens, temperature=temperature)
+    ratio = (log_p_s - log_p_t).detach()
+    return ratio * log_p_s, ratio
 
 
 def distill_loss(
@@ -151,6 +174,9 @@ def distill_loss(
     divergence: str = "forward_kl",
     jsd_beta: float = 0.5,
     ignore_index: int = -100,
+    kd_mask: Tensor | None = None,
+    pg_tokens: Tensor | None = None,
+    pg_mask: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """KD loss and its parts (detached, for logging), for classifiers and language models.
 
@@ -167,18 +193,26 @@ def distill_loss(
     position summed over classes), so a padded batch gives the loss of the unpadded one:
         loss = ce_weight * CE + kd_weight * T^2 * KD
     parts: "ce", "kd" (without T^2), "tokens" (real positions, a float32 tensor: for
-    token-weighted sums across batches).
+    token-weighted sums across batches), "kd_tokens" (the positions the KD term counted).
+
+    On-policy training (training/onpolicy.py) sets the KD term's positions apart from the
+    labels': kd_mask (the student's own continuations count for the KD term but carry no label);
+    with pg_tokens and pg_mask (the drawn tokens, and where they were drawn), the KD term there
+    is policy_gradient_kd's surrogate instead of the divergence, and "kd" reports its estimate of
+    the reverse KL.
     """
     if labels.shape != logits.shape[:-1]:
         raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} for logits {tuple(logits.shape)}, "
                          f"got {tuple(labels.shape)}")
     mask = labels != ignore_index
     tokens = mask.sum().float()
+    kd_mask = mask if kd_mask is None else kd_mask
     flat = logits.float().reshape(-1, logits.shape[-1])
     # sum / count rather than reduction="mean": an all-padding batch gives 0, not NaN
     ce = F.cross_entropy(flat, labels.reshape(-1), ignore_index=ignore_index, reduction="sum") / tokens.clamp_min(1)
     if teacher_logits is None:
-        return ce, {"ce": ce.detach(), "kd": torch.zeros((), device=logits.device), "tokens": tokens}
+        return ce, {"ce": ce.detach(), "kd": torch.zeros((), device=logits.device), "tokens": tokens,
+                    "kd_tokens": kd_mask.sum().float()}
     check_divergence(divergence, jsd_beta)
     # plain tensors are the dense form (the Python API's convenience); every other form is a
     # target object that answers per_position itself (DenseTarget, sparse.SparseTarget/-Teachers)
@@ -189,7 +223,12 @@ def distill_loss(
                          "sparse.SparseTarget, sparse.SparseTeachers), or None")
     per = target.per_position(logits, temperature=temperature, multi_teacher=multi_teacher, divergence=divergence,
                               jsd_beta=jsd_beta)
-    kd = masked_mean(per, mask)
+    shown = per.detach()
+    if pg_mask is not None:
+        surrogate, ratio = policy_gradient_kd(logits, target, pg_tokens, temperature=temperature)
+        per, shown = torch.where(pg_mask, surrogate, per), torch.where(pg_mask, ratio, shown)
+    kd = masked_mean(per, kd_mask)
     w_ce = 1.0 - kd_weight if ce_weight is None else ce_weight
     loss = w_ce * ce + kd_weight * temperature**2 * kd
-    return loss, {"ce": ce.detach(), "kd": kd.detach(), "tokens": tokens}
+    return loss, {"ce": ce.detach(), "kd": masked_mean(shown, kd_mask), "tokens": tokens,
+                  "kd_tokens": kd_mask.sum().float()}

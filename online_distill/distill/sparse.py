@@ -84,6 +84,21 @@ class SparseTarget:
                                                                jsd_beta=jsd_beta)
         return sparse_kd(student_logits, self, temperature=temperature, divergence=divergence, jsd_beta=jsd_beta)
 
+    def token_log_prob(self, tokens: Tensor, *, temperature: float) -> Tensor:
+        """The teacher's log-prob of `tokens` (the student's positions) from its top-k: exact for an
+        id in the top k, else the tail's mass spread evenly over the V - k ids outside it (the
+        policy-gradient estimator's reading, losses.policy_gradient_kd). Teachers stacked in
+        front are averaged."""
+        if self.kind != "topk":
+            raise ValueError(f"the policy-gradient estimator reads a teacher's log-prob of one token, which "
+                             f"{self.kind!r} targets do not hold; allowed: dense or top-k teacher outputs")
+        if self.ids.dim() == tokens.dim() + 2:  # teachers stacked in front of the positions and the k slots
+            return SparseTeachers(self.unbind()).token_log_prob(tokens, temperature=temperature)
+        hit = self.ids == tokens.unsqueeze(-1)
+        inside = torch.where(hit, self.logp.float(), torch.zeros_like(self.logp, dtype=torch.float32)).sum(-1)
+        tail = (1 - self.logp.float().exp().sum(-1)).clamp_min(1e-12)
+        return torch.where(hit.any(-1), inside, tail.log() - math.log(max(1, self.vocab - self.k)))
+
     def unbind(self) -> list[SparseTarget]:
         """One SparseTarget per entry of the leading dim (teachers stacked, e.g. after an all-gather)."""
         ws = [None] * len(self.ids) if self.weight is None else self.weight.unbind(0)
@@ -110,6 +125,9 @@ class SparseTeachers(list):
 
     def to(self, device: torch.device | str) -> SparseTeachers:
         return SparseTeachers(t.to(device) for t in self)
+
+    def token_log_prob(self, tokens: Tensor, *, temperature: float) -> Tensor:
+        return torch.stack([t.token_log_prob(tokens, temperature=temperature) for t in self]).mean(0)
 
 
 def _check_kind(kind: str) -> None:

@@ -31,11 +31,46 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
         b, l, d = x.shape
         q, k, v = self.qkv(x).view(b, l, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # 3 x (B, H, L, D/H)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        causal = True
+        if cache is not None:  # decoding: this call's keys and values join the earlier positions'
+            k, v = cache.extend(k, v)
+            # one new position attends to every cached one; a first (prefill) call is causal as usual
+            causal = l > 1
+            if causal and k.shape[2] != l:
+                raise ValueError("a key-value cache takes a prompt first, then one token per call")
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=self.dropout if self.training else 0.0)
         return self.resid_drop(self.proj(y.transpose(1, 2).reshape(b, l, d)))
+
+
+class LayerCache:
+    """One attention layer's keys and values of the positions decoded so far, (B, H, T, D/H),
+    in buffers of the full length allocated once (no concatenation per token)."""
+
+    def __init__(self, capacity: int):
+        self.capacity, self.length = capacity, 0
+        self.k = self.v = None
+
+    def extend(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k is None:
+            shape = (*k.shape[:2], max(self.capacity, k.shape[2]), k.shape[3])
+            self.k, self.v = k.new_empty(shape), v.new_empty(shape)
+        end = self.length + k.shape[2]
+        self.k[:, :, self.length:end], self.v[:, :, self.length:end] = k, v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class KVCache:
+    """The key-value cache of one batch being decoded: a LayerCache per block and the number of
+    positions fed so far (the next call's first position). GPT(ids, cache=...) feeds the prompt
+    first, then one token per call; each call returns the logits of its own positions only."""
+
+    def __init__(self, layers: int, capacity: int):
+        self.layers = [LayerCache(capacity) for _ in range(layers)]
+        self.pos = 0
 
 
 class Block(nn.Module):
@@ -48,8 +83,8 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim),
                                  nn.Dropout(dropout))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.ln1(x))
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), cache)
         return x + self.mlp(self.ln2(x))
 
 
@@ -83,21 +118,28 @@ class GPT(nn.Module):
         with torch.no_grad():
             self.tok.weight[0].zero_()  # the padding row (normal_ above overwrote it)
 
-    def forward(self, ids: Tensor) -> Tensor:
+    def forward(self, ids: Tensor, cache: KVCache | None = None) -> Tensor:
         if ids.dim() != 2:
             raise ValueError(f"GPT takes token ids of shape (B, L); got {tuple(ids.shape)}")
         b, l = ids.shape
-        if l > self.seq_len:
-            raise ValueError(f"a sequence of {l} tokens is longer than the model's {self.seq_len} positions")
+        start = cache.pos if cache is not None else 0
+        if start + l > self.seq_len:
+            raise ValueError(f"a sequence of {start + l} tokens is longer than the model's {self.seq_len} positions")
         # out of range, an embedding lookup is a device-side assert on CUDA (fatal to the process): refuse here
         hi = int(ids.max()) if ids.numel() else 0
         if hi >= self.vocab or (ids.numel() and int(ids.min()) < 0):
             raise ValueError(f"token ids range up to {hi}, but the model's vocabulary has {self.vocab} ids "
                              f"(0..{self.vocab - 1})")
-        x = self.drop(self.tok(ids) + self.pos(torch.arange(l, device=ids.device)))
-        for block in self.blocks:
-            x = block(x)
+        x = self.drop(self.tok(ids) + self.pos(torch.arange(start, start + l, device=ids.device)))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layers[i])
+        if cache is not None:
+            cache.pos += l
         return self.head(self.ln_f(x))
+
+    def new_cache(self, capacity: int | None = None) -> KVCache:
+        """An empty key-value cache for decoding up to `capacity` positions (default: all)."""
+        return KVCache(len(self.blocks), capacity or self.seq_len)
 
 
 GPT_SIZES = {

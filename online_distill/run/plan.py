@@ -250,6 +250,10 @@ def read_data(cfg: Config, models=None, datasets=None, *, shared: Shared | None 
     if cfg.train.batch_size > shard:
         raise ConfigError(f"train.batch_size: got {cfg.train.batch_size}; allowed: at most {shard}, "
                           f"the training examples per {'worker' if disjoint else 'replica'}", "train.batch_size")
+    if cfg.onpolicy.on and not data.is_sequence:
+        raise ConfigError(f"onpolicy.lmbda: got {cfg.onpolicy.lmbda} (mask_prompts {cfg.onpolicy.mask_prompts}); allowed: "
+                          f"0 and false for {cfg.data.dataset!r}, whose examples are not token sequences (on-policy "
+                          "training continues prompts: a language model's data)", "onpolicy.lmbda")
     if data.is_sequence and (cfg.data, cfg.models) not in shared.built:  # a vocabulary per model: say which disagree
         _same_output_size(cfg, data, models)  # (classes: build_model names the model)
         shared.built.add((cfg.data, cfg.models))

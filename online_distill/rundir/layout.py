@@ -42,6 +42,8 @@ CONFIG, RESULT, LOG, LOCK, LEASE = "config.yaml", "result.json", "run.log", ".lo
 METRICS_CSV, METRICS_PARQUET, FINAL, CURVES = "metrics.csv", "metrics.parquet", "final.csv", "curves.png"
 PER_CLASS, PREDICTIONS, COMPRESSION, GENERATIONS = "per_class.csv", "predictions.pt", "compression.csv", "generations.csv"
 TEACHER = "teacher.pt"
+SAMPLES = "samples"
+"""Continuations the students wrote on validation prompts, one text file per epoch (on-policy runs)."""
 TRACKERS = "trackers.json"
 """Tracker run ids (TensorBoard, MLflow, W&B), so a resumed run continues the same tracker runs."""
 TB_DIR = "tensorboard"
@@ -89,6 +91,11 @@ def is_manifest(name: str) -> bool:
 
 def is_rng_file(name: str) -> bool:
     return bool(_RNG.match(name))
+
+
+def samples_file(epoch: int) -> str:
+    """The samples written at the end of epoch `epoch` (0-based), inside the run directory."""
+    return f"{SAMPLES}/epoch_{epoch + 1:04d}.txt"
 
 
 def checkpoint_name(epoch: int) -> str:

@@ -42,6 +42,18 @@ class Teacher:
         None for none. `step`: the global optimizer step."""
         return [None] * self.n
 
+    def logits_on(self, xs: list[Tensor], generated: list[Tensor], student_logits: list[Tensor], step: int,
+                  score: Callable[[int, Tensor], Tensor]) -> list:
+        """On-policy training (training/onpolicy.py): per local peer, its teachers' target on its own
+        batch xs[j], whose rows generated[j] (B,) it wrote itself. score(j, x): the logits of this
+        worker's j-th peer on x, without gradients (for peers that score each other's samples)."""
+        return [None] * self.n
+
+    def score(self, x: Tensor) -> Tensor | None:
+        """The teacher's dense logits (1, B, L, V) on x outside training (validation prompts'
+        continuations: the val_gen_* metrics), where this worker holds one dense teacher; else None."""
+        return None
+
     def fidelity(self, x: Tensor, student_logits: list[Tensor]) -> dict[str, float]:
         """What the run's logit form loses on a batch (LogitForm.fidelity: KL(dense ||
         reconstructed) and the KD term's relative error), where this worker holds a dense teacher
@@ -75,10 +87,12 @@ class PeerSource:
         """Teacher logits for this batch, (n_teachers, B, C), detached; None for no teacher."""
         return None
 
-    def target(self, x: Tensor, student_logits: Tensor, step: int, form: LogitForm, peer: int):
+    def target(self, x: Tensor, student_logits: Tensor, step: int, form: LogitForm, peer: int,
+               generated: Tensor | None = None):
         """This peer's teacher target in the run's form: the dense `logits`, each teacher named by
         the peer it teaches. A source whose output is already in the form (a teacher cache, a
-        service) overrides this instead."""
+        service) overrides this instead; `generated` marks the rows a student wrote (on-policy),
+        which such a source must not look up or keep."""
         return form.target_of(self.logits(x, student_logits, step), x=x, teachers=[peer])
 
     def prefetch(self, x: Tensor, step: int) -> None:
@@ -115,6 +129,14 @@ class PerPeer(Teacher):
 
     def logits(self, x: Tensor, student_logits: list[Tensor], step: int = 0) -> list:
         return [s.target(x, z, step, self.form, p) for s, z, p in zip(self.sources, student_logits, self.peers)]
+
+    def logits_on(self, xs: list[Tensor], generated: list[Tensor], student_logits: list[Tensor], step: int,
+                  score) -> list:
+        return [s.target(x, z, step, self.form, p, generated=g)
+                for s, x, g, z, p in zip(self.sources, xs, generated, student_logits, self.peers)]
+
+    def score(self, x: Tensor) -> Tensor | None:
+        return self.sources[0].reference(x)
 
     @property
     def teacher_forwards(self) -> int:

@@ -162,13 +162,24 @@ class FrozenTeacher(PeerSource):
         return out
 
     @torch.no_grad()
-    def target(self, x: Tensor, student_logits: Tensor, step: int, form, peer: int):
+    def target(self, x: Tensor, student_logits: Tensor, step: int, form, peer: int, generated: Tensor | None = None):
         """The teacher's output in the run's form, from the service, the disk cache or the model.
-        One teacher for every peer: its index in the seed rule is 0 wherever it runs."""
+        One teacher for every peer: its index in the seed rule is 0 wherever it runs.
+        `generated` (B,) marks rows a student wrote itself (on-policy): they never repeat, so they
+        go through the teacher and are kept by no cache; the data rows still come from one."""
+        fresh = None if generated is None or not bool(generated.any()) else generated
         if self.client is not None:
-            out = self.form.from_wire(self.client.get(x, step)).to(self.device)
+            rows = None if fresh is None else fresh.nonzero().squeeze(1).tolist()
+            out = self.form.from_wire(self.client.get(x, step, transient=rows)).to(self.device)
         elif self.disk is not None:
-            out = self._from_disk(x)
+            out = self._from_disk(x, fresh)
+        elif fresh is not None and self.cache is not None:
+            z_fresh = self._counted(x[fresh])
+            z = z_fresh.new_empty(len(x), *z_fresh.shape[1:])
+            z[fresh] = z_fresh
+            if bool((~fresh).any()):
+                z[~fresh] = self.cache.get(x[~fresh], self._counted)
+            out = self.form.output(z, x=x, teacher=0)
         else:
             out = self.form.output(self.logits(x, student_logits, step)[0], x=x, teacher=0)
         return self.form.target([out])
@@ -195,16 +206,24 @@ class FrozenTeacher(PeerSource):
         if self.client is not None:
             self.client.prefetch(x, step)
 
-    def _from_disk(self, x: Tensor):
+    def _from_disk(self, x: Tensor, fresh: Tensor | None = None):
         """This batch's output from the disk cache; the examples it lacks go through the teacher
-        once and are added (written with the next checkpoint)."""
+        once and are added (written with the next checkpoint). Rows marked `fresh` (a student's
+        own continuations) go through the teacher and are not added."""
         keys = example_digests(x)
-        missing = self.disk.missing(keys)
+        skip = set() if fresh is None else set(fresh.nonzero().squeeze(1).tolist())
+        missing = [i for i in self.disk.missing(keys) if i not in skip]
         if missing:
             z = self._counted(x[missing])
             self.disk.put([keys[i] for i in missing],
                           self.form.entries(self.form.output(z, digests=[keys[i] for i in missing], teacher=0)))
-        return self.form.stack([self.disk.entries[k] for k in keys], x.device)
+        entries = {}
+        if skip:
+            rows = sorted(skip)
+            z = self._counted(x[rows])
+            entries = dict(zip(rows, self.form.entries(self.form.output(z, digests=[keys[i] for i in rows], teacher=0))))
+        return self.form.stack([entries[i] if i in entries else self.disk.entries[k] for i, k in enumerate(keys)],
+                               x.device)
 
     def state_dict(self) -> dict:
         if self.client is not None:

@@ -71,11 +71,12 @@ class TeacherReplica:
     def ready(self) -> bool:
         return True
 
-    async def logits(self, x: Tensor, step: int = 0):
+    async def logits(self, x: Tensor, step: int = 0, transient: list[int] | None = None):
         """The teacher's output for a batch as the run's form puts it on the wire (LogitForm.to_wire):
-        dense float32 logits, or compact ids and log-probs; sampled draws seeded by example."""
+        dense float32 logits, or compact ids and log-probs; sampled draws seeded by example.
+        `transient`: rows never kept (a student's own samples, which do not repeat)."""
         done = asyncio.get_running_loop().create_future()
-        self.queue.append((x, step, done, time.perf_counter()))
+        self.queue.append((x, step, done, time.perf_counter(), set(transient or ())))
         self.counters["requests"] += 1
         if not self.busy:
             self.busy = True
@@ -94,22 +95,26 @@ class TeacherReplica:
             take.append(item)
             rows += len(item[0])
         t0 = time.perf_counter()
-        for _, _, _, arrived in take:
+        transient, offset = set(), 0
+        for x, _, _, arrived, rows_off in take:
             self.counters["queue_s"] += t0 - arrived
-        xs = [x for x, _, _, _ in take]
-        outs = self._outputs(torch.cat(xs), sizes=[len(x) for x in xs])
+            transient |= {offset + r for r in rows_off}
+            offset += len(x)
+        xs = [item[0] for item in take]
+        outs = self._outputs(torch.cat(xs), sizes=[len(x) for x in xs], transient=transient)
         self.counters["busy_s"] += time.perf_counter() - t0
         self.counters["batches"] += 1
         self.counters["rows"] += rows
-        for (_, _, done, _), out in zip(take, outs):
+        for (_, _, done, _, _), out in zip(take, outs):
             self.counters["bytes_out"] += self.form.nbytes(out)
             done.set_result(out)
 
     @torch.no_grad()
-    def _outputs(self, x: Tensor, *, sizes: list[int]) -> list:
-        """Each request's output: the examples kept from before, the others through the teacher."""
+    def _outputs(self, x: Tensor, *, sizes: list[int], transient: set[int] = frozenset()) -> list:
+        """Each request's output: the examples kept from before, the others through the teacher;
+        transient rows are neither looked up nor kept."""
         keys = example_digests(x) if self.keep or self.form.kind == "sampled" else [None] * len(x)
-        fresh = [i for i, k in enumerate(keys) if not self.keep or k not in self.kept]
+        fresh = [i for i, k in enumerate(keys) if not self.keep or i in transient or k not in self.kept]
         rows: dict[int, object] = {}
         if fresh:
             xb = to_format(x[fresh].to(self.device), self.fmt)
@@ -118,7 +123,7 @@ class TeacherReplica:
             self.counters["forwards"] += len(fresh)
             for j, i in enumerate(fresh):
                 rows[i] = z[j].cpu()
-                if self.keep:
+                if self.keep and i not in transient:
                     self.kept[keys[i]] = rows[i]
         dense = [rows[i] if i in rows else self.kept[keys[i]] for i in range(len(x))]
         out, start = [], 0
@@ -214,19 +219,21 @@ class ServiceClient:
         self.pending: tuple[int, object] | None = None  # (step, ObjectRef)
         self.wait_s = 0.0
 
-    def request(self, x: Tensor, step: int):
+    def request(self, x: Tensor, step: int, transient: list[int] | None = None):
         handle = self.handles[self.next % len(self.handles)]
         self.next += 1
-        return handle.logits.remote(x.detach().cpu(), step)
+        return handle.logits.remote(x.detach().cpu(), step, transient)
 
     def prefetch(self, x: Tensor, step: int) -> None:
         self.pending = (step, self.request(x, step))
 
-    def get(self, x: Tensor, step: int):
-        if self.pending is not None and self.pending[0] == step:
+    def get(self, x: Tensor, step: int, transient: list[int] | None = None):
+        """The output for batch x of step `step`: the prefetched one, or asked now. A batch with
+        transient rows (on-policy: made after any prefetch could be) is always asked now."""
+        if self.pending is not None and self.pending[0] == step and not transient:
             ref = self.pending[1]
         else:
-            ref = self.request(x, step)
+            ref = self.request(x, step, transient)
         self.pending = None
         t0 = time.perf_counter()
         out = ray.get(ref)

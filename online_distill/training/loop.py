@@ -15,6 +15,7 @@ import contextlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -26,14 +27,16 @@ from ..core.host import keep_freed_memory, memory_format
 from ..core.optim import kd_weight_at, make_optimizer, make_scheduler
 from ..core.timing import Clock
 from ..core.topology import Layout, Topology, layout_of
-from ..data.datasets import IGNORE_INDEX, Batches, Jitter, labels_of, load_data
+from ..data.datasets import BYTE_VOCAB, IGNORE_INDEX, Batches, Jitter, labels_of, load_data
+from ..data.text import decode_text
 from ..distill.losses import distill_loss
 from ..errors import LabelError, NonFiniteError
 from ..models.builders import build_model, constraints
 from ..rundir.checkpoint import Epoch, find_resume_point, restore
-from ..rundir.layout import RunDir
+from ..rundir.layout import RunDir, samples_file
 from ..teachers import TeacherContext, build_teacher
 from .metrics import format_epoch, merge_rank_stats
+from .onpolicy import OnPolicy, Rollout, generation_metrics, seed_of
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -115,6 +118,7 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
     # one after another, or a thread per peer on CPU cores
     each_peer = PeerRunner(cfg, topo, models, device, overlap=not teacher.waits_for_updates)
     learner = Learner(cfg, topo, steps_per_epoch, autocast)
+    onpolicy = OnPolicy(cfg, data.sample.shape[-1]) if cfg.onpolicy.on else None
 
     # --- resume: models, optimizers, schedules, teachers, RNG and the metrics so far
     start_epoch, history = 0, []
@@ -126,15 +130,17 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
     for epoch in range(start_epoch, cfg.train.epochs):
         train_batches.set_epoch(epoch)
         forwards_before = teacher.teacher_forwards  # examples the frozen teacher runs on this epoch
-        step_times, exchange_s, kd_w = _train_epoch(cfg, rank, epoch, train_batches, peers, teacher, learner,
-                                                    each_peer, check_labels, data.num_classes, verbose)
+        step_times, exchange_s, kd_w, generate_s = _train_epoch(cfg, rank, epoch, train_batches, peers, teacher,
+                                                                learner, each_peer, check_labels, data.num_classes,
+                                                                verbose, onpolicy)
         _check_finite_weights(models, topo, cfg, epoch)  # no checkpoint ever holds a NaN
 
         # --- evaluate these peers and the cohort's ensemble; gather everything to rank 0
         last = epoch == cfg.train.epochs - 1
         timing = {"step_times": step_times, "exchange_s": exchange_s, "comm_bytes_per_step": teacher.comm_bytes_per_step,
-                  "teacher_forwards": teacher.teacher_forwards - forwards_before}
-        all_stats, predictions = _evaluate_epoch(cfg, data, peers, teacher, topo, autocast, eval_batches, last, timing)
+                  "teacher_forwards": teacher.teacher_forwards - forwards_before, "generate_s": generate_s}
+        all_stats, predictions = _evaluate_epoch(cfg, data, peers, teacher, topo, autocast, eval_batches, last, timing,
+                                                 epoch, getattr(reporter, "run_dir", None))
         metrics, row = {}, []
         if rank == 0:
             metrics, row = merge_rank_stats(all_stats, cfg, epoch, lr=peers[0].sched.get_last_lr()[0], kd_weight=kd_w,
@@ -149,7 +155,7 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
 
 
 def _evaluate_epoch(cfg: Config, data, peers: list[Peer], teacher, topo: Topology, autocast, eval_batches,
-                    last: bool, timing: dict) -> tuple[list[dict], dict | None]:
+                    last: bool, timing: dict, epoch: int = 0, reporter_dir=None) -> tuple[list[dict], dict | None]:
     """Every peer's and the ensemble's validation numbers (and test, at the last epoch), what the
     logit form loses, and the epoch's training sums and timing, gathered from every rank: one
     dict per peer and replica; with them, at the last epoch, the test logits of every peer."""
@@ -161,18 +167,49 @@ def _evaluate_epoch(cfg: Config, data, peers: list[Peer], teacher, topo: Topolog
         evals[split], outputs[split] = evaluate(models, eval_batches(ds), topo, autocast, keep_logits=keep,
                                                 bytes_per_token=data.bytes_per_token)
     fidelity = _fidelity(teacher, models, eval_batches(data.val), autocast)  # what the logit form loses
+    gen = _generations(cfg, data, peers, teacher, autocast, eval_batches, epoch)
     stats = [{"peer": peer.position, "replica": topo.replica, "model": cfg.models[peer.position],
               "train": peer.sums.tolist(), **timing, "teacher_forwards": timing["teacher_forwards"] if j == 0 else 0,
-              "fidelity": fidelity, "batch_size": cfg.train.batch_size, **{split: ev[j] for split, ev in evals.items()}}
+              "fidelity": fidelity, "batch_size": cfg.train.batch_size, "gen": gen[j][0] if gen else {},
+              **{split: ev[j] for split, ev in evals.items()}}
              for j, peer in enumerate(peers)]
+    if gen and reporter_dir is not None and topo.replica == 0:
+        _write_samples(reporter_dir, cfg, data, epoch, [(peer.position, pairs) for peer, (_, pairs) in zip(peers, gen)],
+                       rank=topo.rank)
     return _gather(stats, topo), (_gather_predictions(outputs, topo) if keep else None)
+
+
+def _generations(cfg: Config, data, peers: list[Peer], teacher, autocast, eval_batches, epoch: int) -> list | None:
+    """Language models (onpolicy.eval_prompts): per peer, what it writes on the first validation
+    prompts (onpolicy.generation_metrics) and the (prompt, continuation) pairs; None otherwise."""
+    op = cfg.onpolicy
+    if not (data.is_sequence and op.prompts_to_score):
+        return None
+    x, _ = next(iter(eval_batches(data.val)))
+    prompts = x[: op.prompts_to_score]
+    sampling = OnPolicy(cfg, x.shape[1]).sampling
+    return [generation_metrics(p.model, prompts, teacher.score, sampling, op.prompt_len, autocast=autocast,
+                               seed=seed_of(cfg.train.seed, epoch, p.position, 99)) for p in peers]
+
+
+def _write_samples(run_dir, cfg: Config, data, epoch: int, per_peer: list, rank: int) -> None:
+    """A few continuations per peer into samples/epoch_NNNN.txt (one file per rank holding peers)."""
+    lines = []
+    for p, pairs in per_peer:
+        for prompt, cont in pairs[: cfg.onpolicy.samples_to_keep]:
+            text = (decode_text(prompt), decode_text(cont)) if data.num_classes == BYTE_VOCAB else \
+                (str(prompt.tolist()), str(cont.tolist()))
+            lines.append(f"--- peer {p} ({cfg.models[p]}), epoch {epoch + 1}\n{text[0]}[[{text[1]}]]\n")
+    name = samples_file(epoch) if rank == 0 else samples_file(epoch).replace(".txt", f"_rank{rank}.txt")
+    run_dir.write(name, "".join(lines))
 
 
 @dataclass
 class Peer:
     """One peer this worker trains: the model (and the DDP wrapper it trains through, over its
     replicas only), its optimizer, schedule and weight constraints (max-norm), and the epoch's
-    sums of ce, kd, correct and counted (examples, or real tokens), kept on the device."""
+    sums of ce, kd, correct, counted (examples, or real tokens: the label's) and the KD term's
+    counted positions (on-policy rows count there only), kept on the device."""
 
     position: int
     """Its place in the cohort (the peer index of cfg.models)."""
@@ -189,7 +226,7 @@ class Peer:
         opt = make_optimizer(cfg.optim, model)
         return cls(position, model, _data_parallel(model, topo, device), opt,
                    make_scheduler(cfg.optim, opt, steps_per_epoch, cfg.train.epochs), constraints(model),
-                   torch.zeros(4, device=device))
+                   torch.zeros(5, device=device))
 
     @property
     def state(self) -> tuple:
@@ -199,13 +236,15 @@ class Peer:
 
 @dataclass
 class Batch:
-    """What every peer learns from at one optimizer step."""
+    """What a peer learns from at one optimizer step (besides its logits and teacher target)."""
 
     y: torch.Tensor
     kd_weight: float
     epoch: int
     index: int
     """The step's index within its epoch."""
+    rollout: Rollout | None = None
+    """On-policy training: where the KD term counts and what the student drew (onpolicy.py)."""
 
 
 class Learner:
@@ -221,10 +260,12 @@ class Learner:
     def learn(self, peer: Peer, z, target, b: Batch) -> None:
         """Adds the step's (ce, kd, correct, counted) sums to the peer's own row. A loss or a
         gradient that is not finite ends the run here, before the optimizer takes it in."""
-        cfg = self.cfg
+        cfg, r = self.cfg, b.rollout
         loss, parts = distill_loss(z, target, b.y, temperature=cfg.loss.temperature, kd_weight=b.kd_weight,
                                    multi_teacher=cfg.loss.multi_teacher, ce_weight=cfg.loss.ce_weight,
-                                   divergence=cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta)
+                                   divergence=cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta,
+                                   kd_mask=None if r is None else r.kd_mask, pg_tokens=None if r is None else r.pg_tokens,
+                                   pg_mask=None if r is None else r.pg_mask)
         if not torch.isfinite(loss):
             raise NonFiniteError(self._non_finite("loss", peer, b, parts))
         peer.opt.zero_grad(set_to_none=True)
@@ -239,21 +280,23 @@ class Learner:
         peer.sched.step()
         mask = b.y != IGNORE_INDEX
         counted = mask.sum()
-        peer.sums += torch.stack([parts["ce"] * counted, parts["kd"] * counted,
-                                  ((z.detach().argmax(-1) == b.y) & mask).sum().float(), counted.float()])
+        peer.sums += torch.stack([parts["ce"] * counted, parts["kd"] * parts["kd_tokens"],
+                                  ((z.detach().argmax(-1) == b.y) & mask).sum().float(), counted.float(),
+                                  parts["kd_tokens"]])
 
     def _non_finite(self, what: str, peer: Peer, b: Batch, parts: dict) -> str:
         return _non_finite(what, self.cfg, peer.position, b.epoch, b.index, self.steps_per_epoch, peer.sched, parts)
 
 
 def _train_epoch(cfg: Config, rank: int, epoch: int, batches: Batches, peers: list[Peer], teacher, learner: Learner,
-                 each_peer: PeerRunner, check_labels: bool, num_classes: int,
-                 verbose: bool) -> tuple[list[float], float, float]:
+                 each_peer: PeerRunner, check_labels: bool, num_classes: int, verbose: bool,
+                 onpolicy: OnPolicy | None = None) -> tuple[list[float], float, float, float]:
     """One epoch of every peer of this worker on the same batches. Returns the step times, the
-    seconds spent in the teacher (exchange, frozen teacher, EMA updates) and the last KD weight."""
+    seconds spent in the teacher (exchange, frozen teacher, EMA updates), the last KD weight and
+    the seconds spent generating (on-policy: each peer continues its prompts, onpolicy.py)."""
     steps = len(batches)
     clock = Clock(peers[0].sums.device)  # CUDA events on a GPU, so timing never stalls the queue
-    marks, t_log = [], time.perf_counter()  # per-step clock marks, read once per epoch
+    marks, gen_marks, t_log = [], [], time.perf_counter()  # per-step clock marks, read once per epoch
     for p in peers:
         p.sums.zero_()
     kd_w = kd_weight_at(cfg.loss, epoch)
@@ -264,13 +307,26 @@ def _train_epoch(cfg: Config, rank: int, epoch: int, batches: Batches, peers: li
         if check_labels:
             _check_batch_labels(y, num_classes, cfg, epoch, i)
         x, y = teacher.prepare_batch(x, y)  # as loaded, except for teachers that revisit samples (DLB)
-        logits = each_peer.map(learner.forward, peers, [x] * len(peers))  # every peer, on the same batch
-        t1 = clock.mark()
-        targets = teacher.logits(x, logits, step)  # each peer's teacher target, in the run's logit form
-        if x_next is not None:
-            teacher.prefetch(x_next, step + 1)  # a teacher served elsewhere starts on the next batch now
-        t1_end = clock.mark()
-        each_peer.update(learner.learn, peers, logits, targets, [Batch(y, kd_w, epoch, i)] * len(peers))
+        if onpolicy is None:
+            logits = each_peer.map(learner.forward, peers, [x] * len(peers))  # every peer, on the same batch
+            t1 = clock.mark()
+            targets = teacher.logits(x, logits, step)  # each peer's teacher target, in the run's logit form
+            if x_next is not None:
+                teacher.prefetch(x_next, step + 1)  # a teacher served elsewhere starts on the next batch now
+            t1_end = clock.mark()
+            batches_now = [Batch(y, kd_w, epoch, i)] * len(peers)
+        else:  # each peer continues a share of the prompts itself; its teachers score its own batch
+            n = len(peers)
+            rollouts = each_peer.map(onpolicy.rollout, [p.model for p in peers], [x] * n, [y] * n, [step] * n,
+                                     [p.position for p in peers])
+            gen_marks.append((t0, clock.mark()))
+            logits = each_peer.map(learner.forward, peers, [r.x for r in rollouts])
+            t1 = clock.mark()
+            targets = teacher.logits_on([r.x for r in rollouts], [r.generated for r in rollouts], logits, step,
+                                        partial(_score, learner, peers))
+            t1_end = clock.mark()
+            batches_now = [Batch(r.y, kd_w, epoch, i, r) for r in rollouts]
+        each_peer.update(learner.learn, peers, logits, targets, batches_now)
         t2 = clock.mark()
         teacher.after_step([p.model for p in peers], step)  # EMA updates, codistill swaps weights: teacher time too
         t2_end = clock.mark()
@@ -280,13 +336,21 @@ def _train_epoch(cfg: Config, rank: int, epoch: int, batches: Batches, peers: li
         if verbose and rank == 0 and time.perf_counter() - t_log > cfg.train.log_every_s:
             t_log = time.perf_counter()
             each_peer.wait()  # the sums so far
-            sums = torch.stack([p.sums for p in peers])
-            ce, kd = (sums[:, k].sum().item() / sums[:, 3].sum().item() for k in (0, 1))
+            sums = torch.stack([p.sums for p in peers]).sum(0).tolist()
+            ce, kd = sums[0] / max(sums[3], 1), sums[1] / max(sums[4], 1)
             print(f"  epoch {epoch + 1}/{cfg.train.epochs}  step {i + 1}/{steps}  "
                   f"ce {ce:.4f}  kd {kd:.4f}  (this epoch so far, mean over peers)", flush=True)
     each_peer.wait()  # every update of the epoch done: its sums, the models to evaluate
     step_times, exchange_s = clock.read(marks)  # on a GPU: the epoch's one synchronize
-    return step_times, exchange_s, kd_w
+    return step_times, exchange_s, kd_w, sum(clock.read(gen_marks)[0])
+
+
+@torch.no_grad()
+def _score(learner: Learner, peers: list[Peer], j: int, x: torch.Tensor) -> torch.Tensor:
+    """The logits of this worker's j-th peer on x, without gradients: a peer scoring another
+    peer's samples (on-policy mutual learning, teachers/peers.py)."""
+    with learner.autocast():
+        return peers[j].model(x).float()
 
 
 @torch.no_grad()

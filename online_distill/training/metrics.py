@@ -36,16 +36,25 @@ def merge_rank_stats(all_stats: list[dict], cfg: Config, epoch: int, *, lr: floa
     step_medians = []
     for p in range(cfg.num_peers):
         mine = [s for s in all_stats if s["peer"] == p]
-        ce, kd, correct, n = (sum(s["train"][j] for s in mine) for j in range(4))
+        ce, kd, correct, n, n_kd = (sum(s["train"][j] for s in mine) for j in range(5))
         med = max(statistics.median(steady(s["step_times"])) if s["step_times"] else math.nan for s in mine)
         # the mean counts what the median skips: costs paid every k steps (codistill's weight swap)
         mean = max(statistics.mean(steady(s["step_times"])) if s["step_times"] else math.nan for s in mine)
         step_medians.append(med)
-        row = {"epoch": epoch + 1, "member": f"peer{p}", "model": cfg.models[p], "train_ce": ce / n,
-               "train_kd": kd / n, "train_acc": correct / n, "step_time_s": med, "step_time_mean_s": mean,
+        # on-policy rows count in the KD term only (n_kd); with onpolicy.lmbda 1 no label counts (n = 0)
+        row = {"epoch": epoch + 1, "member": f"peer{p}", "model": cfg.models[p],
+               "train_ce": ce / n if n else math.nan, "train_kd": kd / n_kd if n_kd else 0.0,
+               "train_acc": correct / n if n else math.nan, "step_time_s": med, "step_time_mean_s": mean,
                "samples_per_s": cfg.scale.replicas * cfg.train.batch_size / med if med > 0 else math.nan,
                "exchange_share": sum(s["exchange_s"] for s in mine) / max(1e-12, sum(sum(s["step_times"]) for s in mine)),
                "exchange_bytes_per_step": statistics.mean(s["comm_bytes_per_step"] for s in mine)}
+        if cfg.onpolicy.on:  # the step's time split: generating, the teacher (scoring), learning
+            total = max(1e-12, sum(sum(s["step_times"]) for s in mine))
+            row["generate_share"] = sum(s.get("generate_s", 0.0) for s in mine) / total
+            row["teacher_share"] = row["exchange_share"]
+            row["learn_share"] = 1.0 - row["generate_share"] - row["teacher_share"]
+        for key in sorted({k for s in mine for k in s.get("gen", {})}):  # onpolicy: what the student writes
+            row[key] = statistics.mean(s["gen"][key] for s in mine if key in s.get("gen", {}))
         for split in splits:
             c, nll, m = (sum(s[split][k] for s in mine) for k in ("correct", "nll", "n"))
             row[f"{split}_acc"], row[f"{split}_nll"] = c / m, nll / m
