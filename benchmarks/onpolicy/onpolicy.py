@@ -1,0 +1,268 @@
+"""On-policy distillation of language models (GKD's lambda and beta), every run an
+`online-distill train` command.
+
+    python benchmarks/onpolicy/onpolicy.py run --work /tmp/onpolicy --parallel 1   # ~1.5 h on 2 CPU cores
+    python benchmarks/onpolicy/onpolicy.py tables --work /tmp/onpolicy             # CSVs, table.md, figures here
+
+Claims (3 seeds paired; settings picked on validation only, with seed 100; last epoch):
+- O1 exposure bias where answers can be checked: three-digit addition (data.addition); a
+  gpt_small teacher trained to exact answers, a gpt_tiny student taught on-policy (lmbda 1: its
+  own answers to the prompts "123+045=", scored by the teacher digit by digit) against off-policy
+  KD (lmbda 0: the data's answers), both with the divergence on the answer positions only
+  (onpolicy.mask_prompts) and the learning rate searched alike; metric: exact match of greedy
+  answers on held-out test problems, at equal student steps and (off-policy given the on-policy
+  run's wall time in steps) at equal wall time.
+- O2 free-running text: gpt_tiny taught by a gpt_small on fortunes for lmbda in {0, 0.5, 1} and
+  beta in {0, 0.5, 1} (loss.divergence jsd): val_gen_teacher_nll (the teacher's NLL per token of
+  the student's own continuations of validation prompts) and test bits per byte; the bar: the
+  on-policy student's val_gen_teacher_nll below the off-policy one's on every seed. With it the
+  exposure-bias curve (excess error on one's own prefixes over the teacher's, by length).
+- O3 on-policy mutual learning: two gpt_tiny peers, each continuing half the prompts and scored by
+  the other (lmbda 0.5), against the same peers off-policy (DML) and independent; metric: the
+  fortunes teacher's NLL of each peer's continuations of test prompts (a judge), and test bits
+  per byte.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pandas as pd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, ROOT)  # benchmarks.tools, when run as a script
+from benchmarks.tools.jobs import main as jobs_main  # noqa: E402
+from benchmarks.tools.jobs import Job, failures, finished, paired, plot_paired, run_dir  # noqa: E402
+
+SEARCH_SEED, SEEDS = 100, (0, 1, 2)
+CONFIGS = os.path.join("benchmarks", "onpolicy", "configs")
+LRS = (0.003, 0.006)
+SMOKE: dict = {}
+O1_STEPS = 600
+
+
+def config(name: str) -> str:
+    return os.path.join(CONFIGS, f"{name}.yaml")
+
+
+def teachers() -> list[Job]:
+    return [Job("teacher", "addition_teacher", config("addition_teacher"), 0),
+            Job("teacher", "fortunes_teacher", config("fortunes_teacher"), 0)]
+
+
+def o1(seed: int, lmbda: float, lr: float, work: str, steps: int = O1_STEPS, arm: str | None = None) -> Job:
+    sets = {"onpolicy.lmbda": lmbda, "onpolicy.mask_prompts": True, "optim.lr": lr,
+            "train.max_steps_per_epoch": steps, "distill.teacher_checkpoint": run_dir(teachers()[0], work)}
+    return Job("O1", arm or ("on" if lmbda else "off"), config("addition_student"), seed, sets, {"lr": lr})
+
+
+def o2(seed: int, lmbda: float, beta: float, work: str) -> Job:
+    sets = {"onpolicy.lmbda": lmbda, "loss.jsd_beta": beta, "distill.teacher_checkpoint": run_dir(teachers()[1], work)}
+    return Job("O2", f"l{lmbda:g}_b{beta:g}", config("fortunes_student"), seed, sets)
+
+
+def o3(seed: int, arm: str) -> Job:
+    sets = {"on_dml": {"onpolicy.lmbda": 0.5}, "dml": {}, "independent": {"distill.mode": "independent"}}[arm]
+    return Job("O3", arm, config("fortunes_peers"), seed, sets)
+
+
+def plan(work: str) -> list[list[Job]]:
+    search = [o1(SEARCH_SEED, lm, lr, work) for lm in (0.0, 1.0) for lr in LRS]
+    picks = {lm: _pick_o1([j for j in search if j.sets["onpolicy.lmbda"] == lm], work) for lm in (0.0, 1.0)}
+    confirm = [o1(s, lm, picks[lm], work) for lm in (0.0, 1.0) if picks[lm] for s in SEEDS]
+    equal_time = []
+    if picks[0.0] and picks[1.0]:
+        ratio = _step_time(o1(SEARCH_SEED, 1.0, picks[1.0], work), work) / _step_time(o1(SEARCH_SEED, 0.0, picks[0.0], work), work)
+        steps = int(round(O1_STEPS * ratio))  # off-policy steps that take the on-policy run's time
+        equal_time = [o1(s, 0.0, picks[0.0], work, steps=steps, arm="off_equal_time") for s in SEEDS]
+    grid = [o2(s, lm, b, work) for s in SEEDS for lm in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0)]
+    peers = [o3(s, a) for s in SEEDS for a in ("on_dml", "dml", "independent")]
+    return [teachers(), search, confirm, equal_time, grid, peers]
+
+
+# ---- measurements the runs do not make themselves ----------------------------------------------
+
+def _step_time(job: Job, work: str) -> float:
+    m = pd.read_csv(os.path.join(run_dir(job, work), "metrics.csv"))
+    return float(m["step_time_mean_s"].mean())
+
+
+def exact_match(job: Job, work: str, split: str) -> float:
+    """Greedy answers of the job's student to every problem of `split` ('val': the framework's
+    validation problems, held out of training; 'test'), exact match; kept in work/measured/."""
+    path = os.path.join(work, "measured", f"{job.name}.json")
+    done = json.load(open(path)) if os.path.exists(path) else {}
+    if split not in done:
+        import torch
+
+        from online_distill.data.tasks import ADDITION_PROMPT, answers_correct
+        from online_distill.models.generate import Sampling, generate
+        from online_distill.run.export import load_trained
+
+        _, _, model, data = load_trained(run_dir(job, work), 0)
+        problems = (data.val if split == "val" else data.test).x.long()
+        ok = 0
+        with torch.no_grad():
+            for i in range(0, len(problems), 1024):
+                p = problems[i: i + 1024]
+                out = generate(model, p[:, :ADDITION_PROMPT], None, Sampling(max_new_tokens=4, temperature=0))
+                ok += int(answers_correct(out.tokens, p).sum())
+        done[split] = ok / len(problems)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        json.dump(done, open(path, "w"))
+    return done[split]
+
+
+def _pick_o1(search: list[Job], work: str) -> float | None:
+    done = [j for j in search if finished(j, work)]
+    return max(done, key=lambda j: exact_match(j, work, "val")).sets["optim.lr"] if len(done) == len(search) else None
+
+
+def judge_nll(job: Job, work: str, prompts: int = 128) -> dict[str, float]:
+    """The fortunes teacher's NLL per token of each peer's sampled continuations of the first
+    `prompts` test windows' 16-byte prompts (48 new bytes, temperature 1, seed 0): one judge for
+    every arm of O2 and O3. Kept in work/measured/."""
+    path = os.path.join(work, "measured", f"{job.name}.json")
+    done = json.load(open(path)) if os.path.exists(path) else {}
+    if "judge" not in done:
+        import contextlib
+
+        from online_distill.models.generate import Sampling
+        from online_distill.run.export import load_trained
+        from online_distill.training.onpolicy import generation_metrics
+
+        _, _, judge, _ = load_trained(run_dir(teachers()[1], work), 0)
+        out = {}
+        for p in range(2 if job.claim == "O3" else 1):
+            _, _, model, data = load_trained(run_dir(job, work), p)
+            x = data.test.x[:prompts, :-1].long()
+            m, _ = generation_metrics(model, x, lambda ids: judge(ids).unsqueeze(0), Sampling(max_new_tokens=48),
+                                      16, seed=0, autocast=contextlib.nullcontext)
+            out[f"peer{p}"] = m["val_gen_teacher_nll"]
+        done["judge"] = out
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        json.dump(done, open(path, "w"))
+    return done["judge"]
+
+
+# ---- tables -------------------------------------------------------------------------------------
+
+def job_rows(job: Job, work: str) -> list[dict]:
+    d = run_dir(job, work)
+    final = pd.read_csv(os.path.join(d, "final.csv"))
+    history = pd.read_csv(os.path.join(d, "metrics.csv"))
+    last = history[history["epoch"] == history["epoch"].max()]
+    steps = int(job.sets.get("train.max_steps_per_epoch", 0)) or None
+    base = {"claim": job.claim, "arm": job.arm, "stage": job.stage, "seed": job.seed, "job": job.name,
+            "lr": job.sets.get("optim.lr"), "steps": steps,
+            "wall_s": float(last["step_time_mean_s"].mean()) * (steps or 300)}
+    for k in ("generate_share", "teacher_share", "learn_share"):
+        if k in last:
+            base[k] = float(last[k].mean())
+    rows = []
+    for _, r in final.iterrows():
+        if r["member"] == "ensemble":
+            continue
+        row = {**base, "member": r["member"], **{k: r[k] for k in ("val_bpb", "test_bpb") if k in r}}
+        mine = last[last["member"] == r["member"]]
+        for k in ("val_gen_teacher_nll", "val_gen_reverse_kl", "val_gen_repetition"):
+            if k in mine:
+                row[k] = float(mine[k].iloc[0])
+        if job.claim == "O1":
+            row["val_exact"], row["test_exact"] = exact_match(job, work, "val"), exact_match(job, work, "test")
+        if job.claim in ("O2", "O3"):
+            row["judge_nll"] = judge_nll(job, work)[r["member"]]
+        rows.append(row)
+    return rows
+
+
+def collect(work: str) -> pd.DataFrame:
+    rows = [r for stage in plan(work)[1:] for job in stage if finished(job, work) for r in job_rows(job, work)]
+    failures(work).to_csv(os.path.join(HERE, "failed.csv"), index=False)
+    return pd.DataFrame(rows)
+
+
+COMPARISONS = [  # claim, method, baseline, column, sign (+1: higher is better), bar
+    ("O1", "on", "off", "test_exact", 1, "+2 pt, every seed > 0"),
+    ("O1", "on", "off_equal_time", "test_exact", 1, "reported"),
+    ("O2", "l1_b0.5", "l0_b0.5", "val_gen_teacher_nll", -1, "every seed < 0"),
+    ("O2", "l1_b0", "l0_b0", "val_gen_teacher_nll", -1, "every seed < 0"),
+    ("O2", "l1_b1", "l0_b1", "val_gen_teacher_nll", -1, "every seed < 0"),
+    ("O2", "l0.5_b0.5", "l0_b0.5", "val_gen_teacher_nll", -1, "reported"),
+    ("O2", "l1_b0.5", "l0_b0.5", "test_bpb", -1, "reported"),
+    ("O3", "on_dml", "dml", "judge_nll", -1, "reported"),
+    ("O3", "on_dml", "independent", "judge_nll", -1, "reported"),
+    ("O3", "on_dml", "dml", "test_bpb", -1, "reported"),
+]
+
+
+def write_tables(runs: pd.DataFrame) -> None:
+    per_seed, summary = [], []
+    for claim, method, baseline, column, sign, bar in COMPARISONS:
+        p = paired(runs, method, baseline, column)
+        if p.empty:
+            continue
+        scale = 100.0 if column.endswith("exact") else 1.0  # exact match in points
+        p["delta"] = p["delta"] * scale
+        per_seed.append(p.rename(columns={method: "method_value", baseline: "baseline_value"}).assign(
+            claim=claim, method=method, baseline=baseline, metric=column))
+        d = p["delta"]
+        met = {"+2 pt, every seed > 0": bool(d.mean() >= 2 and (d > 0).all()),
+               "every seed < 0": bool((d < 0).all())}.get(bar)
+        summary.append({"claim": claim, "method": method, "baseline": baseline, "delta_mean": round(d.mean(), 4),
+                        "delta_std": round(d.std(ddof=1), 4) if len(d) > 1 else float("nan"), "n_pairs": len(d),
+                        "bar": f"{column}{' (pt)' if scale != 1 else ''}: {bar}", "met": met})
+    per_seed_df, summary_df = pd.concat(per_seed), pd.DataFrame(summary)
+    per_seed_df.to_csv(os.path.join(HERE, "per_seed.csv"), index=False)
+    summary_df.to_csv(os.path.join(HERE, "summary_rows.csv"), index=False)
+    plot_paired(per_seed_df.assign(delta=per_seed_df["delta"] * [(-1 if m.endswith(("nll", "bpb")) else 1)
+                                                                for m in per_seed_df["metric"]]),
+                summary_df, os.path.join(HERE, "summary.png"), delta="delta",
+                xlabel="paired delta per seed, signed so that right is better (O1: exact-match points; O2, O3: "
+                       "minus the NLL / bits-per-byte delta)",
+                title="On-policy distillation (green: bar met, red: missed, grey: reported)")
+    with open(os.path.join(HERE, "table.md"), "w") as f:
+        f.write(table_md(runs, summary_df))
+
+
+def table_md(runs: pd.DataFrame, summary: pd.DataFrame) -> str:
+    confirm = runs[runs["stage"] == "confirm"]
+    cols = [c for c in ("test_exact", "val_gen_teacher_nll", "val_gen_reverse_kl", "val_gen_repetition", "judge_nll",
+                        "test_bpb", "wall_s", "generate_share", "teacher_share") if c in confirm]
+    agg = confirm.groupby(["claim", "arm"])[cols].agg(["mean", "std"])
+    lines = ["# On-policy distillation: results", "",
+             "Made by `python benchmarks/onpolicy/onpolicy.py tables --work WORK` from the runs of `... run`.", "",
+             "## Per arm (confirm seeds 0, 1, 2: mean +- std over seeds and peers)", "",
+             "| claim | arm | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for (claim, arm), r in agg.iterrows():
+        cells = [f"{r[(c, 'mean')]:.4f} +- {r[(c, 'std')]:.4f}" if pd.notna(r[(c, "mean")]) else "" for c in cols]
+        lines.append(f"| {claim} | {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "## Paired comparisons", "", "| claim | method | baseline | delta mean | delta std | n | bar | met |",
+              "|---|---|---|---|---|---|---|---|"]
+    for _, s in summary.iterrows():
+        lines.append(f"| {s['claim']} | {s['method']} | {s['baseline']} | {s['delta_mean']:+.4f} | {s['delta_std']:.4f} | "
+                     f"{s['n_pairs']} | {s['bar']} | {s['met']} |")
+    search = runs[(runs["stage"] == "search") & (runs["claim"] == "O1")]
+    if len(search):
+        lines += ["", "## O1 search (seed 100, picked on validation exact match)", "", "| arm | lr | val exact |",
+                  "|---|---|---|"]
+        for _, r in search.iterrows():
+            lines.append(f"| {r['arm']} | {r['lr']} | {r['val_exact']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def tables(work: str) -> None:
+    runs = collect(work)
+    runs.to_csv(os.path.join(HERE, "runs.csv"), index=False)
+    write_tables(runs)
+
+
+def main(argv=None) -> int:
+    return jobs_main(argv, prog="python benchmarks/onpolicy/onpolicy.py", doc=__doc__, tag="onpolicy", plan=plan,
+                     tables=tables, smoke=SMOKE, smoke_sets={"train.max_steps_per_epoch": 4, "data.val_size": 64})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
