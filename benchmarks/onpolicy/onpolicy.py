@@ -33,8 +33,8 @@ import pandas as pd
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, ROOT)  # benchmarks.tools, when run as a script
-from benchmarks.tools.jobs import main as jobs_main  # noqa: E402
 from benchmarks.tools.jobs import Job, failures, finished, paired, plot_paired, run_dir  # noqa: E402
+from benchmarks.tools.jobs import main as jobs_main  # noqa: E402
 
 SEARCH_SEED, SEEDS = 100, (0, 1, 2)
 CONFIGS = os.path.join("benchmarks", "onpolicy", "configs")
@@ -184,23 +184,23 @@ def collect(work: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-COMPARISONS = [  # claim, method, baseline, column, sign (+1: higher is better), bar
-    ("O1", "on", "off", "test_exact", 1, "+2 pt, every seed > 0"),
-    ("O1", "on", "off_equal_time", "test_exact", 1, "reported"),
-    ("O2", "l1_b0.5", "l0_b0.5", "val_gen_teacher_nll", -1, "every seed < 0"),
-    ("O2", "l1_b0", "l0_b0", "val_gen_teacher_nll", -1, "every seed < 0"),
-    ("O2", "l1_b1", "l0_b1", "val_gen_teacher_nll", -1, "every seed < 0"),
-    ("O2", "l0.5_b0.5", "l0_b0.5", "val_gen_teacher_nll", -1, "reported"),
-    ("O2", "l1_b0.5", "l0_b0.5", "test_bpb", -1, "reported"),
-    ("O3", "on_dml", "dml", "judge_nll", -1, "reported"),
-    ("O3", "on_dml", "independent", "judge_nll", -1, "reported"),
-    ("O3", "on_dml", "dml", "test_bpb", -1, "reported"),
+COMPARISONS = [  # claim, method, baseline, column (exact match: higher is better; NLL, bits: lower), bar
+    ("O1", "on", "off", "test_exact", "+2 pt, every seed > 0"),
+    ("O1", "on", "off_equal_time", "test_exact", "reported"),
+    ("O2", "l1_b0.5", "l0_b0.5", "val_gen_teacher_nll", "every seed < 0"),
+    ("O2", "l1_b0", "l0_b0", "val_gen_teacher_nll", "every seed < 0"),
+    ("O2", "l1_b1", "l0_b1", "val_gen_teacher_nll", "every seed < 0"),
+    ("O2", "l0.5_b0.5", "l0_b0.5", "val_gen_teacher_nll", "reported"),
+    ("O2", "l1_b0.5", "l0_b0.5", "test_bpb", "reported"),
+    ("O3", "on_dml", "dml", "judge_nll", "reported"),
+    ("O3", "on_dml", "independent", "judge_nll", "reported"),
+    ("O3", "on_dml", "dml", "test_bpb", "reported"),
 ]
 
 
 def write_tables(runs: pd.DataFrame) -> None:
     per_seed, summary = [], []
-    for claim, method, baseline, column, sign, bar in COMPARISONS:
+    for claim, method, baseline, column, bar in COMPARISONS:
         p = paired(runs, method, baseline, column)
         if p.empty:
             continue
