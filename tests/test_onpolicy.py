@@ -199,3 +199,68 @@ def test_an_on_policy_run_resumed_mid_way_continues_with_the_same_numbers(tmp_pa
     h1, h2 = whole.history.query("member == 'peer0'"), resumed.history.query("member == 'peer0'")
     pd.testing.assert_frame_equal(h1[cols].reset_index(drop=True), h2[cols].reset_index(drop=True), rtol=1e-5, atol=1e-6)
     assert (resumed.run_dir and os.path.exists(os.path.join(resumed.run_dir, "samples", "epoch_0002.txt")))
+
+
+@pytest.fixture(scope="module")
+def lm_teacher(tmp_path_factory):
+    """A tiny byte-level GPT teacher, trained alone for a few steps."""
+    from online_distill.run import train
+
+    tmp = tmp_path_factory.mktemp("onpolicy_teacher")
+    cfg = lm_cfg(tmp, models=["gpt(dim=32, layers=1, heads=2)"], distill__mode="independent", distill__logits="dense",
+                 onpolicy__lmbda=0.0, train__epochs=1, scale__peers_per_worker=1, run__name="teacher")
+    return train(cfg, verbose=False).run_dir, tmp
+
+
+def student_cfg(lm_teacher, name: str, **over) -> C.Config:
+    teacher_dir, tmp = lm_teacher
+    return lm_cfg(tmp, models=[TINY], distill__mode="offline", distill__teacher_checkpoint=teacher_dir,
+                  distill__logits="dense", scale__peers_per_worker=1, run__name=name, **over)
+
+
+@fortunes
+@pytest.mark.e2e
+def test_a_teacher_cache_serves_the_data_rows_and_never_keeps_a_students_sample(lm_teacher):
+    from online_distill.run import train
+
+    live = train(student_cfg(lm_teacher, "live"), verbose=False)
+    cache = str(lm_teacher[1] / "cache")
+    cached = train(student_cfg(lm_teacher, "cached", distill__teacher_cache_dir=cache), verbose=False)
+    cols = ["epoch", "member", "val_nll", "train_ce", "train_kd", "val_gen_teacher_nll"]
+    pd.testing.assert_frame_equal(cached.history[cols], live.history[cols], rtol=1e-5, atol=1e-6)
+    from online_distill.data import load_data
+    from online_distill.teachers.cache import DiskCache
+
+    kept = sum(len(DiskCache(cache, d).entries) for d in os.listdir(cache) if os.path.isdir(os.path.join(cache, d)))
+    assert kept == len(load_data(student_cfg(lm_teacher, "x").data).train)  # the data rows: no generated row kept
+    # generated rows still went through the teacher: more forwards than data rows on epoch 2
+    assert cached.history.groupby("epoch")["teacher_forwards"].first().iloc[-1] > 0
+
+
+@fortunes
+@pytest.mark.e2e
+def test_the_service_scores_a_students_samples_as_the_teacher_in_process_does(ray_session, lm_teacher):
+    from online_distill.run import train
+
+    here = train(student_cfg(lm_teacher, "here_op"), verbose=False)
+    served = train(student_cfg(lm_teacher, "served_op", distill__teacher_service=True), verbose=False)
+    cols = ["epoch", "member", "val_nll", "train_ce", "train_kd"]
+    pd.testing.assert_frame_equal(served.history[cols], here.history[cols], rtol=1e-5, atol=1e-6)
+    assert served.history["teacher_forwards"].sum() == 0  # every score came from the service
+
+
+@fortunes
+@pytest.mark.e2e
+def test_generate_prints_what_a_trained_student_writes(lm_teacher):
+    import subprocess
+    import sys
+
+    teacher_dir, _ = lm_teacher
+    cmd = [sys.executable, "-m", "online_distill.cli", "generate", teacher_dir, "--prompt", "The ", "--prompt", "Why",
+           "--max-new-tokens", "20", "--seed", "5"]
+    a = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert a.returncode == 0, a.stderr
+    blocks = a.stdout.split("---\n")
+    assert blocks[0].startswith("The ") and blocks[1].startswith("Why") and len(blocks[0]) > len("The \n")
+    bad = subprocess.run([*cmd[:5], "--prompt", "x", "--top-p", "0"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--top-p" in bad.stderr

@@ -77,9 +77,12 @@ def plan(work: str) -> list[list[Job]]:
         ratio = _step_time(o1(SEARCH_SEED, 1.0, picks[1.0], work), work) / _step_time(o1(SEARCH_SEED, 0.0, picks[0.0], work), work)
         steps = int(round(O1_STEPS * ratio))  # off-policy steps that take the on-policy run's time
         equal_time = [o1(s, 0.0, picks[0.0], work, steps=steps, arm="off_equal_time") for s in SEEDS]
-    grid = [o2(s, lm, b, work) for s in SEEDS for lm in (0.0, 0.5, 1.0) for b in (0.0, 0.5, 1.0)]
+    core = [o2(s, lm, 0.5, work) for s in SEEDS for lm in (0.0, 0.5, 1.0)]
+    betas = [o2(s, lm, b, work) for s in SEEDS for lm in (0.0, 1.0) for b in (0.0, 1.0)]
+    rest = [o2(s, 0.5, b, work) for s in SEEDS for b in (0.0, 1.0)]
     peers = [o3(s, a) for s in SEEDS for a in ("on_dml", "dml", "independent")]
-    return [teachers(), search, confirm, equal_time, grid, peers]
+    # in order of what the claims need first: a later stage may be cut short and rerun (finished runs are kept)
+    return [teachers(), search, confirm, core, peers, equal_time, betas, rest]
 
 
 # ---- measurements the runs do not make themselves ----------------------------------------------
@@ -147,6 +150,69 @@ def judge_nll(job: Job, work: str, prompts: int = 128) -> dict[str, float]:
     return done["judge"]
 
 
+def exposure_curve(job: Job, work: str, prompts: int = 128, new: int = 48) -> list[float]:
+    """MiniLLM's exposure-bias measure (ExAccErr) by generated length l = 1..new: the student's
+    accumulated error on its own prefixes over that on the teacher's prefixes, minus 1 (0: no
+    excess error from decoding on one's own prefixes). The error at a state is KL(p_teacher ||
+    p_student); own prefixes are the student's samples, the teacher's prefixes the teacher's, both
+    from the first `prompts` test windows' 16-byte prompts at temperature 1. Kept in work/measured/."""
+    path = os.path.join(work, "measured", f"{job.name}.json")
+    done = json.load(open(path)) if os.path.exists(path) else {}
+    if "exposure" not in done:
+        import torch
+        import torch.nn.functional as F
+
+        from online_distill.models.generate import Sampling, generate
+        from online_distill.run.export import load_trained
+
+        _, _, teacher, _ = load_trained(run_dir(teachers()[1], work), 0)
+        _, _, student, data = load_trained(run_dir(job, work), 0)
+        x = data.test.x[:prompts, :16].long()
+        errors = []
+        with torch.no_grad():
+            for who in (student, teacher):
+                out = generate(who, x, None, Sampling(max_new_tokens=new), seed=0)
+                log_t, log_s = F.log_softmax(teacher(out.tokens), -1), F.log_softmax(student(out.tokens), -1)
+                kl = (log_t.exp() * (log_t - log_s)).sum(-1)[:, 15: 15 + new]  # the states of the new tokens
+                errors.append(kl.mean(0).cumsum(0))
+        done["exposure"] = (errors[0] / errors[1] - 1).tolist()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        json.dump(done, open(path, "w"))
+    return done["exposure"]
+
+
+def write_exposure(work: str) -> None:
+    """exposure.csv and exposure.png: the curve of each O2 arm at beta 0.5, per seed and mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = []
+    for lm in (0.0, 0.5, 1.0):
+        for s in SEEDS:
+            job = o2(s, lm, 0.5, work)
+            if finished(job, work):
+                rows += [{"lmbda": lm, "seed": s, "length": i + 1, "excess_error": e}
+                         for i, e in enumerate(exposure_curve(job, work))]
+    if not rows:
+        return
+    curve = pd.DataFrame(rows)
+    curve.to_csv(os.path.join(HERE, "exposure.csv"), index=False)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for lm, g in curve.groupby("lmbda"):
+        m = g.groupby("length")["excess_error"].agg(["mean", "std"])
+        ax.plot(m.index, 100 * m["mean"], label=f"lambda {lm:g} ({g['seed'].nunique()} seeds)")
+        ax.fill_between(m.index, 100 * (m["mean"] - m["std"]), 100 * (m["mean"] + m["std"]), alpha=0.2)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("generated length (bytes)")
+    ax.set_ylabel("excess accumulated error, own vs teacher prefixes (%)")
+    ax.set_title("Exposure bias (MiniLLM's ExAccErr) of gpt_tiny students on fortunes")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(HERE, "exposure.png"), dpi=110)
+
+
 # ---- tables -------------------------------------------------------------------------------------
 
 def job_rows(job: Job, work: str) -> list[dict]:
@@ -157,7 +223,7 @@ def job_rows(job: Job, work: str) -> list[dict]:
     steps = int(job.sets.get("train.max_steps_per_epoch", 0)) or None
     base = {"claim": job.claim, "arm": job.arm, "stage": job.stage, "seed": job.seed, "job": job.name,
             "lr": job.sets.get("optim.lr"), "steps": steps,
-            "wall_s": float(last["step_time_mean_s"].mean()) * (steps or 300)}
+            "wall_s": float(last["step_time_mean_s"].mean()) * (steps or 200)}
     for k in ("generate_share", "teacher_share", "learn_share"):
         if k in last:
             base[k] = float(last[k].mean())
@@ -257,6 +323,7 @@ def tables(work: str) -> None:
     runs = collect(work)
     runs.to_csv(os.path.join(HERE, "runs.csv"), index=False)
     write_tables(runs)
+    write_exposure(work)
 
 
 def main(argv=None) -> int:
