@@ -251,16 +251,15 @@ def test_the_service_scores_a_students_samples_as_the_teacher_in_process_does(ra
 
 @fortunes
 @pytest.mark.e2e
-def test_generate_prints_what_a_trained_student_writes(lm_teacher):
-    import subprocess
-    import sys
+def test_generate_prints_what_a_trained_student_writes(lm_teacher, capsys):
+    from online_distill.cli import main
 
     teacher_dir, _ = lm_teacher
-    cmd = [sys.executable, "-m", "online_distill.cli", "generate", teacher_dir, "--prompt", "The ", "--prompt", "Why",
-           "--max-new-tokens", "20", "--seed", "5"]
-    a = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert a.returncode == 0, a.stderr
-    blocks = a.stdout.split("---\n")
+    argv = ["generate", teacher_dir, "--prompt", "The ", "--prompt", "Why", "--max-new-tokens", "20", "--seed", "5"]
+    assert main(argv) == 0
+    blocks = capsys.readouterr().out.split("---\n")
     assert blocks[0].startswith("The ") and blocks[1].startswith("Why") and len(blocks[0]) > len("The \n")
-    bad = subprocess.run([*cmd[:5], "--prompt", "x", "--top-p", "0"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--top-p" in bad.stderr
+    assert main(argv) == 0 and capsys.readouterr().out.split("---\n") == blocks  # the same seed, the same text
+    assert main([*argv[:2], "--prompt", "x", "--top-p", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--top-p" in err
