@@ -56,6 +56,9 @@ def test_a_rollout_counts_the_kd_term_only_where_the_student_drew_and_no_label_o
         else:
             assert torch.equal(r.x[i], x[i]) and torch.equal(r.y[i], y[i])
             assert torch.equal(r.kd_mask[i], y[i] != IGNORE_INDEX)
+    late = OnPolicy(op_cfg(onpolicy__start_epochs=0.5), 16, steps_per_epoch=12)  # on-policy from step 6
+    assert not late.rollout(model, x, y, step=5, peer=0).generated.any()
+    assert torch.equal(late.rollout(model, x, y, step=6, peer=0).generated, op.rows(8, 6, x.device))
     again = op.rollout(model, x, y, step=5, peer=0)
     assert torch.equal(again.x, r.x)  # a pure function of (seed, step, peer) and the weights
     assert not torch.equal(op.rollout(model, x, y, step=5, peer=1).x, r.x)  # each peer draws its own

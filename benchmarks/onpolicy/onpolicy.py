@@ -6,9 +6,10 @@
 
 Claims (3 seeds paired; settings picked on validation only, with seed 100; last epoch):
 - O1 exposure bias where answers can be checked: three-digit addition (data.addition); a
-  gpt_small teacher trained to exact answers, a gpt_tiny student taught on-policy (lmbda 1: its
-  own answers to the prompts "123+045=", scored by the teacher digit by digit) against off-policy
-  KD (lmbda 0: the data's answers), both with the divergence on the answer positions only
+  gpt_small teacher trained to exact answers, a gpt_tiny student taught on-policy (lmbda 1 after
+  200 of its 600 steps off-policy, onpolicy.start_epochs: its own answers to the prompts
+  "123+045=", scored by the teacher digit by digit) against off-policy KD (lmbda 0 throughout:
+  the data's answers), both with the divergence on the answer positions only
   (onpolicy.mask_prompts) and the learning rate searched alike; metric: exact match of greedy
   answers on held-out test problems, at equal student steps and (off-policy given the on-policy
   run's wall time in steps) at equal wall time.
@@ -41,6 +42,9 @@ CONFIGS = os.path.join("benchmarks", "onpolicy", "configs")
 LRS = (0.003, 0.006)
 SMOKE: dict = {}
 O1_STEPS = 600
+O1_START = 1 / 3
+"""O1's on-policy student learns off-policy for its first 200 of 600 steps (onpolicy.start_epochs);
+from scratch (arm on_cold, searched only) it reached 9.9% validation exact match against 90%."""
 
 
 def config(name: str) -> str:
@@ -52,9 +56,12 @@ def teachers() -> list[Job]:
             Job("teacher", "fortunes_teacher", config("fortunes_teacher"), 0)]
 
 
-def o1(seed: int, lmbda: float, lr: float, work: str, steps: int = O1_STEPS, arm: str | None = None) -> Job:
+def o1(seed: int, lmbda: float, lr: float, work: str, steps: int = O1_STEPS, arm: str | None = None,
+       start: float = O1_START) -> Job:
     sets = {"onpolicy.lmbda": lmbda, "onpolicy.mask_prompts": True, "optim.lr": lr,
             "train.max_steps_per_epoch": steps, "distill.teacher_checkpoint": run_dir(teachers()[0], work)}
+    if lmbda and start:
+        sets["onpolicy.start_epochs"] = start
     return Job("O1", arm or ("on" if lmbda else "off"), config("addition_student"), seed, sets, {"lr": lr})
 
 
@@ -70,7 +77,8 @@ def o3(seed: int, arm: str) -> Job:
 
 def plan(work: str) -> list[list[Job]]:
     search = [o1(SEARCH_SEED, lm, lr, work) for lm in (0.0, 1.0) for lr in LRS]
-    picks = {lm: _pick_o1([j for j in search if j.sets["onpolicy.lmbda"] == lm], work) for lm in (0.0, 1.0)}
+    cold = [o1(SEARCH_SEED, 1.0, lr, work, arm="on_cold", start=0.0) for lr in LRS]  # reported, not confirmed
+    picks = {lm: _pick_o1([j for j in search if j.sets["onpolicy.lmbda"] == lm], work) for lm in (0.0, 1.0)}  # per arm
     confirm = [o1(s, lm, picks[lm], work) for lm in (0.0, 1.0) if picks[lm] for s in SEEDS]
     equal_time = []
     if picks[0.0] and picks[1.0]:
@@ -82,7 +90,7 @@ def plan(work: str) -> list[list[Job]]:
     rest = [o2(s, 0.5, b, work) for s in SEEDS for b in (0.0, 1.0)]
     peers = [o3(s, a) for s in SEEDS for a in ("on_dml", "dml", "independent")]
     # in order of what the claims need first: a later stage may be cut short and rerun (finished runs are kept)
-    return [teachers(), search, confirm, core, peers, equal_time, betas, rest]
+    return [teachers(), search + cold, confirm, core, peers, equal_time, betas, rest]
 
 
 # ---- measurements the runs do not make themselves ----------------------------------------------

@@ -220,6 +220,11 @@ class OnPolicyConfig:
     """GKD's lambda (TRL's name): the share of training sequences whose continuation the student
     generates from a prompt (a prefix of the data window) instead of taking it from the data.
     0: off-policy (teacher-forced) KD as before; 1: every sequence on-policy."""
+    start_epochs: float = 0.0
+    """The student learns off-policy (lmbda 0) for this many epochs first, then on-policy: GKD and
+    Qwen3 start from a student already trained on data, since a student that writes noise gets
+    little from the teacher's view of its noise (benchmarks/onpolicy, O1: 9.9% exact match from
+    scratch against 90% off-policy)."""
     prompt_len: int = 16
     """Tokens of a data window kept as the prompt of a generated sequence."""
     max_new_tokens: int | None = None
@@ -262,6 +267,8 @@ class OnPolicyConfig:
             _fail("onpolicy.lmbda", self.lmbda, "a number in [0, 1] (the share of sequences the student generates)")
         if self.prompt_len < 1:
             _fail("onpolicy.prompt_len", self.prompt_len, "an integer >= 1")
+        if self.start_epochs < 0:
+            _fail("onpolicy.start_epochs", self.start_epochs, "a number >= 0 (epochs of off-policy training first)")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             _fail("onpolicy.max_new_tokens", self.max_new_tokens, "null or an integer >= 1")
         if self.temperature < 0:

@@ -118,7 +118,7 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
     # one after another, or a thread per peer on CPU cores
     each_peer = PeerRunner(cfg, topo, models, device, overlap=not teacher.waits_for_updates)
     learner = Learner(cfg, topo, steps_per_epoch, autocast)
-    onpolicy = OnPolicy(cfg, data.sample.shape[-1]) if cfg.onpolicy.on else None
+    onpolicy = OnPolicy(cfg, data.sample.shape[-1], steps_per_epoch) if cfg.onpolicy.on else None
 
     # --- resume: models, optimizers, schedules, teachers, RNG and the metrics so far
     start_epoch, history = 0, []

@@ -65,15 +65,16 @@ def seed_of(*parts: int) -> int:
 class OnPolicy:
     """Makes each peer's rollout from the step's data batch."""
 
-    def __init__(self, cfg: Config, seq_len: int):
+    def __init__(self, cfg: Config, seq_len: int, steps_per_epoch: int = 1):
         op = cfg.onpolicy
         self.cfg, self.op, self.seq_len = cfg, op, seq_len
+        self.first_step = round(op.start_epochs * steps_per_epoch)  # off-policy before it (onpolicy.start_epochs)
         self.sampling = Sampling(max_new_tokens=op.max_new_tokens or seq_len, temperature=op.temperature,
                                  top_k=op.top_k, top_p=op.top_p, pad_id=PAD)
 
     def rows(self, batch_size: int, step: int, device: torch.device) -> Tensor:
         """(B,) bool: which rows of step `step` the students continue (each with chance lmbda)."""
-        if self.op.lmbda == 0:
+        if self.op.lmbda == 0 or step < self.first_step:
             return torch.zeros(batch_size, dtype=torch.bool, device=device)
         g = torch.Generator().manual_seed(seed_of(self.cfg.train.seed, step, 7))
         return (torch.rand(batch_size, generator=g) < self.op.lmbda).to(device)
