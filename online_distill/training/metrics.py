@@ -105,7 +105,14 @@ def format_epoch(m: dict, cfg: Config) -> str:
             f"| ce {statistics.mean(m[f'peer{p}/train_ce'] for p in range(cfg.num_peers)):.4f} "
             f"kd {statistics.mean(m[f'peer{p}/train_kd'] for p in range(cfg.num_peers)):.4f}  "
             f"| {m['step_time_s'] * 1e3:.1f} ms/step  {m['samples_per_s']:.0f} samples/s")
-    test_key = key.replace("val_", "test_")
+    if "peer0/generate_share" in m:  # on-policy: where the step's time went, and what the students write
+        share = {k: statistics.mean(m[f"peer{p}/{k}_share"] for p in range(cfg.num_peers))
+                 for k in ("generate", "teacher", "learn")}
+        line += "\n  step: " + "  ".join(f"{k} {100 * v:.0f}%" for k, v in share.items())
+    for gen_key, name in (("val_gen_teacher_nll", "teacher nll of own samples"), ("val_gen_repetition", "repetition")):
+        if f"peer0/{gen_key}" in m:
+            line += f"  | {name}: " + "  ".join(f"p{p} {m[f'peer{p}/{gen_key}']:.3f}" for p in range(cfg.num_peers))
+        test_key = key.replace("val_", "test_")
     if f"ensemble/{test_key}" in m:
         tests = "  ".join(f"p{p} {m[f'peer{p}/{test_key}']:{fmt}}" for p in range(cfg.num_peers))
         line += f"\n  test {label[4:]}: {tests}  ens {m[f'ensemble/{test_key}']:{fmt}}"
