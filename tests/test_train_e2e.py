@@ -11,8 +11,17 @@ from online_distill.run import train
 from online_distill.rundir.layout import RunDir
 from online_distill.run.launch import make_trainer
 from online_distill.run.plan import check_resources, cluster_resources, make_plan
+from conftest import tiny_cfg
 
 pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def straight(ray_session, tmp_path_factory):
+    """The history of an uninterrupted 3-epoch run in two Ray Train workers: what both resumed
+    runs below must match (one run for both: the run's name changes none of its numbers)."""
+    return train(tiny_cfg(tmp_path_factory.mktemp("straight"), train__epochs=3, run__name="straight"),
+                 verbose=False).history
 
 
 def test_dml_on_real_fashion_mnist_learns_and_leaves_readable_results(ray_session, make_cfg):
@@ -39,8 +48,7 @@ def test_dml_on_real_fashion_mnist_learns_and_leaves_readable_results(ray_sessio
         train(cfg, verbose=False)
 
 
-def test_interrupted_run_resumes_where_it_stopped_and_matches_an_uninterrupted_one(ray_session, make_cfg):
-    full = train(make_cfg(train__epochs=3, run__name="straight"), verbose=False)
+def test_interrupted_run_resumes_where_it_stopped_and_matches_an_uninterrupted_one(ray_session, make_cfg, straight):
     # an interrupted run: two of three epochs done, checkpoints on disk, no final results
     cfg = make_cfg(train__epochs=3, run__name="interrupted")
     make_trainer(C.with_overrides(cfg, {"train.epochs": 2}), RunDir.of(cfg), notify="train").fit()
@@ -50,10 +58,10 @@ def test_interrupted_run_resumes_where_it_stopped_and_matches_an_uninterrupted_o
     h = resumed.history
     assert h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 0, 2]  # epoch 3 came from the checkpoint
     cols = ["epoch", "member", "val_acc", "val_nll", "train_ce"]
-    pd.testing.assert_frame_equal(h[cols], full.history[cols], rtol=1e-5)  # continued exactly where it stopped
+    pd.testing.assert_frame_equal(h[cols], straight[cols], rtol=1e-5)  # continued exactly where it stopped
 
 
-def test_a_run_started_in_process_goes_on_in_a_worker_group(ray_session, make_cfg):
+def test_a_run_started_in_process_goes_on_in_a_worker_group(ray_session, make_cfg, straight):
     from online_distill.run.in_process import fit_in_process
 
     cfg = make_cfg(train__epochs=3, run__name="moved", scale__peers_per_worker=2)
@@ -66,9 +74,8 @@ def test_a_run_started_in_process_goes_on_in_a_worker_group(ray_session, make_cf
     resumed = train(C.with_overrides(cfg, {"scale.peers_per_worker": 1}), verbose=False)
     h = resumed.history
     assert h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 0, 2]
-    full = train(make_cfg(train__epochs=3, run__name="moved_straight"), verbose=False)
     cols = ["epoch", "member", "val_acc", "val_nll", "train_ce"]
-    pd.testing.assert_frame_equal(h[cols], full.history[cols], rtol=1e-5)
+    pd.testing.assert_frame_equal(h[cols], straight[cols], rtol=1e-5)
     # Ray's workers wrote epoch 3, and the run keeps run.checkpoints_to_keep of all of them
     assert sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint_epoch")) == [
         "checkpoint_epoch_0002", "checkpoint_epoch_0003"]
