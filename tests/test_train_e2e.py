@@ -15,12 +15,16 @@ from conftest import tiny_cfg
 
 pytestmark = pytest.mark.e2e
 
+RESUME = dict(train__epochs=3, data__train_subset=512, data__val_size=200, data__test_subset=200)
+"""The resume tests' runs: 3 epochs on half make_cfg's data (they compare runs number for number,
+at any size)."""
+
 
 @pytest.fixture(scope="module")
 def straight(ray_session, tmp_path_factory):
     """The history of an uninterrupted 3-epoch run in two Ray Train workers: what both resumed
     runs below must match (one run for both: the run's name changes none of its numbers)."""
-    return train(tiny_cfg(tmp_path_factory.mktemp("straight"), train__epochs=3, run__name="straight"),
+    return train(tiny_cfg(tmp_path_factory.mktemp("straight"), run__name="straight", **RESUME),
                  verbose=False).history
 
 
@@ -50,7 +54,7 @@ def test_dml_on_real_fashion_mnist_learns_and_leaves_readable_results(ray_sessio
 
 def test_interrupted_run_resumes_where_it_stopped_and_matches_an_uninterrupted_one(ray_session, make_cfg, straight):
     # an interrupted run: two of three epochs done, checkpoints on disk, no final results
-    cfg = make_cfg(train__epochs=3, run__name="interrupted")
+    cfg = make_cfg(run__name="interrupted", **RESUME)
     make_trainer(C.with_overrides(cfg, {"train.epochs": 2}), RunDir.of(cfg), notify="train").fit()
     # ... resumed with both peers packed in one worker, which trains in this process: peer files do
     # not depend on the layout, and checkpoints not on who wrote them
@@ -64,7 +68,7 @@ def test_interrupted_run_resumes_where_it_stopped_and_matches_an_uninterrupted_o
 def test_a_run_started_in_process_goes_on_in_a_worker_group(ray_session, make_cfg, straight):
     from online_distill.run.in_process import fit_in_process
 
-    cfg = make_cfg(train__epochs=3, run__name="moved", scale__peers_per_worker=2)
+    cfg = make_cfg(run__name="moved", scale__peers_per_worker=2, **RESUME)
     run_dir = os.path.join(cfg.run.storage, "moved")
     plan = make_plan(C.with_overrides(cfg, {"train.epochs": 2}))
     plan.prepare()
