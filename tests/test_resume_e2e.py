@@ -16,6 +16,10 @@ from online_distill.run.launch import make_trainer
 
 pytestmark = pytest.mark.e2e
 
+SMALL = dict(data__train_subset=512, data__val_size=200, data__test_subset=200)
+"""Half make_cfg's data: what these tests check (which checkpoint loads, what is refused) does not
+depend on the size of an epoch."""
+
 
 def cut_short(path):
     data = open(path, "rb").read()
@@ -24,7 +28,7 @@ def cut_short(path):
 
 
 def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(ray_session, make_cfg, capsys):
-    cfg = make_cfg(train__epochs=3, run__name="damaged")
+    cfg = make_cfg(train__epochs=3, run__name="damaged", **SMALL)
     make_trainer(C.with_overrides(cfg, {"train.epochs": 2}), RunDir.of(cfg), notify="train").fit()  # interrupted after 2 of 3 epochs
     run_dir = os.path.join(cfg.run.storage, "damaged")
     cut_short(os.path.join(run_dir, "checkpoint_epoch_0002", "peer0.pt"))
@@ -47,7 +51,7 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
 
 def test_a_run_with_no_checkpoint_that_loads_is_refused_before_any_worker_starts(ray_session, make_cfg, monkeypatch,
                                                                                  tmp_path, capsys):
-    cfg = make_cfg(train__epochs=3, run__name="ruined")
+    cfg = make_cfg(train__epochs=3, run__name="ruined", **SMALL)
     make_trainer(C.with_overrides(cfg, {"train.epochs": 2}), RunDir.of(cfg), notify="train").fit()
     run_dir = os.path.join(cfg.run.storage, "ruined")
     cut_short(os.path.join(run_dir, "checkpoint_epoch_0002", "peer1.pt"))

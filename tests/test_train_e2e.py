@@ -99,7 +99,8 @@ def test_a_worker_that_dies_once_is_retried_from_the_last_checkpoint(ray_session
     # packed in one Ray Train worker (scale.peers_per_worker; run.in_process=never: a worker group,
     # tests/test_in_process.py retries one in the driver's process): retries and checkpoints work the same
     cfg = make_cfg(models=["mlp", "tiny_cnn"], distill__mode="independent", train__epochs=3, run__name="chaos",
-                   run__max_failures=1, run__fail_once_at_epoch=2, scale__peers_per_worker=2, run__in_process="never")
+                   run__max_failures=1, run__fail_once_at_epoch=2, scale__peers_per_worker=2, run__in_process="never",
+                   data__train_subset=512, data__val_size=200, data__test_subset=200)  # any size: it counts epochs
     res = train(cfg, verbose=False)
     h = res.history
     assert h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 0, 2] or \
