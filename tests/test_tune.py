@@ -305,19 +305,17 @@ def test_asha_sweep_survives_a_failing_trial_and_an_interruption(ray_session, tm
 
 @pytest.mark.e2e
 def test_pbt_exploits_by_restoring_the_donors_checkpoint(ray_session, tmp_path):
-    # two DML cohorts with drawn knobs and one that learns far too slowly: PBT must copy a
-    # better trial's checkpoint into it and perturb the knobs it inherited (the bottom and top
-    # quantiles are one trial each, as they were with three drawn cohorts, whose third trial only
-    # added two worker processes to the 2 cores)
+    # three DML cohorts with drawn knobs and one that learns far too slowly: PBT must copy a
+    # better trial's checkpoint into it and perturb the knobs it inherited
     # one peer per worker: each trial fits a 2-worker TorchTrainer (the relay path of the driver)
-    spec = tiny(tmp_path, **{"name": "pbt", "seeds": [0], "baseline": False, "num_samples": 2, "train.epochs": 4,
+    spec = tiny(tmp_path, **{"name": "pbt", "seeds": [0], "baseline": False, "num_samples": 3, "train.epochs": 4,
                              "scale.peers_per_worker": 1,
                              "objective": "mean", "space": {"loss.temperature": {"uniform": [1.0, 8.0]},
                                                            "loss.kd_weight": {"uniform": [0.1, 0.9]}},
                              "points": [{"optim.lr": 0.0005}],
                              "scheduler": {"name": "pbt", "perturbation_interval": 1, "quantile_fraction": 0.25}})
     res = run_sweep(spec, verbose=0)
-    assert res.complete and len(res.trials) == 3
+    assert res.complete and len(res.trials) == 4
     sched = pd.read_csv(os.path.join(spec.sweep_dir, "schedules.csv"))
     sched["lineage"] = sched["run"].str.split("-").str[0]  # the trial whose Train run produced the epoch
     exploited = sorted(set(sched.loc[sched["lineage"] != sched["trial_id"], "trial_id"]))
