@@ -40,21 +40,26 @@ def spawn_world():
     return spawn
 
 
+def tiny_cfg(root, **overrides) -> config_mod.Config:
+    """A tiny, fast run config under root/runs; keyword overrides use dotted names (`__` for `.`)."""
+    base = config_mod.from_dict({
+        "models": ["tiny_cnn", "tiny_cnn"],
+        "data": {"dataset": "synthetic", "val_size": 500, "train_subset": 1024, "test_subset": 500},
+        "loss": {"temperature": 3.0, "kd_weight": 0.5},
+        "optim": {"lr": 0.05, "schedule": "constant"},
+        "train": {"epochs": 2, "batch_size": 64, "seed": 0},
+        "scale": {"cpus_per_worker": 1},
+        "run": {"name": "t", "storage_path": str(root / "runs"), "max_failures": 0},
+    })
+    return config_mod.with_overrides(base, {k.replace("__", "."): v for k, v in overrides.items()})
+
+
 @pytest.fixture
 def make_cfg(tmp_path):
     """A tiny, fast run config under tmp_path; keyword overrides use dotted names."""
 
     def make(**overrides) -> config_mod.Config:
-        base = config_mod.from_dict({
-            "models": ["tiny_cnn", "tiny_cnn"],
-            "data": {"dataset": "synthetic", "val_size": 500, "train_subset": 1024, "test_subset": 500},
-            "loss": {"temperature": 3.0, "kd_weight": 0.5},
-            "optim": {"lr": 0.05, "schedule": "constant"},
-            "train": {"epochs": 2, "batch_size": 64, "seed": 0},
-            "scale": {"cpus_per_worker": 1},
-            "run": {"name": "t", "storage_path": str(tmp_path / "runs"), "max_failures": 0},
-        })
-        return config_mod.with_overrides(base, {k.replace("__", "."): v for k, v in overrides.items()})
+        return tiny_cfg(tmp_path, **overrides)
 
     return make
 

@@ -302,7 +302,11 @@ def test_dml_on_1d_signals_with_a_user_conv1d_net(ray_session, by_value, make_cf
 def test_dml_on_token_sequences_with_a_user_net_and_a_hugging_face_bert(ray_session, by_value, make_cfg):
     cfg = make_cfg(models=["bigrams", "bert", "char_cnn"], data__dataset="three_languages", data__val_size=300,
                    data__train_subset=1536, data__test_subset=600, train__epochs=2, train__batch_size=64,
-                   optim__name="adamw", optim__lr=0.003, optim__weight_decay=0.0, run__name="tokens")
+                   optim__name="adamw", optim__lr=0.003, optim__weight_decay=0.0, run__name="tokens",
+                   # the three peers in one Ray Train worker (still a worker, so the user's net and the
+                   # BERT go by value): one process imports transformers, not three; the 1-D test above
+                   # exchanges logits between workers
+                   scale__peers_per_worker=3, run__in_process="never")
     res = online_distill.train(cfg, models={"bigrams": bigrams, "bert": tiny_bert()},
                                datasets={"three_languages": three_languages}, verbose=False)
     final = res.final.set_index("member")

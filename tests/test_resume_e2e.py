@@ -2,6 +2,7 @@
 the newest checkpoint that loads, or is refused on the driver before any worker starts."""
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -13,8 +14,30 @@ from online_distill.run import launch
 from online_distill.run import train
 from online_distill.rundir.layout import RunDir
 from online_distill.run.launch import make_trainer
+from conftest import tiny_cfg
 
 pytestmark = pytest.mark.e2e
+
+NAME = "cut"
+SMALL = dict(train__epochs=3, run__name=NAME, data__train_subset=512, data__val_size=200, data__test_subset=200)
+"""Half make_cfg's data: what these tests check (which checkpoint loads, what is refused) does not
+depend on the size of an epoch."""
+
+
+@pytest.fixture(scope="module")
+def interrupted(ray_session, tmp_path_factory) -> str:
+    """One run interrupted after 2 of 3 epochs in two Ray Train workers, made once: each test
+    damages a copy of it (run.storage_path may change on resume)."""
+    cfg = tiny_cfg(tmp_path_factory.mktemp("interrupted"), **SMALL)
+    make_trainer(C.with_overrides(cfg, {"train.epochs": 2}), RunDir.of(cfg), notify="train").fit()
+    return os.path.join(cfg.run.storage, NAME)
+
+
+def copy_of(interrupted: str, make_cfg):
+    """The interrupted run, copied under this test's run.storage_path; its config."""
+    cfg = make_cfg(**SMALL)
+    shutil.copytree(interrupted, os.path.join(cfg.run.storage, NAME), symlinks=True)
+    return cfg
 
 
 def cut_short(path):
@@ -23,10 +46,9 @@ def cut_short(path):
         f.write(data[: len(data) // 2])
 
 
-def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(ray_session, make_cfg, capsys):
-    cfg = make_cfg(train__epochs=3, run__name="damaged")
-    make_trainer(C.with_overrides(cfg, {"train.epochs": 2}), RunDir.of(cfg), notify="train").fit()  # interrupted after 2 of 3 epochs
-    run_dir = os.path.join(cfg.run.storage, "damaged")
+def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_one_before(interrupted, make_cfg, capsys):
+    cfg = copy_of(interrupted, make_cfg)  # interrupted after 2 of 3 epochs
+    run_dir = os.path.join(cfg.run.storage, NAME)
     cut_short(os.path.join(run_dir, "checkpoint_epoch_0002", "peer0.pt"))
     capsys.readouterr()
     res = train(cfg, verbose=False)
@@ -45,11 +67,10 @@ def test_a_damaged_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_o
         "checkpoint_epoch_0002", "checkpoint_epoch_0003", "damaged-checkpoint_epoch_0002"]
 
 
-def test_a_run_with_no_checkpoint_that_loads_is_refused_before_any_worker_starts(ray_session, make_cfg, monkeypatch,
+def test_a_run_with_no_checkpoint_that_loads_is_refused_before_any_worker_starts(interrupted, make_cfg, monkeypatch,
                                                                                  tmp_path, capsys):
-    cfg = make_cfg(train__epochs=3, run__name="ruined")
-    make_trainer(C.with_overrides(cfg, {"train.epochs": 2}), RunDir.of(cfg), notify="train").fit()
-    run_dir = os.path.join(cfg.run.storage, "ruined")
+    cfg = copy_of(interrupted, make_cfg)
+    run_dir = os.path.join(cfg.run.storage, NAME)
     cut_short(os.path.join(run_dir, "checkpoint_epoch_0002", "peer1.pt"))
     with open(os.path.join(run_dir, "checkpoint_epoch_0001", "history.json"), "w") as f:
         f.write('{"epoch": 0, "hist')
@@ -66,13 +87,13 @@ def test_a_run_with_no_checkpoint_that_loads_is_refused_before_any_worker_starts
     assert time.perf_counter() - t0 < 30  # the driver's checks only; a Train run costs ~20 s before a worker fails
     msg = str(e.value)
     assert "checkpoint_epoch_0002: peer1.pt: " in msg and "checkpoint_epoch_0001: history.json: " in msg
-    assert "--set run.name=ruined-2" in msg and f"move {run_dir} away" in msg
+    assert f"--set run.name={NAME}-2" in msg and f"move {run_dir} away" in msg
     assert listing() == before  # untouched: the plan refuses before it writes anything
     # the command line says it in one `config error:` line and exits 2
-    path = tmp_path / "ruined.yaml"
+    path = tmp_path / "cut.yaml"
     path.write_text(CF.dump(cfg))
     capsys.readouterr()
     assert cli.main(["train", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"online-distill: config error: config file '{path}', line ")  # where run.name is set
-    assert ": run.name: 'ruined' cannot resume, no checkpoint in " in err[-1]
+    assert f": run.name: '{NAME}' cannot resume, no checkpoint in " in err[-1]

@@ -11,8 +11,21 @@ from online_distill.run import train
 from online_distill.rundir.layout import RunDir
 from online_distill.run.launch import make_trainer
 from online_distill.run.plan import check_resources, cluster_resources, make_plan
+from conftest import tiny_cfg
 
 pytestmark = pytest.mark.e2e
+
+RESUME = dict(train__epochs=3, data__train_subset=512, data__val_size=200, data__test_subset=200)
+"""The resume tests' runs: 3 epochs on half make_cfg's data (they compare runs number for number,
+at any size)."""
+
+
+@pytest.fixture(scope="module")
+def straight(ray_session, tmp_path_factory):
+    """The history of an uninterrupted 3-epoch run in two Ray Train workers: what both resumed
+    runs below must match (one run for both: the run's name changes none of its numbers)."""
+    return train(tiny_cfg(tmp_path_factory.mktemp("straight"), run__name="straight", **RESUME),
+                 verbose=False).history
 
 
 def test_dml_on_real_fashion_mnist_learns_and_leaves_readable_results(ray_session, make_cfg):
@@ -39,10 +52,9 @@ def test_dml_on_real_fashion_mnist_learns_and_leaves_readable_results(ray_sessio
         train(cfg, verbose=False)
 
 
-def test_interrupted_run_resumes_where_it_stopped_and_matches_an_uninterrupted_one(ray_session, make_cfg):
-    full = train(make_cfg(train__epochs=3, run__name="straight"), verbose=False)
+def test_interrupted_run_resumes_where_it_stopped_and_matches_an_uninterrupted_one(ray_session, make_cfg, straight):
     # an interrupted run: two of three epochs done, checkpoints on disk, no final results
-    cfg = make_cfg(train__epochs=3, run__name="interrupted")
+    cfg = make_cfg(run__name="interrupted", **RESUME)
     make_trainer(C.with_overrides(cfg, {"train.epochs": 2}), RunDir.of(cfg), notify="train").fit()
     # ... resumed with both peers packed in one worker, which trains in this process: peer files do
     # not depend on the layout, and checkpoints not on who wrote them
@@ -50,13 +62,13 @@ def test_interrupted_run_resumes_where_it_stopped_and_matches_an_uninterrupted_o
     h = resumed.history
     assert h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 0, 2]  # epoch 3 came from the checkpoint
     cols = ["epoch", "member", "val_acc", "val_nll", "train_ce"]
-    pd.testing.assert_frame_equal(h[cols], full.history[cols], rtol=1e-5)  # continued exactly where it stopped
+    pd.testing.assert_frame_equal(h[cols], straight[cols], rtol=1e-5)  # continued exactly where it stopped
 
 
-def test_a_run_started_in_process_goes_on_in_a_worker_group(ray_session, make_cfg):
+def test_a_run_started_in_process_goes_on_in_a_worker_group(ray_session, make_cfg, straight):
     from online_distill.run.in_process import fit_in_process
 
-    cfg = make_cfg(train__epochs=3, run__name="moved", scale__peers_per_worker=2)
+    cfg = make_cfg(run__name="moved", scale__peers_per_worker=2, **RESUME)
     run_dir = os.path.join(cfg.run.storage, "moved")
     plan = make_plan(C.with_overrides(cfg, {"train.epochs": 2}))
     plan.prepare()
@@ -66,9 +78,8 @@ def test_a_run_started_in_process_goes_on_in_a_worker_group(ray_session, make_cf
     resumed = train(C.with_overrides(cfg, {"scale.peers_per_worker": 1}), verbose=False)
     h = resumed.history
     assert h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 0, 2]
-    full = train(make_cfg(train__epochs=3, run__name="moved_straight"), verbose=False)
     cols = ["epoch", "member", "val_acc", "val_nll", "train_ce"]
-    pd.testing.assert_frame_equal(h[cols], full.history[cols], rtol=1e-5)
+    pd.testing.assert_frame_equal(h[cols], straight[cols], rtol=1e-5)
     # Ray's workers wrote epoch 3, and the run keeps run.checkpoints_to_keep of all of them
     assert sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint_epoch")) == [
         "checkpoint_epoch_0002", "checkpoint_epoch_0003"]
@@ -88,7 +99,8 @@ def test_a_worker_that_dies_once_is_retried_from_the_last_checkpoint(ray_session
     # packed in one Ray Train worker (scale.peers_per_worker; run.in_process=never: a worker group,
     # tests/test_in_process.py retries one in the driver's process): retries and checkpoints work the same
     cfg = make_cfg(models=["mlp", "tiny_cnn"], distill__mode="independent", train__epochs=3, run__name="chaos",
-                   run__max_failures=1, run__fail_once_at_epoch=2, scale__peers_per_worker=2, run__in_process="never")
+                   run__max_failures=1, run__fail_once_at_epoch=2, scale__peers_per_worker=2, run__in_process="never",
+                   data__train_subset=512, data__val_size=200, data__test_subset=200)  # any size: it counts epochs
     res = train(cfg, verbose=False)
     h = res.history
     assert h.groupby("epoch")["resumed_from_epoch"].first().tolist() == [0, 0, 2] or \
