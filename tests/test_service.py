@@ -42,7 +42,9 @@ def student(teacher_dir: str, storage, name: str, **over) -> C.Config:
 def replicas() -> list:
     from ray.util.state import list_actors
 
-    return [a for a in list_actors(filters=[("class_name", "=", "TeacherReplica")], limit=1000)]
+    # this session's address: without it the state API refuses to choose when another Ray runs on the machine
+    address = ray.get_runtime_context().gcs_address
+    return [a for a in list_actors(address=address, filters=[("class_name", "=", "TeacherReplica")], limit=1000)]
 
 
 def test_the_service_teaches_what_the_teacher_in_process_teaches(teacher_run):
