@@ -40,6 +40,8 @@ from benchmarks.tools.jobs import main as jobs_main  # noqa: E402
 SEARCH_SEED, SEEDS = 100, (0, 1, 2)
 CONFIGS = os.path.join("benchmarks", "onpolicy", "configs")
 LRS = (0.003, 0.006)
+DIVS = ("forward_kl", "reverse_kl")
+"""O1 searches the divergence with the learning rate, for both arms alike (on-policy papers favour reverse KL)."""
 SMOKE: dict = {}
 O1_STEPS = 600
 O1_START = 1 / 3
@@ -57,12 +59,15 @@ def teachers() -> list[Job]:
 
 
 def o1(seed: int, lmbda: float, lr: float, work: str, steps: int = O1_STEPS, arm: str | None = None,
-       start: float = O1_START) -> Job:
+       start: float = O1_START, div: str = "forward_kl") -> Job:
     sets = {"onpolicy.lmbda": lmbda, "onpolicy.mask_prompts": True, "optim.lr": lr,
             "train.max_steps_per_epoch": steps, "distill.teacher_checkpoint": run_dir(teachers()[0], work)}
+    knobs = {"lr": lr}
     if lmbda and start:
         sets["onpolicy.start_epochs"] = start
-    return Job("O1", arm or ("on" if lmbda else "off"), config("addition_student"), seed, sets, {"lr": lr})
+    if div != "forward_kl":  # (forward KL is the config's: its runs keep their names)
+        sets["loss.divergence"] = knobs["div"] = div
+    return Job("O1", arm or ("on" if lmbda else "off"), config("addition_student"), seed, sets, knobs)
 
 
 def o2(seed: int, lmbda: float, beta: float, work: str) -> Job:
@@ -76,15 +81,17 @@ def o3(seed: int, arm: str) -> Job:
 
 
 def plan(work: str) -> list[list[Job]]:
-    search = [o1(SEARCH_SEED, lm, lr, work) for lm in (0.0, 1.0) for lr in LRS]
+    search = [o1(SEARCH_SEED, lm, lr, work, div=d) for lm in (0.0, 1.0) for lr in LRS for d in DIVS]
     cold = [o1(SEARCH_SEED, 1.0, lr, work, arm="on_cold", start=0.0) for lr in LRS]  # reported, not confirmed
     picks = {lm: _pick_o1([j for j in search if j.sets["onpolicy.lmbda"] == lm], work) for lm in (0.0, 1.0)}  # per arm
-    confirm = [o1(s, lm, picks[lm], work) for lm in (0.0, 1.0) if picks[lm] for s in SEEDS]
+    confirm = [o1(s, lm, picks[lm][0], work, div=picks[lm][1]) for lm in (0.0, 1.0) if picks[lm] for s in SEEDS]
     equal_time = []
     if picks[0.0] and picks[1.0]:
-        ratio = _step_time(o1(SEARCH_SEED, 1.0, picks[1.0], work), work) / _step_time(o1(SEARCH_SEED, 0.0, picks[0.0], work), work)
+        on_pick = o1(SEARCH_SEED, 1.0, picks[1.0][0], work, div=picks[1.0][1])
+        off_pick = o1(SEARCH_SEED, 0.0, picks[0.0][0], work, div=picks[0.0][1])
+        ratio = _step_time(on_pick, work) / _step_time(off_pick, work)
         steps = int(round(O1_STEPS * ratio))  # off-policy steps that take the on-policy run's time
-        equal_time = [o1(s, 0.0, picks[0.0], work, steps=steps, arm="off_equal_time") for s in SEEDS]
+        equal_time = [o1(s, 0.0, picks[0.0][0], work, steps=steps, arm="off_equal_time", div=picks[0.0][1]) for s in SEEDS]
     core = [o2(s, lm, 0.5, work) for s in SEEDS for lm in (0.0, 0.5, 1.0)]
     betas = [o2(s, lm, b, work) for s in SEEDS for lm in (0.0, 1.0) for b in (0.0, 1.0)]
     rest = [o2(s, 0.5, b, work) for s in SEEDS for b in (0.0, 1.0)]
@@ -126,9 +133,13 @@ def exact_match(job: Job, work: str, split: str) -> float:
     return done[split]
 
 
-def _pick_o1(search: list[Job], work: str) -> float | None:
+def _pick_o1(search: list[Job], work: str) -> tuple[float, str] | None:
+    """The (lr, divergence) of the search run with the best validation exact match."""
     done = [j for j in search if finished(j, work)]
-    return max(done, key=lambda j: exact_match(j, work, "val")).sets["optim.lr"] if len(done) == len(search) else None
+    if len(done) < len(search):
+        return None
+    best = max(done, key=lambda j: exact_match(j, work, "val"))
+    return best.sets["optim.lr"], best.sets.get("loss.divergence", "forward_kl")
 
 
 def judge_nll(job: Job, work: str, prompts: int = 128) -> dict[str, float]:
