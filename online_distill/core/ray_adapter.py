@@ -137,42 +137,45 @@ def read_ray_address(temp_dir: str | None = None) -> str | None:
     return read(temp_dir)
 
 
-@contextlib.contextmanager
-def workers_stderr_to(aside: Callable[[str], None]) -> Iterator[None]:
-    """While this holds, what Ray forwards to this driver from its processes is split: their
-    stdout (rank 0's epoch lines, the controller's lines of ours) is printed as Ray prints it;
-    their stderr (Ray's loggers, the tracebacks of a failed rank, warnings) and the raylet's
-    messages ("(raylet) A worker died ...") go to `aside(text)`, whole. Ray prints both through
-    one handler of its log dispatcher (the workers' output) and one function (the raylet's), both
-    private; without log_to_driver there is nothing to split and nothing is changed."""
+def workers_stderr_to(aside: Callable[[str], None]) -> None:
+    """From now on, what Ray forwards to this driver from its processes is split: their stdout
+    (rank 0's epoch lines, the controller's lines of ours) is printed as Ray prints it; their
+    stderr (Ray's loggers, the tracebacks of a failed rank, warnings) and the raylet's messages
+    ("(raylet) A worker died ...") go to `aside(text)`, whole. A later call names another `aside`;
+    lines that arrive late (a run's last tracebacks, after its fit() returned) go to the last one
+    named, never to the terminal. Ray prints both through one handler of its log dispatcher (the
+    workers' output) and one function (the raylet's), both private; without log_to_driver there
+    is nothing to split and nothing is changed."""
+    _ASIDE[:] = [aside]
     with _private_ray():
         from ray._private import worker as ray_worker
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
 
     def split(print_lines: Callable) -> Callable:
         def handle(data, *args, **kwargs):
-            if data.get("is_err") or data.get("pid") in ("raylet", "autoscaler"):
-                who = data.get("actor_name") or data.get("task_name") or ""
-                source = f"({who} pid={data.get('pid')}, ip={data.get('ip', '?')})".replace("( ", "(")
-                lines = data.get("lines", [])
-                if data.get("pid") == "autoscaler":  # its events only, not its status every 5 s
-                    lines = list(ray_worker.filter_autoscaler_events(lines))
-                text = "".join(f"{source} {line}\n" for line in lines)
-                if text:
-                    aside(text)
-                return None
-            return print_lines(data, *args, **kwargs)
+            if not (data.get("is_err") or data.get("pid") in ("raylet", "autoscaler")):
+                return print_lines(data, *args, **kwargs)
+            who = data.get("actor_name") or data.get("task_name") or ""
+            source = f"({who} pid={data.get('pid')}, ip={data.get('ip', '?')})".replace("( ", "(")
+            lines = data.get("lines", [])
+            if data.get("pid") == "autoscaler":  # its events only, not its status every 5 s
+                lines = list(ray_worker.filter_autoscaler_events(lines))
+            text = "".join(f"{source} {line}\n" for line in lines)
+            if text:
+                _ASIDE[0](text)
+            return None
 
+        if getattr(print_lines, "splits_stderr", False):  # split already (Ray keeps its handler across runs)
+            return print_lines
+        handle.splits_stderr = True
         return handle
 
-    original_print, original_handlers = ray_worker.print_to_stdstream, list(dispatcher.handlers)
-    ray_worker.print_to_stdstream = split(original_print)  # the raylet's messages come through it
-    dispatcher.handlers = [(name, split(h) if name == "ray_print_logs" else h) for name, h in original_handlers]
-    try:
-        yield
-    finally:
-        ray_worker.print_to_stdstream = original_print
-        dispatcher.handlers = [(name, dict(original_handlers).get(name, h)) for name, h in dispatcher.handlers]
+    ray_worker.print_to_stdstream = split(ray_worker.print_to_stdstream)  # the raylet's messages come through it
+    # the workers' output: its handler is registered by ray.init (again after a ray.shutdown)
+    dispatcher.handlers = [(name, split(h) if name == "ray_print_logs" else h) for name, h in dispatcher.handlers]
+
+
+_ASIDE: list[Callable[[str], None]] = []
 
 
 def quiet_token_notice() -> None:

@@ -109,9 +109,9 @@ def train_cohort(cfg: Config, *, models: dict | None = None, datasets: dict | No
             else:
                 from ..core.ray_adapter import workers_stderr_to
 
-                with workers_stderr_to(_to_log(run)):  # the terminal keeps our lines; tracebacks go to run.log
-                    make_trainer(cfg, run, models=models, datasets=datasets, resume_from=start, notify="train",
-                                 verbose=verbose, service=plan.service, layout=plan.layout).fit()
+                workers_stderr_to(_to_log(run))  # the terminal keeps our lines; Ray's tracebacks go to run.log
+                make_trainer(cfg, run, models=models, datasets=datasets, resume_from=start, notify="train",
+                             verbose=verbose, service=plan.service, layout=plan.layout).fit()
         except Exception as e:
             run.clean_partial()  # a save cut short leaves nothing half-named
             error = unwrapped_error(e)
