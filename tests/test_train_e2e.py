@@ -83,7 +83,7 @@ def test_changed_config_is_not_resumed_silently(ray_session, make_cfg):
         train(C.with_overrides(cfg, {"loss.temperature": 5.0}), verbose=False)
 
 
-def test_a_worker_that_dies_once_is_retried_from_the_last_checkpoint(ray_session, make_cfg):
+def test_a_worker_that_dies_once_is_retried_from_the_last_checkpoint(ray_session, make_cfg, capfd):
     # an independent cohort of different architectures: the baseline of a DML run, on the same batches
     # packed in one Ray Train worker (scale.peers_per_worker; run.in_process=never: a worker group,
     # tests/test_in_process.py retries one in the driver's process): retries and checkpoints work the same
@@ -98,6 +98,12 @@ def test_a_worker_that_dies_once_is_retried_from_the_last_checkpoint(ray_session
     # the independent baseline exchanges nothing and learns from no one
     assert res.metrics["exchange_bytes_per_step"] == 0
     assert res.metrics["peer0/train_kd"] == 0 and res.metrics["peer1/train_kd"] == 0
+    # the terminal: one line of ours about it; the rank's traceback went to run.log
+    terminal = capfd.readouterr()
+    text = terminal.out + terminal.err
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert sum("worker lost" in ln for ln in lines) == 1 and len(lines) <= 5 and "Traceback" not in text, text
+    assert "Traceback" in RunDir.of(cfg).read_text("run.log")
 
 
 def test_more_workers_than_the_cluster_has_is_refused_before_fit(ray_session, make_cfg):
