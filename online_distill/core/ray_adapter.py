@@ -17,6 +17,9 @@ behind a small function or class that says what it is for:
   (`Trial.should_recover`, wrapped for the length of a sweep).
 - `root_error`, `worker_traceback`: the user's exception and traceback inside Ray's wrappers.
 - `read_ray_address`: the address a `ray start` on this machine left for ray.init().
+- `workers_stderr_to`: what Ray forwards from its processes to the driver, split: their stdout
+  to the terminal, their stderr (tracebacks, Ray's loggers) and the raylet's notices to a run's
+  log (Ray's log dispatcher and raylet printer are private).
 - `quiet_*`: Ray loggers whose INFO lines our own output says better, by their (private) names.
 - Train V2's local mode (`ScalingConfig(num_workers=0)`, ray/train/v2/_internal/execution/
   local_mode/ and train_fn_utils.LocalTrainFnUtils) runs the loop in the calling process and
