@@ -382,6 +382,45 @@ def test_a_bad_label_found_in_a_batch_ends_the_run_without_a_retry(make_cfg, cap
     assert "retry" not in capsys.readouterr().err
 
 
+def test_the_users_errors_are_told_from_a_lost_peer_where_they_happen():
+    """training/blame.py: what the user's code raises becomes a UserCodeError (no retry); what a
+    rank sees of a lost peer (a collective's error, even inside the user's forward), Ray's own
+    errors and running out of memory pass as they are (a retry may fix them)."""
+    import torch.distributed as dist
+
+    from online_distill.errors import UserCodeError
+    from online_distill.training.blame import user_code
+
+    def raised(fn) -> BaseException:
+        try:
+            with user_code("the forward of peer 0 (m)", "on rank 0, epoch 1, step 6 of 16", "a forward that works"):
+                fn()
+        except BaseException as e:  # noqa: BLE001
+            return e
+        raise AssertionError("nothing raised")
+
+    def in_place():  # autograd's own error: the user's forward changed what the backward needs
+        w = torch.ones(3, requires_grad=True)
+        y = w.sigmoid()
+        y.mul_(2)
+        y.sum().backward()
+
+    for fn, name in [(lambda: torch.ones(64, 3) @ torch.ones(4, 10), "RuntimeError: mat1 and mat2 shapes"),
+                     (in_place, "RuntimeError: one of the variables needed for gradient computation"),
+                     (lambda: open("/nonexistent/only-on-the-driver.npz"), "FileNotFoundError: ")]:
+        e = raised(fn)
+        assert isinstance(e, UserCodeError), e
+        assert str(e).startswith(f"the forward of peer 0 (m) raised {name}") and "(on rank 0, epoch 1, step 6 of 16)" in str(e)
+    lost = [dist.DistNetworkError("Connection closed by peer"),
+            RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:22157: Connection "
+                         "reset by peer"), MemoryError(), torch.cuda.OutOfMemoryError("CUDA out of memory")]
+    for e in lost:
+        def boom(e=e):
+            raise e
+
+        assert raised(boom) is e
+
+
 # --- one preflight ------------------------------------------------------------------------------------
 
 def test_the_quick_starts_dataset_is_read_once(monkeypatch, tmp_path):

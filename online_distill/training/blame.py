@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..config.schema import ConfigError
 from ..errors import NotRetryable, UserCodeError
@@ -51,8 +51,13 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+Said = str | Callable[[], str]
+"""A part of the message, or what makes it: made only when the user's code raised (a training
+step's forward, loss and backward each pass through here; their words cost nothing then)."""
+
+
 @contextlib.contextmanager
-def user_code(what: str, where: str, allowed: str) -> Iterator[None]:
+def user_code(what: Said, where: Said, allowed: Said) -> Iterator[None]:
     """Around a call into the user's code on a worker: an error a retry cannot fix becomes a
     UserCodeError naming `what` failed, `where`, and what is `allowed`; the rest pass as they are."""
     try:
@@ -62,6 +67,7 @@ def user_code(what: str, where: str, allowed: str) -> Iterator[None]:
     except BaseException as e:
         if retry_may_fix(e):
             raise
+        what, where, allowed = (s() if callable(s) else s for s in (what, where, allowed))
         said = str(e) if isinstance(e, ConfigError) else f"{what} raised {type(e).__name__}: {first_line(e)}"
         raise UserCodeError(f"{said} ({where}). Nothing was retried: the same input raises it again, whatever "
                             f"run.max_failures says. Allowed: {allowed}") from e

@@ -222,22 +222,23 @@ class Learner:
         self.cfg, self.topo, self.steps_per_epoch, self.autocast = cfg, topo, steps_per_epoch, autocast
 
     def forward(self, peer: Peer, x: torch.Tensor, b: Batch) -> torch.Tensor:
-        with self.user_code("forward", peer, b, f"a forward that takes batches of shape {tuple(x.shape)} and "
-                            "returns float logits (batch, num_classes), as it did in the driver's preflight"):
+        with self.user_code("forward", peer, b, lambda: f"a forward that takes batches of shape {tuple(x.shape)} "
+                            "and returns float logits (batch, num_classes), as it did in the driver's preflight"):
             with self.autocast():  # a context per call: autocast's state is per thread
                 return peer.train_model(x)
 
-    def user_code(self, what: str, peer: Peer, b: Batch, allowed: str):
+    def user_code(self, what: str, peer: Peer, b: Batch, allowed):
         """Around the user's model at one step: its errors a retry cannot fix name the peer and step."""
-        where = f"{on_rank(self.topo.rank)}, epoch {b.epoch + 1}, step {b.index + 1} of {self.steps_per_epoch}"
-        return user_code(f"the {what} of peer {peer.position} ({self.cfg.models[peer.position]})", where, allowed)
+        return user_code(lambda: f"the {what} of peer {peer.position} ({self.cfg.models[peer.position]})",
+                         lambda: f"{on_rank(self.topo.rank)}, epoch {b.epoch + 1}, step {b.index + 1} of "
+                                 f"{self.steps_per_epoch}", allowed)
 
     def learn(self, peer: Peer, z, target, b: Batch) -> None:
         """Adds the step's (ce, kd, correct, counted) sums to the peer's own row. A loss or a
         gradient that is not finite ends the run here, before the optimizer takes it in."""
         cfg = self.cfg
-        with self.user_code("loss", peer, b, f"logits (batch, num_classes) for labels of shape {tuple(b.y.shape)}, "
-                            "labels in [0, num_classes)"):
+        with self.user_code("loss", peer, b, lambda: f"logits (batch, num_classes) for labels of shape "
+                            f"{tuple(b.y.shape)}, labels in [0, num_classes)"):
             loss, parts = distill_loss(z, target, b.y, temperature=cfg.loss.temperature, kd_weight=b.kd_weight,
                                        multi_teacher=cfg.loss.multi_teacher, ce_weight=cfg.loss.ce_weight,
                                        divergence=cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta)
@@ -464,8 +465,9 @@ def evaluate(models: list[nn.Module], batches: Batches, topo: Topology, autocast
 
 
 def _evaluated(model: nn.Module, x: torch.Tensor, peer: int, topo: Topology) -> torch.Tensor:
-    with user_code(f"the forward of peer {peer} in evaluation (model.eval())", f"{on_rank(topo.rank)}, evaluating",
-                   f"a forward that takes batches of shape {tuple(x.shape)} in eval mode too"):
+    with user_code(lambda: f"the forward of peer {peer} in evaluation (model.eval())",
+                   lambda: f"{on_rank(topo.rank)}, evaluating",
+                   lambda: f"a forward that takes batches of shape {tuple(x.shape)} in eval mode too"):
         return model(x).float()
 
 
