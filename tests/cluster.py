@@ -69,6 +69,7 @@ class LocalCluster:
         self.node_retries = node_retries
         self._procs: list[subprocess.Popen] = []
         self._named: dict[str, subprocess.Popen] = {}
+        self._specs: dict[str, NodeSpec] = {}
 
     # --- addresses and environments -----------------------------------------------------------
 
@@ -122,6 +123,7 @@ class LocalCluster:
         log.close()
         self._procs.append(proc)
         self._named[name] = proc
+        self._specs[name] = spec
         return proc
 
     def start(self, timeout_s: float = 300.0) -> "LocalCluster":
@@ -131,18 +133,20 @@ class LocalCluster:
         os.makedirs(self.root, exist_ok=True)
         deadline = time.monotonic() + timeout_s
         try:
-            self._start_and_wait("head", self.head, head=True, nodes=1, deadline=deadline)
+            self._start_and_wait("head", self.head, head=True, ready=lambda: len(self.alive_nodes()) >= 1,
+                                 deadline=deadline)
             for i, spec in enumerate(self.workers):
-                self._start_and_wait(f"worker{i + 1}", spec, head=False, nodes=i + 2, deadline=deadline)
+                self._start_and_wait(f"worker{i + 1}", spec, head=False, deadline=deadline,
+                                     ready=lambda n=i + 2: len(self.alive_nodes()) >= n)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start_and_wait(self, name: str, spec: NodeSpec, *, head: bool, nodes: int, deadline: float) -> None:
+    def _start_and_wait(self, name: str, spec: NodeSpec, *, head: bool, ready, deadline: float) -> None:
         for _ in range(self.node_retries):
             proc = self._start_node(name, spec, head=head)
-            while proc.poll() is None and len(self.alive_nodes()) < nodes:
+            while proc.poll() is None and not ready():
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"Ray node {name} did not come up in time; logs in {self.root}")
                 time.sleep(1.0)
@@ -175,7 +179,7 @@ class LocalCluster:
         return self.api(f"/api/v0/actors?{query}")["data"]["result"]["result"]
 
     def own_pids(self) -> list[int]:
-        """Processes that run from our temp dir or in our nodes' process groups."""
+        """Processes that run from our temp dir or in our nodes' process groups or sessions."""
         groups = {p.pid for p in self._procs}
         pids = []
         for entry in os.listdir("/proc"):
@@ -186,12 +190,13 @@ class LocalCluster:
                     cmdline = f.read().decode(errors="replace")
                 with open(f"/proc/{entry}/stat", "rb") as f:
                     state = f.read().rsplit(b")", 1)[1].split()[0]
-                pgid = os.getpgid(int(entry))
+                pgid, sid = os.getpgid(int(entry)), os.getsid(int(entry))
             except (OSError, ProcessLookupError, IndexError):
                 continue
             if state in (b"Z", b"X"):  # exited, waiting for its parent to reap it: nothing runs
                 continue
-            if pgid in groups or self.root in cmdline:
+            # Ray's workers take process groups of their own, in their node's session
+            if pgid in groups or sid in groups or self.root in cmdline:
                 pids.append(int(entry))
         return pids
 
@@ -223,10 +228,18 @@ class LocalCluster:
 
     @staticmethod
     def _kill_group(proc: subprocess.Popen) -> None:
+        """SIGKILL to the node's processes: its process group and its session (start_new_session
+        made both the node's own; Ray's workers take process groups of their own in the session)."""
         try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the group is the node's own (start_new_session)
+            os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        for entry in os.listdir("/proc"):
+            try:
+                if entry.isdigit() and os.getsid(int(entry)) == proc.pid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         proc.wait()
 
     def kill_node(self, name: str) -> None:
@@ -236,6 +249,13 @@ class LocalCluster:
         self._kill_group(proc)
         if proc in self._procs:
             self._procs.remove(proc)
+
+    def restart_node(self, name: str, timeout_s: float = 120.0) -> None:
+        """Start a lost worker node ("worker1", ...) again, as a replaced machine joins: a new
+        node with the same resources; returns once it is alive."""
+        before = {n["node_id"] for n in self.alive_nodes()}  # the lost node may still be listed as alive
+        self._start_and_wait(name, self._specs[name], head=False, deadline=time.monotonic() + timeout_s,
+                             ready=lambda: any(n["node_id"] not in before for n in self.alive_nodes()))
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

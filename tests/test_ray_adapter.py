@@ -254,3 +254,25 @@ def test_tune_cleans_up_first_and_stops_retrying_while_the_guard_holds():
         with pytest.raises(AttributeError):  # any other error: Tune's own rule (reads run_metadata)
             Trial.should_recover(Failed(RuntimeError("lost")))
     assert Trial.should_recover is original
+
+
+def test_workers_stderr_goes_aside_and_their_stdout_to_the_terminal(monkeypatch):
+    """Through Ray's own log dispatcher and raylet printer: a worker's stdout reaches Ray's
+    handler, its stderr and the raylet's messages reach `aside`, once split, however often asked."""
+    from ray._private import worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printed, kept = [], []
+    monkeypatch.setattr(dispatcher, "handlers", [("ray_print_logs", lambda data: printed.append(data["lines"]))])
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda data, ignore_prefix: printed.append(data["lines"]))
+    ray_adapter.workers_stderr_to(lambda text: kept.append("first: " + text))
+    ray_adapter.workers_stderr_to(kept.append)  # a later run's log; still one split
+    dispatcher.emit({"lines": ["epoch   1/2  val acc ..."], "pid": 7, "is_err": False, "actor_name": "RayTrainWorker"})
+    dispatcher.emit({"lines": ["Traceback (most recent call last):", "RuntimeError: x"], "pid": 7, "is_err": True,
+                     "actor_name": "RayTrainWorker", "ip": "10.0.0.1"})
+    ray_worker.print_to_stdstream({"lines": ["A worker died or was killed"], "pid": "raylet", "is_err": False},
+                                  ignore_prefix=False)
+    assert printed == [["epoch   1/2  val acc ..."]]
+    assert kept == ["(RayTrainWorker pid=7, ip=10.0.0.1) Traceback (most recent call last):\n"
+                    "(RayTrainWorker pid=7, ip=10.0.0.1) RuntimeError: x\n",
+                    "(pid=raylet, ip=?) A worker died or was killed\n"]

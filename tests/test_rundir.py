@@ -93,6 +93,24 @@ def test_a_run_directory_has_one_live_holder(tmp_path):
     again.release()
 
 
+def test_a_run_that_wrote_nothing_leaves_nothing(tmp_path):
+    fresh = RunDir(tmp_path / "new" / "runs" / "r")  # neither the run's directory nor its parents are there
+    lock = fresh.lock()
+    lock.acquire()
+    assert os.path.exists(fresh.file(".lock"))
+    lock.release()  # refused after the lock: nothing written
+    assert os.listdir(tmp_path) == []
+    lock = fresh.lock()
+    lock.acquire()
+    fresh.write("config.yaml", "x: 1\n")  # a run that wrote something keeps its (empty) lock file
+    lock.release()
+    assert sorted(os.listdir(fresh.path)) == [".lock", "config.yaml"]
+    again = fresh.lock()
+    assert again.acquire() is None  # released cleanly: nothing to take over
+    again.release()
+    assert sorted(os.listdir(fresh.path)) == [".lock", "config.yaml"]
+
+
 def test_the_same_run_started_twice_at_once_trains_once(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(CF.dump(C.from_dict({
@@ -296,30 +314,111 @@ def test_labels_outside_the_classes_in_a_tensor_dataset_are_refused_on_the_drive
         train(cfg, datasets={"shifted": shifted}, verbose=False)
 
 
-def test_a_bad_label_found_in_a_batch_ends_the_run_without_a_retry(make_cfg, capsys):
-    from torch.utils.data import Dataset
+class Hidden(torch.utils.data.Dataset):
+    """Labels known only by reading each example; from its `bad_after`-th read on, they are 10..19."""
 
+    def __init__(self, n, bad_from, bad_after=0):
+        self.n, self.bad_from, self.bad_after, self.reads = n, bad_from, bad_after, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.reads += 1
+        bad = i >= self.bad_from and self.reads > self.bad_after
+        return torch.full((1, 8, 8), float(i % 7)), (i % 10) + (10 if bad else 0)
+
+
+def test_labels_a_torchvision_target_transform_makes_are_refused_before_training_in_one_line(tmp_path):
+    """An ImageFolder whose target_transform makes labels 1..10 for 10 classes: its `targets` are
+    0..9, its items say 1..10. Refused by the CLI in one line, before Ray starts; no file left."""
+    from PIL import Image
+
+    for c in range(10):
+        os.makedirs(tmp_path / "imgs" / f"c{c}")
+        for i in range(3):
+            Image.new("L", (8, 8), color=20 * c + i).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+    (tmp_path / "folders.py").write_text(
+        "from torchvision import datasets, transforms\nfrom online_distill.data import Splits\n\n"
+        "def shifted(data_cfg):\n"
+        f"    ds = datasets.ImageFolder({str(tmp_path / 'imgs')!r}, transform=transforms.Compose(\n"
+        "        [transforms.Grayscale(), transforms.ToTensor()]), target_transform=lambda y: y + 1)\n"
+        "    return Splits(ds, ds, num_classes=10)\n")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CF.dump(C.from_dict({
+        "models": ["mlp", "mlp"], "data": {"dataset": "folders:shifted", "val_size": 5}, "train": {"batch_size": 8},
+        "run": {"name": "tv", "storage_path": str(tmp_path / "runs"), "max_failures": 3}})))
+    out = subprocess.run([sys.executable, "-m", "online_distill.cli", "train", str(cfg)], capture_output=True, text=True,
+                         cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, str(tmp_path)])})
+    assert out.returncode == 2 and out.stdout == "", out
+    assert out.stderr.count("\n") == 1 and "train split: labels range over [1, 10], but num_classes=10" in out.stderr
+    assert not os.path.exists(tmp_path / "runs")  # not even the lock file
+
+
+def test_bad_labels_a_dataset_hides_in_its_items_are_refused_before_training(make_cfg, no_ray):
     from online_distill.data.datasets import Splits
 
-    class Hidden(Dataset):  # labels only known by reading each example
-        def __init__(self, n, bad_from):
-            self.n, self.bad_from = n, bad_from
-
-        def __len__(self):
-            return self.n
-
-        def __getitem__(self, i):
-            return torch.full((1, 8, 8), float(i % 7)), (i % 10) + (10 if i >= self.bad_from else 0)
-
-    def hidden(cfg):
-        return Splits(Hidden(600, 0 if False else 590), Hidden(100, 10**9), num_classes=10)
+    def hidden(cfg):  # the last 10 of 600 examples are bad: the driver reads examples over the whole set
+        return Splits(Hidden(600, 590), Hidden(100, 10**9), num_classes=10)
 
     cfg = make_cfg(models=["mlp"], distill__mode="independent", data__dataset="hidden", data__val_size=10,
                    data__test_subset=None, data__train_subset=None, run__max_failures=2, train__batch_size=64)
-    with pytest.raises(LabelError, match=r"^data.dataset: a training batch of 'hidden' \(epoch 1, step \d+\) has labels "
+    with pytest.raises(C.ConfigError, match=r"^data.dataset: the dataset builder 'hidden' .*, train split: labels range "
+                                            r"over \[0, 1\d\], but num_classes=10"):
+        train(cfg, datasets={"hidden": hidden}, verbose=False)
+
+
+def test_a_bad_label_found_in_a_batch_ends_the_run_without_a_retry(make_cfg, capsys):
+    from online_distill.data.datasets import Splits
+
+    def hidden(cfg):  # every label good while the driver looks (~260 reads), bad ones from the 400th read on
+        return Splits(Hidden(600, 0, bad_after=400), Hidden(100, 10**9), num_classes=10)
+
+    cfg = make_cfg(models=["mlp"], distill__mode="independent", data__dataset="hidden", data__val_size=10,
+                   data__test_subset=None, data__train_subset=None, run__max_failures=2, train__batch_size=64)
+    with pytest.raises(LabelError, match=r"^data.dataset: a training batch of 'hidden' \(epoch \d, step \d+\) has labels "
                                          r"in \[\d+, 1\d\], but the dataset says num_classes=10"):
         train(cfg, datasets={"hidden": hidden}, verbose=False)
     assert "retry" not in capsys.readouterr().err
+
+
+def test_the_users_errors_are_told_from_a_lost_peer_where_they_happen():
+    """training/blame.py: what the user's code raises becomes a UserCodeError (no retry); what a
+    rank sees of a lost peer (a collective's error, even inside the user's forward), Ray's own
+    errors and running out of memory pass as they are (a retry may fix them)."""
+    import torch.distributed as dist
+
+    from online_distill.errors import UserCodeError
+    from online_distill.training.blame import user_code
+
+    def raised(fn) -> BaseException:
+        try:
+            with user_code("the forward of peer 0 (m)", "on rank 0, epoch 1, step 6 of 16", "a forward that works"):
+                fn()
+        except BaseException as e:  # noqa: BLE001
+            return e
+        raise AssertionError("nothing raised")
+
+    def in_place():  # autograd's own error: the user's forward changed what the backward needs
+        w = torch.ones(3, requires_grad=True)
+        y = w.sigmoid()
+        y.mul_(2)
+        y.sum().backward()
+
+    for fn, name in [(lambda: torch.ones(64, 3) @ torch.ones(4, 10), "RuntimeError: mat1 and mat2 shapes"),
+                     (in_place, "RuntimeError: one of the variables needed for gradient computation"),
+                     (lambda: open("/nonexistent/only-on-the-driver.npz"), "FileNotFoundError: ")]:
+        e = raised(fn)
+        assert isinstance(e, UserCodeError), e
+        assert str(e).startswith(f"the forward of peer 0 (m) raised {name}") and "(on rank 0, epoch 1, step 6 of 16)" in str(e)
+    lost = [dist.DistNetworkError("Connection closed by peer"),
+            RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:22157: Connection "
+                         "reset by peer"), MemoryError(), torch.cuda.OutOfMemoryError("CUDA out of memory")]
+    for e in lost:
+        def boom(e=e):
+            raise e
+
+        assert raised(boom) is e
 
 
 # --- one preflight ------------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def test_changed_config_is_not_resumed_silently(ray_session, make_cfg):
         train(C.with_overrides(cfg, {"loss.temperature": 5.0}), verbose=False)
 
 
-def test_a_worker_that_dies_once_is_retried_from_the_last_checkpoint(ray_session, make_cfg):
+def test_a_worker_that_dies_once_is_retried_from_the_last_checkpoint(ray_session, make_cfg, capfd):
     # an independent cohort of different architectures: the baseline of a DML run, on the same batches
     # packed in one Ray Train worker (scale.peers_per_worker; run.in_process=never: a worker group,
     # tests/test_in_process.py retries one in the driver's process): retries and checkpoints work the same
@@ -110,6 +110,12 @@ def test_a_worker_that_dies_once_is_retried_from_the_last_checkpoint(ray_session
     # the independent baseline exchanges nothing and learns from no one
     assert res.metrics["exchange_bytes_per_step"] == 0
     assert res.metrics["peer0/train_kd"] == 0 and res.metrics["peer1/train_kd"] == 0
+    # the terminal: one line of ours about it; the rank's traceback went to run.log
+    terminal = capfd.readouterr()
+    text = terminal.out + terminal.err
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert sum("worker lost" in ln for ln in lines) == 1 and len(lines) <= 5 and "Traceback" not in text, text
+    assert "Traceback" in RunDir.of(cfg).read_text("run.log")
 
 
 def test_more_workers_than_the_cluster_has_is_refused_before_fit(ray_session, make_cfg):
@@ -147,3 +153,43 @@ def test_heterogeneous_peers_from_user_model_and_dataset_builders(ray_session, m
     B, C_, K = cfg.train.batch_size, 2, 3
     assert res.metrics["exchange_bytes_per_step"] == (K - 1) * B * C_ * 4
     assert all(res.metrics[f"peer{p}/train_kd"] > 0 for p in range(K))  # every peer learned from the others
+
+
+def test_a_user_error_on_the_workers_ends_the_run_after_one_attempt_quietly(ray_session, make_cfg, tmp_path, capfd):
+    """run.max_failures=3, a worker group: the user's forward raises at step 6. One attempt, the
+    error named with its rank, peer, epoch and step; no traceback and no retry line on the
+    terminal (Ray's worker tracebacks are in run.log)."""
+    from online_distill.errors import UserCodeError
+
+    marks = str(tmp_path / "raised")
+
+    class RaisesAtStep6(torch.nn.Module):  # defined here: Ray sends it to the workers by value
+        """The user's model: its forward raises a shape error at its 6th training step, every
+        attempt; each time it raises it says so in a file, so the attempts can be counted."""
+
+        def __init__(self, num_classes):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.LazyLinear(num_classes))
+            self.steps = 0
+
+        def forward(self, x):
+            if self.training:
+                self.steps += 1
+                if self.steps == 6:
+                    with open(marks, "a") as f:
+                        f.write("raised\n")
+                    return self.body(x)[:, :3] @ torch.ones(4, 10)
+            return self.body(x)
+
+    cfg = make_cfg(models=["raises", "tiny_cnn"], run__max_failures=3, run__in_process="never", run__name="usererr")
+    with pytest.raises(UserCodeError, match=r"^the forward of peer 0 \(raises\) raised RuntimeError: mat1 and mat2 "
+                                            r"shapes cannot be multiplied \(64x3 and 4x10\) \(on rank 0, host .*, epoch 1, "
+                                            r"step 6 of 16\)\. Nothing was retried"):
+        train(cfg, models={"raises": lambda shape, k: RaisesAtStep6(k)})
+    terminal = capfd.readouterr()
+    text = terminal.out + terminal.err
+    assert open(marks).read() == "raised\n"  # exactly one attempt
+    assert "Traceback" not in text and "worker lost" not in text and "(raylet)" not in text, text
+    assert len(text.splitlines()) <= 25, text
+    log = RunDir(tmp_path / "runs" / "usererr").read_text("run.log")
+    assert "UserCodeError" in log and "mat1 and mat2 shapes cannot be multiplied" in log and "Traceback" in log

@@ -17,6 +17,9 @@ behind a small function or class that says what it is for:
   (`Trial.should_recover`, wrapped for the length of a sweep).
 - `root_error`, `worker_traceback`: the user's exception and traceback inside Ray's wrappers.
 - `read_ray_address`: the address a `ray start` on this machine left for ray.init().
+- `workers_stderr_to`: what Ray forwards from its processes to the driver, split: their stdout
+  to the terminal, their stderr (tracebacks, Ray's loggers) and the raylet's notices to a run's
+  log (Ray's log dispatcher and raylet printer are private).
 - `quiet_*`: Ray loggers whose INFO lines our own output says better, by their (private) names.
 - Train V2's local mode (`ScalingConfig(num_workers=0)`, ray/train/v2/_internal/execution/
   local_mode/ and train_fn_utils.LocalTrainFnUtils) runs the loop in the calling process and
@@ -118,8 +121,12 @@ def root_error(e: BaseException) -> BaseException:
 
 
 def worker_traceback(e: BaseException) -> str:
-    """The worker's own traceback as Ray kept it with a worker's error ('' when it kept none)."""
-    return getattr(e, "_traceback_str", "") or ""
+    """The worker's own traceback as Ray kept it with a worker's error, or with each failed
+    worker's of a worker group's error ('' when it kept none)."""
+    failures = getattr(e, "worker_failures", None) or {}
+    kept = [f"rank {rank}:\n{getattr(f, '_traceback_str', '')}" for rank, f in sorted(failures.items())
+            if getattr(f, "_traceback_str", "")]
+    return "\n".join(kept) or getattr(e, "_traceback_str", "") or ""
 
 
 # ---- the cluster a run joins, and Ray's log lines ----------------------------------------------
@@ -131,6 +138,47 @@ def read_ray_address(temp_dir: str | None = None) -> str | None:
         from ray._private.utils import read_ray_address as read
 
     return read(temp_dir)
+
+
+def workers_stderr_to(aside: Callable[[str], None]) -> None:
+    """From now on, what Ray forwards to this driver from its processes is split: their stdout
+    (rank 0's epoch lines, the controller's lines of ours) is printed as Ray prints it; their
+    stderr (Ray's loggers, the tracebacks of a failed rank, warnings) and the raylet's messages
+    ("(raylet) A worker died ...") go to `aside(text)`, whole. A later call names another `aside`;
+    lines that arrive late (a run's last tracebacks, after its fit() returned) go to the last one
+    named, never to the terminal. Ray prints both through one handler of its log dispatcher (the
+    workers' output) and one function (the raylet's), both private; without log_to_driver there
+    is nothing to split and nothing is changed."""
+    _ASIDE[:] = [aside]
+    with _private_ray():
+        from ray._private import worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    def split(print_lines: Callable) -> Callable:
+        def handle(data, *args, **kwargs):
+            if not (data.get("is_err") or data.get("pid") in ("raylet", "autoscaler")):
+                return print_lines(data, *args, **kwargs)
+            who = data.get("actor_name") or data.get("task_name") or ""
+            source = f"({who} pid={data.get('pid')}, ip={data.get('ip', '?')})".replace("( ", "(")
+            lines = data.get("lines", [])
+            if data.get("pid") == "autoscaler":  # its events only, not its status every 5 s
+                lines = list(ray_worker.filter_autoscaler_events(lines))
+            text = "".join(f"{source} {line}\n" for line in lines)
+            if text:
+                _ASIDE[0](text)
+            return None
+
+        if getattr(print_lines, "splits_stderr", False):  # split already (Ray keeps its handler across runs)
+            return print_lines
+        handle.splits_stderr = True
+        return handle
+
+    ray_worker.print_to_stdstream = split(ray_worker.print_to_stdstream)  # the raylet's messages come through it
+    # the workers' output: its handler is registered by ray.init (again after a ray.shutdown)
+    dispatcher.handlers = [(name, split(h) if name == "ray_print_logs" else h) for name, h in dispatcher.handlers]
+
+
+_ASIDE: list[Callable[[str], None]] = []
 
 
 def quiet_token_notice() -> None:

@@ -469,8 +469,10 @@ def _check_bytes_per_token(splits: Splits, who: str) -> None:
 
 def labels_of(ds: Dataset) -> torch.Tensor | None:
     """Every label of a dataset without reading its inputs, where the dataset keeps them apart:
-    our in-memory tensors, a TensorDataset, a torchvision dataset (`targets`), or a Subset of
-    one of these; None for any other Dataset (reading all of it could take long)."""
+    our in-memory tensors, a TensorDataset, a torchvision dataset (`targets`, through its
+    `target_transform`), or a Subset of one of these; None for any other Dataset (reading all of
+    it could take long), and for one whose own __getitem__ gives other labels than its `targets`
+    (a joint `transforms`, a subclass that remaps them): its labels are then checked in every batch."""
     if isinstance(ds, Tensors):
         return ds.labels
     if isinstance(ds, Subset):
@@ -479,9 +481,43 @@ def labels_of(ds: Dataset) -> torch.Tensor | None:
     if isinstance(ds, torch.utils.data.TensorDataset) and len(ds.tensors) >= 2:
         return ds.tensors[1]
     targets = getattr(ds, "targets", None)
-    if targets is not None and len(targets) == len(ds):
-        return torch.as_tensor(targets)
-    return None
+    if targets is None or len(targets) != len(ds):
+        return None
+    transform = getattr(ds, "target_transform", None)
+    if transform is not None:  # what __getitem__ returns is the transformed label
+        try:
+            targets = [transform(t) for t in (targets.tolist() if isinstance(targets, torch.Tensor) else targets)]
+        except Exception:  # noqa: BLE001 - a transform that needs more than the label: read through __getitem__
+            return None
+    try:
+        labels = torch.as_tensor(targets)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return labels if _agrees_with_getitem(ds, labels) else None
+
+
+SAMPLED_LABELS = 16
+"""Examples read through a dataset's own __getitem__, spread over it, to see that the labels
+read apart from them (`targets`) are the labels it returns."""
+
+
+def _agrees_with_getitem(ds: Dataset, labels: torch.Tensor) -> bool:
+    idx = _spread(len(ds), SAMPLED_LABELS)
+    got = _labels_read(ds, idx)
+    return got is not None and got.shape == labels[idx].shape and bool((got == labels[idx]).all())
+
+
+def _spread(n: int, k: int) -> torch.Tensor:
+    """k indices spread evenly over range(n), the first and last included (fewer when n < k)."""
+    return torch.linspace(0, max(n - 1, 0), min(k, n)).round().long().unique()
+
+
+def _labels_read(ds: Dataset, idx: torch.Tensor) -> torch.Tensor | None:
+    """The labels ds[i] returns for these indices (None when they do not make one tensor)."""
+    try:
+        return torch.stack([torch.as_tensor(ds[int(i)][1]) for i in idx])
+    except Exception:  # noqa: BLE001 - the first batch's check names what is wrong with such items
+        return None
 
 
 def _training_examples(cfg: DataConfig, splits: Splits, train_idx: torch.Tensor) -> torch.Tensor:
@@ -517,14 +553,25 @@ def _check_labels(ds: Dataset, first: torch.Tensor | None, num_classes: int, who
     (labels_of), the first batch's for any other Dataset (the loop checks each batch it trains
     on: loop.check_labels)."""
     y = labels_of(ds)
+    if y is None and len(ds):  # read through its own __getitem__: the first batch, and examples over the whole set
+        _check_label_range(_labels_read(ds, _spread(len(ds), SAMPLED_ACROSS)), num_classes, who)
     y = first if y is None else y
     if y is None or len(y) == 0:
         return
     if y.dtype != torch.int64:  # what cross_entropy takes as class indices
         raise ConfigError(f"{who}: labels batch to {describe(y)}; allowed: int64 class indices (Python ints or "
                           "torch.long), one per example or one per position")
-    real = y[y != IGNORE_INDEX]
-    if len(real) == 0:
+    _check_label_range(y, num_classes, who)
+
+
+SAMPLED_ACROSS = 256
+"""Examples read through __getitem__, spread over a dataset whose labels are not kept apart, to
+refuse bad labels before training (every batch is checked too)."""
+
+
+def _check_label_range(y: torch.Tensor | None, num_classes: int, who: str) -> None:
+    real = None if y is None else y[y != IGNORE_INDEX]
+    if real is None or len(real) == 0 or real.is_floating_point():
         return
     lo, hi = int(real.min()), int(real.max())
     if lo < 0 or hi >= num_classes:

@@ -11,7 +11,6 @@ hooks for them are adapted in core/ray_adapter.py:
 """
 from __future__ import annotations
 
-import sys
 import threading
 import time
 
@@ -19,6 +18,7 @@ from ray.train import WorkerGroupError
 
 from ..core.ray_adapter import ControllerWatch, FailureHooks, root_error
 from ..errors import NotRetryable
+from ..training.blame import lost_peer
 
 
 def not_retryable(error: BaseException) -> NotRetryable | None:
@@ -42,6 +42,8 @@ def worker_summary(error: BaseException) -> str:
         first = (str(root).strip().splitlines() or [""])[0][:160]
         if "ActorDied" in type(root).__name__ or "died" in first.lower():
             first = "the worker process (or its node) was lost"
+        elif lost_peer(root):
+            first = "a collective failed: another rank was lost"
         parts.append(f"rank {rank}: {type(root).__name__} ({first})")
     return "; ".join(parts)
 
@@ -63,7 +65,7 @@ class OurFailurePolicy(FailureHooks):
         point = find_resume_point(RunDir(self.run_dir), self.num_peers, deep=False)
         limit = "unlimited" if max_failures == -1 else max_failures
         print(f"run {self.run_name!r}: worker lost ({worker_summary(error)}); resuming "
-              f"{point.describe()}, retry {retry} of {limit} (run.max_failures)", file=sys.stderr, flush=True)
+              f"{point.describe()}, retry {retry} of {limit} (run.max_failures)", flush=True)
 
 
 class SayWhatHappens(ControllerWatch):
@@ -93,7 +95,7 @@ class SayWhatHappens(ControllerWatch):
                 why = ("waiting for resources (a lost node must come back or be replaced) or for the workers to start"
                        if restart else "waiting for resources or for the workers to start")
                 print(f"run {self.run_name!r}: the worker group ({self.workers} worker(s) of {need}) is not running yet "
-                      f"after {time.monotonic() - since:.0f} s: {why}", file=sys.stderr, flush=True)
+                      f"after {time.monotonic() - since:.0f} s: {why}", flush=True)
                 if stop.wait(self.WAIT_S):
                     return
 

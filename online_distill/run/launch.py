@@ -107,6 +107,9 @@ def train_cohort(cfg: Config, *, models: dict | None = None, datasets: dict | No
                 fit_in_process(cfg, run, start, make_trainer, models=models, datasets=datasets, verbose=verbose,
                                data=plan.data, service=plan.service, layout=plan.layout)
             else:
+                from ..core.ray_adapter import workers_stderr_to
+
+                workers_stderr_to(_to_log(run))  # the terminal keeps our lines; Ray's tracebacks go to run.log
                 make_trainer(cfg, run, models=models, datasets=datasets, resume_from=start, notify="train",
                              verbose=verbose, service=plan.service, layout=plan.layout).fit()
         except Exception as e:
@@ -161,6 +164,18 @@ def unwrapped_error(e: Exception) -> Exception:
     return root if root is not None else e
 
 
+def _to_log(run: RunDir):
+    """A writer of text into the run's log file (rundir.LOG) that never raises: what Ray's
+    processes print on stderr is kept there, and a full disk must not end the run for it."""
+    def aside(text: str) -> None:
+        try:
+            run.append(LOG, text)
+        except Exception:  # noqa: BLE001 - the log is a courtesy; the run's own errors are what matter
+            pass
+
+    return aside
+
+
 def _log_traceback(run: RunDir, e: BaseException, error: BaseException) -> None:
     """The whole story of a failed run into its log file (rundir.LOG), so the terminal can say
     one paragraph and point there. Nothing more is lost when the disk is full."""
@@ -173,9 +188,7 @@ def _log_traceback(run: RunDir, e: BaseException, error: BaseException) -> None:
     if error is not e:  # the worker's own traceback, as Ray kept it
         text += f"\n--- in the worker ---\n{worker_traceback(e) or error}\n"
     try:
-        old = run.read_text(LOG) or ""
-        run.write(LOG, f"{old}\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {type(error).__name__}\n{text}")
-        error.log_path = run.file(LOG)
+        error.log_path = run.append(LOG, f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {type(error).__name__}\n{text}")
     except Exception:  # noqa: BLE001 - the log is a courtesy; the error itself is what matters
         pass
 

@@ -146,6 +146,12 @@ class RunDir:
         storage.write_bytes(path, data.encode() if isinstance(data, str) else data)
         return path
 
+    def append(self, name: str, text: str) -> str:
+        """Add text at the end of a log file of the run (run.log)."""
+        path = self.file(name)
+        storage.append_text(path, text)
+        return path
+
     def write_json(self, name: str, obj) -> str:
         return self.write(name, json.dumps(obj, indent=1))
 
@@ -290,23 +296,35 @@ class RunLock:
         self.run = run
         self._fd: int | None = None
         self._stop: threading.Event | None = None
+        self._found: tuple[bool, list[str]] | None = None
+        """At acquire: whether the run directory was there, and the files it held."""
+        self._made: list[str] = []
+        """The directories taking the lock made (the run's, and parents that were not there), deepest first."""
 
     def acquire(self) -> str | None:
         """Take the lock or raise RunLocked (one line naming the holder). Returns a line to print
         when it took over a lock a dead process left, else None."""
+        before = storage.listing(self.run.path, files=True)
+        self._found = (before is not None, sorted(before or {}))
+        self._made = [] if storage.is_uri(self.run.path) else _missing_dirs(self.run.path)
         storage.make_dir(self.run.path)
         if storage.is_uri(self.run.path):
             return self._acquire_lease()
         import fcntl
 
         path = self.run.file(LOCK)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder_of(fd)
-            os.close(fd)
-            raise RunLocked(self._refusal(holder)) from None
+        while True:
+            storage.make_dir(self.run.path)  # again: a refused run's release may have just removed it
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder_of(fd)
+                os.close(fd)
+                raise RunLocked(self._refusal(holder)) from None
+            if _same_file(fd, path):
+                break
+            os.close(fd)  # locked a file that a refused run's release removed meanwhile: lock the one there now
         left = _read_holder(os.pread(fd, 4096, 0))
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(Holder.me().__dict__).encode(), 0)
@@ -338,10 +356,14 @@ class RunLock:
         return self._refusal(holder)
 
     def release(self) -> None:
+        """Let the run directory go. A run that wrote nothing there (refused after it took the
+        lock) leaves nothing either: the lock file, and the directory, if taking the lock made them."""
         if self._fd is not None:
             import fcntl
 
             os.ftruncate(self._fd, 0)  # an empty lock file: released cleanly, nothing to take over
+            if self._wrote_nothing():
+                _remove(self.run.file(LOCK))  # while still locked: a taker checks it locked the file that is there
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
@@ -352,6 +374,20 @@ class RunLock:
                 storage.delete_file(self.run.file(LEASE))
             except OSError:
                 pass
+        for made in self._made:  # the directories taking the lock made, while they are empty
+            try:
+                os.rmdir(made)
+            except OSError:
+                break
+        self._found, self._made = None, []
+
+    def _wrote_nothing(self) -> bool:
+        """The run directory holds what it held before the lock was taken (and the lock file)."""
+        if self._found is None or LOCK in self._found[1]:
+            return False
+        now = sorted(n for n in (storage.listing(self.run.path, files=True) or {}) if n != LOCK)
+        dirs = storage.listing(self.run.path, files=False) or {}
+        return now == self._found[1] and (self._found[0] or not dirs)
 
     def __enter__(self) -> RunLock:
         self.taken_over = self.acquire()
@@ -406,6 +442,30 @@ class RunLock:
         who = holder.describe() if holder is not None and holder.pid >= 0 else "another process"
         return (f"run.name: run {self._name()!r} is in use by {who} ({self.run.path}). Allowed: wait until it "
                 f"ends, or another run.name (--set run.name={self._name()}-2)")
+
+
+def _missing_dirs(path: str) -> list[str]:
+    """`path` and its parents that do not exist, deepest first."""
+    missing = []
+    while path and not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether the open file is the one at `path` now (a released lock file may be removed)."""
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _holder_of(fd: int) -> Holder | None:

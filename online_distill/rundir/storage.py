@@ -133,6 +133,17 @@ def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode())
 
 
+def append_text(path: str, text: str) -> None:
+    """Add `text` at the end of a log file: in place on a local disk (what was there stays, whole,
+    if this fails); an object store has no append, so the file is read and written again."""
+    if is_uri(path):
+        write_bytes(path, (read_bytes(path) or b"") + text.encode())
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+
+
 def write_file(path: str, write) -> None:
     """Write a local file through `write(tmp_path)` (torch.save, say), to a temporary name first.
     For a URI the bytes are written locally then copied up by write_bytes."""

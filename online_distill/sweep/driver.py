@@ -37,6 +37,7 @@ from ..core.ray_adapter import (
     no_trial_retry_when,
     quiet_checkpoint_notices,
     root_error,
+    workers_stderr_to,
 )
 from ..distill.form import LogitForm
 from ..errors import NotRetryable
@@ -337,6 +338,18 @@ def _check_same_sweep(spec: SweepSpec, sweep_dir: str) -> None:
 
 # ---- the sweep ------------------------------------------------------------------------------
 
+def _appending(path: str):
+    """A writer of text at the end of a local log file that never raises (the log is a courtesy)."""
+    def append(text: str) -> None:
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+        except OSError:
+            pass
+
+    return append
+
+
 def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, datasets=None, callbacks=None,
               verbose: int = 1, plan: SweepPlan | None = None) -> SweepResult:
     """Run (or resume) a sweep and write its tables and plots. `models` / `datasets` add user
@@ -365,6 +378,7 @@ def run_sweep(spec: SweepSpec, *, retry_errored: bool = False, models=None, data
     param_space = {k: tune.choice(list(dict.fromkeys(t[k] for t in trials))) for k in trials[0]}
 
     log_path = quiet_tune(sweep_dir)  # Tune's tables, dumps and hints: into the sweep's log file
+    workers_stderr_to(_appending(log_path))  # and what Ray's processes say on stderr, the raylet's notices
     settings = [t for t in trials if not t.get("baseline")] or trials  # what the baseline differs in is its role
     keys = [k for k in trials[0] if len({str(t[k]) for t in settings}) > 1 and k != "baseline"]
     epochs = max(c.train.epochs for c in configs)

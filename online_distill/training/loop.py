@@ -35,6 +35,7 @@ from ..models.builders import build_model, constraints
 from ..rundir.checkpoint import Epoch, find_resume_point, restore
 from ..rundir.layout import RunDir, samples_file
 from ..teachers import TeacherContext, build_teacher
+from .blame import on_rank, user_code
 from .metrics import format_epoch, merge_rank_stats
 from .onpolicy import OnPolicy, Rollout, generation_metrics, seed_of
 
@@ -85,7 +86,11 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
 
     # --- data: identical batch order for all peers, sharded by replica only (unless codistilling
     # peers were given disjoint shards: distill.peer_data); images channels-last (scale.channels_last)
-    data = data if data is not None else load_data(cfg.data, dataset_builders)
+    if data is None:  # the driver's preflight read it; a worker may not see what the driver saw
+        with user_code(f"the dataset builder {cfg.data.dataset!r}", f"{on_rank(rank)}, reading the data",
+                       "a dataset builder that gives every worker what it gave the driver's preflight: files on a "
+                       "path every node reaches, modules importable on every node"):
+            data = load_data(cfg.data, dataset_builders)
     fmt = memory_format(data.sample, cfg.scale.channels_last)
     shard, num_shards = layout.shard(rank)
     train_batches = Batches(data.train, cfg.train.batch_size, device, seed=cfg.train.seed, shard=shard,
@@ -107,8 +112,10 @@ def run(cfg: Config, rank: int, device: torch.device, *, model_builders=None, da
         return build_named(cfg.models[p])
 
     def build_named(name: str) -> nn.Module:  # any model for this dataset (a frozen teacher's)
-        return build_model(name, data.sample, data.num_classes, model_builders, memory_format=fmt,
-                           label_shape=data.label_shape)
+        with user_code(f"the model builder {name!r}", f"{on_rank(rank)}, building the model",
+                       "a model builder that builds on every worker what it built in the driver's preflight"):
+            return build_model(name, data.sample, data.num_classes, model_builders, memory_format=fmt,
+                               label_shape=data.label_shape)
 
     peers = [Peer.build(p, build_peer(p).to(device), cfg, topo, device, steps_per_epoch) for p in topo.peers]
     models = [peer.model for peer in peers]
@@ -253,23 +260,41 @@ class Learner:
     def __init__(self, cfg: Config, topo: Topology, steps_per_epoch: int, autocast):
         self.cfg, self.topo, self.steps_per_epoch, self.autocast = cfg, topo, steps_per_epoch, autocast
 
-    def forward(self, peer: Peer, x: torch.Tensor) -> torch.Tensor:
-        with self.autocast():  # a context per call: autocast's state is per thread
-            return peer.train_model(x)
+    def forward(self, peer: Peer, x: torch.Tensor, b: Batch) -> torch.Tensor:
+        with self.user_code("forward", peer, b, lambda: f"a forward that takes batches of shape {tuple(x.shape)} "
+                            "and returns float logits (batch, num_classes), as it did in the driver's preflight"):
+            with self.autocast():  # a context per call: autocast's state is per thread
+                return peer.train_model(x)
+
+    def rollout(self, onpolicy: OnPolicy, peer: Peer, x: torch.Tensor, b: Batch) -> Rollout:
+        """The peer's batch of this step with its own continuations (onpolicy.py)."""
+        with self.user_code("generation", peer, b, "a causal language model: token ids (B, L) to logits (B, L, V)"):
+            return onpolicy.rollout(peer.model, x, b.y, b.epoch * self.steps_per_epoch + b.index, peer.position)
+
+    def user_code(self, what: str, peer: Peer, b: Batch, allowed):
+        """Around the user's model at one step: its errors a retry cannot fix name the peer and step."""
+        return user_code(lambda: f"the {what} of peer {peer.position} ({self.cfg.models[peer.position]})",
+                         lambda: f"{on_rank(self.topo.rank)}, epoch {b.epoch + 1}, step {b.index + 1} of "
+                                 f"{self.steps_per_epoch}", allowed)
 
     def learn(self, peer: Peer, z, target, b: Batch) -> None:
         """Adds the step's (ce, kd, correct, counted) sums to the peer's own row. A loss or a
         gradient that is not finite ends the run here, before the optimizer takes it in."""
         cfg, r = self.cfg, b.rollout
-        loss, parts = distill_loss(z, target, b.y, temperature=cfg.loss.temperature, kd_weight=b.kd_weight,
-                                   multi_teacher=cfg.loss.multi_teacher, ce_weight=cfg.loss.ce_weight,
-                                   divergence=cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta,
-                                   kd_mask=None if r is None else r.kd_mask, pg_tokens=None if r is None else r.pg_tokens,
-                                   pg_mask=None if r is None else r.pg_mask)
+        with self.user_code("loss", peer, b, lambda: f"logits (batch, num_classes) for labels of shape "
+                            f"{tuple(b.y.shape)}, labels in [0, num_classes)"):
+            loss, parts = distill_loss(z, target, b.y, temperature=cfg.loss.temperature, kd_weight=b.kd_weight,
+                                       multi_teacher=cfg.loss.multi_teacher, ce_weight=cfg.loss.ce_weight,
+                                       divergence=cfg.loss.divergence, jsd_beta=cfg.loss.jsd_beta,
+                                       kd_mask=None if r is None else r.kd_mask,
+                                       pg_tokens=None if r is None else r.pg_tokens,
+                                       pg_mask=None if r is None else r.pg_mask)
         if not torch.isfinite(loss):
             raise NonFiniteError(self._non_finite("loss", peer, b, parts))
         peer.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with self.user_code("backward", peer, b, "a model whose forward keeps its graph intact (no in-place "
+                            "change of a tensor the backward needs)"):
+            loss.backward()
         if cfg.optim.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(peer.model.parameters(), cfg.optim.grad_clip)
             if not torch.isfinite(norm):
@@ -308,25 +333,24 @@ def _train_epoch(cfg: Config, rank: int, epoch: int, batches: Batches, peers: li
             _check_batch_labels(y, num_classes, cfg, epoch, i)
         x, y = teacher.prepare_batch(x, y)  # as loaded, except for teachers that revisit samples (DLB)
         if onpolicy is None:
-            logits = each_peer.map(learner.forward, peers, [x] * len(peers))  # every peer, on the same batch
+            now = [Batch(y, kd_w, epoch, i)] * len(peers)
+            logits = each_peer.map(learner.forward, peers, [x] * len(peers), now)  # every peer, on the same batch
             t1 = clock.mark()
             targets = teacher.logits(x, logits, step)  # each peer's teacher target, in the run's logit form
             if x_next is not None:
                 teacher.prefetch(x_next, step + 1)  # a teacher served elsewhere starts on the next batch now
             t1_end = clock.mark()
-            batches_now = [Batch(y, kd_w, epoch, i)] * len(peers)
         else:  # each peer continues a share of the prompts itself; its teachers score its own batch
             n = len(peers)
-            rollouts = each_peer.map(onpolicy.rollout, [p.model for p in peers], [x] * n, [y] * n, [step] * n,
-                                     [p.position for p in peers])
+            rollouts = each_peer.map(learner.rollout, [onpolicy] * n, peers, [x] * n, [Batch(y, kd_w, epoch, i)] * n)
             gen_marks.append((t0, clock.mark()))
-            logits = each_peer.map(learner.forward, peers, [r.x for r in rollouts])
+            now = [Batch(r.y, kd_w, epoch, i, r) for r in rollouts]
+            logits = each_peer.map(learner.forward, peers, [r.x for r in rollouts], now)
             t1 = clock.mark()
             targets = teacher.logits_on([r.x for r in rollouts], [r.generated for r in rollouts], logits, step,
                                         partial(_score, learner, peers))
             t1_end = clock.mark()
-            batches_now = [Batch(r.y, kd_w, epoch, i, r) for r in rollouts]
-        each_peer.update(learner.learn, peers, logits, targets, batches_now)
+        each_peer.update(learner.learn, peers, logits, targets, now)
         t2 = clock.mark()
         teacher.after_step([p.model for p in peers], step)  # EMA updates, codistill swaps weights: teacher time too
         t2_end = clock.mark()
@@ -480,7 +504,7 @@ def evaluate(models: list[nn.Module], batches: Batches, topo: Topology, autocast
     kept, labels = [], []
     for x, y in batches:
         with autocast():
-            z = torch.stack([m(x).float() for m in models])  # (k, B, [L,] C)
+            z = torch.stack([_evaluated(m, x, p, topo) for m, p in zip(models, topo.peers)])  # (k, B, [L,] C)
         mask = y != IGNORE_INDEX
         counted += int(mask.sum())
         logp = F.log_softmax(z, dim=-1)
@@ -506,6 +530,13 @@ def evaluate(models: list[nn.Module], batches: Batches, topo: Topology, autocast
     if keep_logits:
         logits = {"index": batches.indices(), "labels": torch.cat(labels), "logits": torch.cat(kept, dim=1)}
     return out, logits
+
+
+def _evaluated(model: nn.Module, x: torch.Tensor, peer: int, topo: Topology) -> torch.Tensor:
+    with user_code(lambda: f"the forward of peer {peer} in evaluation (model.eval())",
+                   lambda: f"{on_rank(topo.rank)}, evaluating",
+                   lambda: f"a forward that takes batches of shape {tuple(x.shape)} in eval mode too"):
+        return model(x).float()
 
 
 def _gather_predictions(outputs: dict, topo: Topology) -> dict | None:
