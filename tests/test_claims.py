@@ -195,9 +195,10 @@ def _script(name: str):
 
 
 @pytest.mark.parametrize("name,files", [("hinton", ("per_seed.csv", "summary_rows.csv", "table.md")),
-                                        ("lm", ("per_seed.csv", "summary_rows.csv", "bytes.csv", "table.md"))])
+                                        ("lm", ("per_seed.csv", "summary_rows.csv", "bytes.csv", "table.md")),
+                                        ("onpolicy", ("per_seed.csv", "summary_rows.csv", "table.md"))])
 def test_a_benchmarks_tables_are_what_its_runs_csv_gives(tmp_path, monkeypatch, name, files):
-    """benchmarks/hinton and benchmarks/lm: every table rebuilt from runs.csv alone is the committed one."""
+    """benchmarks/hinton, lm and onpolicy: every table rebuilt from runs.csv alone is the committed one."""
     import shutil
 
     h = _script(name)

@@ -284,10 +284,11 @@ COMPARISONS = [  # claim, method, baseline, column (exact match: higher is bette
 
 
 def write_tables(runs: pd.DataFrame) -> None:
-    per_seed, summary = [], []
+    per_seed, summary, unfinished = [], [], []
     for claim, method, baseline, column, bar in COMPARISONS:
-        p = paired(runs, method, baseline, column)
-        if p.empty:
+        p = paired(runs, method, baseline, column) if column in runs else pd.DataFrame()
+        if len(p) < len(SEEDS):  # listed in table.md as not finished, never as a result
+            unfinished.append(f"{claim} {method} vs {baseline} ({column}): {len(p)} of {len(SEEDS)} seed pairs")
             continue
         scale = 100.0 if column.endswith("exact") else 1.0  # exact match in points
         p["delta"] = p["delta"] * scale
@@ -309,10 +310,10 @@ def write_tables(runs: pd.DataFrame) -> None:
                        "minus the NLL / bits-per-byte delta)",
                 title="On-policy distillation (green: bar met, red: missed, grey: reported)")
     with open(os.path.join(HERE, "table.md"), "w") as f:
-        f.write(table_md(runs, summary_df))
+        f.write(table_md(runs, summary_df, unfinished))
 
 
-def table_md(runs: pd.DataFrame, summary: pd.DataFrame) -> str:
+def table_md(runs: pd.DataFrame, summary: pd.DataFrame, unfinished: list[str]) -> str:
     confirm = runs[runs["stage"] == "confirm"]
     cols = [c for c in ("test_exact", "val_gen_teacher_nll", "val_gen_reverse_kl", "val_gen_repetition", "judge_nll",
                         "test_bpb", "wall_s", "generate_share", "teacher_share") if c in confirm]
@@ -329,6 +330,9 @@ def table_md(runs: pd.DataFrame, summary: pd.DataFrame) -> str:
     for _, s in summary.iterrows():
         lines.append(f"| {s['claim']} | {s['method']} | {s['baseline']} | {s['delta_mean']:+.4f} | {s['delta_std']:.4f} | "
                      f"{s['n_pairs']} | {s['bar']} | {s['met']} |")
+    if unfinished:
+        lines += ["", "Not finished in the time this session had (the runs resume: `... run --work WORK`):", ""]
+        lines += [f"- {u}" for u in unfinished]
     search = runs[(runs["stage"] == "search") & (runs["claim"] == "O1")]
     if len(search):
         lines += ["", "## O1 search (seed 100, picked on validation exact match)", "", "| arm | lr | val exact |",

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import pandas as pd
 
 FOLDERS = {"E1": "E1_dml", "E2": "E2_ensemble", "E3": "E3_kd", "E4": "E4_self"}
-EXTRA_FOLDERS = {"H": "hinton", "L": "lm"}
+EXTRA_FOLDERS = {"H": "hinton", "L": "lm", "O": "onpolicy"}
 """Claims built by their own scripts (benchmarks/hinton/hinton.py, benchmarks/lm/lm.py), whose
-summary_rows.csv join summary.csv here."""
+summary_rows.csv join summary.csv here (benchmarks/onpolicy/onpolicy.py too)."""
 TITLES = {"E1": "Deep mutual learning vs the same peers trained independently",
           "E2": "The cohort's ensemble vs its best peer (picked on validation)",
           "E3": "A small student taught by a converged teacher vs the same student from scratch",
