@@ -225,6 +225,9 @@ def build(bench_dir: str, runs_csv: str | None = None) -> pd.DataFrame:
             delta = "-"
         elif s["claim"].startswith("L"):  # language models: bits per byte, lower is better
             delta = f"{s['delta_mean']:+.4f} +- {s['delta_std']:.4f} bits/byte"
+        elif s["claim"] in ("O2", "O3"):  # on-policy text: the unit is the bar's (nats per token, bits per byte)
+            unit = "bits/byte" if "bpb" in s["bar"] else "nats/token"
+            delta = f"{s['delta_mean']:+.4f} +- {s['delta_std']:.4f} {unit}"
         else:
             delta = f"{s['delta_mean']:+.2f} +- {s['delta_std']:.2f} pt"
         met = "yes" if str(s["met"]) == "True" else "**no**" if str(s["met"]) == "False" else "-"

@@ -223,8 +223,8 @@ class OnPolicyConfig:
     start_epochs: float = 0.0
     """The student learns off-policy (lmbda 0) for this many epochs first, then on-policy: GKD and
     Qwen3 start from a student already trained on data, since a student that writes noise gets
-    little from the teacher's view of its noise (benchmarks/onpolicy, O1: 9.9% exact match from
-    scratch against 90% off-policy)."""
+    little from the teacher's view of its noise (benchmarks/onpolicy, O1's search: 41% validation
+    exact match on-policy from scratch against 89% after one off-policy epoch)."""
     prompt_len: int = 16
     """Tokens of a data window kept as the prompt of a generated sequence."""
     max_new_tokens: int | None = None
