@@ -188,6 +188,8 @@ class SweepRun:
     wall_s: float
     sweep_dir: str
     injected: list[Injected] = field(default_factory=list)
+    training_s: float = 0.0
+    """Seconds from the sweep's first epoch line to its end: the time trials are sure to be running in."""
 
     @property
     def text(self) -> str:
@@ -209,10 +211,12 @@ def run_sweep(cluster: LocalCluster, sweep_file: str, *, chaos: Chaos | None = N
                             cwd=os.path.dirname(os.path.abspath(sweep_file)))
     timer = threading.Timer(timeout_s, proc.kill)
     timer.start()
-    lines = []
+    lines, first_epoch = [], None
     try:
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
+            if first_epoch is None and EPOCH_LINE.match(line):
+                first_epoch = time.monotonic()
             if chaos is not None and EPOCH_LINE.match(line):
                 chaos.arm()
         rc = proc.wait()
@@ -222,8 +226,9 @@ def run_sweep(cluster: LocalCluster, sweep_file: str, *, chaos: Chaos | None = N
             chaos.stop()
     name = next(ln.split(": ", 1)[1] for ln in open(sweep_file) if ln.startswith("name: "))
     storage = next(ln.split(": ", 1)[1] for ln in open(sweep_file) if ln.startswith("storage_path: "))
-    return SweepRun(rc, lines, time.monotonic() - t0, os.path.join(storage.strip(), name.strip()),
-                    list(chaos.injected) if chaos is not None else [])
+    end = time.monotonic()
+    return SweepRun(rc, lines, end - t0, os.path.join(storage.strip(), name.strip()),
+                    list(chaos.injected) if chaos is not None else [], end - (first_epoch or end))
 
 
 FINAL_COLUMNS = re.compile(r"^(objective_final|objective_best|best_epoch|epochs|complete|final_.*)$")

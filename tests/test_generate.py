@@ -91,3 +91,15 @@ def test_a_hugging_face_causal_lm_decodes_through_its_generate():
     s = Sampling(max_new_tokens=10, temperature=0)
     a, b = generate(m, p, lengths, s), reference_generate(m, p, lengths, s)
     assert torch.equal(a.lengths, b.lengths) and torch.equal(a.tokens, b.tokens)
+
+
+def test_the_padding_id_is_never_drawn():
+    """A byte GPT's padding row scores 0 for every state (a zero embedding, tied head): here it is
+    made the most likely token, and still no row writes it."""
+    m = tiny()
+    with torch.no_grad():
+        m.head.weight[0] = 10 * m.ln_f.weight.sign()  # id 0 now dominates (the head is tied: tok[0] too)
+    p, lengths = ragged_prompts()
+    for s in (Sampling(max_new_tokens=10, temperature=0), Sampling(max_new_tokens=10, temperature=1.0)):
+        out = generate(m, p, lengths, s, seed=0)
+        assert all((out.continuation(i) != 0).all() for i in range(len(p)))

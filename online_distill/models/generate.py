@@ -44,7 +44,7 @@ class Sampling:
     eos_id: int | None = None
     """A token that ends a row's continuation (kept in it); None: rows run to max_new_tokens."""
     pad_id: int = 0
-    """What fills a row after it ended, and the padding of the prompts."""
+    """What fills a row after it ended, and the padding of the prompts; never drawn."""
 
     def check(self, prefix: str = "sampling.") -> None:
         """One line naming the field (prefix + its name; prefix "--": a command-line flag) and
@@ -139,7 +139,9 @@ def _decode(tokens: Tensor, lengths: Tensor, s: Sampling, logits_at, generator) 
     ends = torch.full((b,), total, dtype=torch.long, device=tokens.device)
     new = torch.zeros(b, dtype=torch.long, device=tokens.device)
     for pos in range(start, total):
-        drawn = next_token(logits_at(pos), s, generator)
+        logits = logits_at(pos)
+        logits[:, s.pad_id] = float("-inf")  # padding is never a token a row writes
+        drawn = next_token(logits, s, generator)
         in_prompt = pos < lengths
         generating = ~in_prompt & ~done
         tok = torch.where(in_prompt, tokens[:, pos], torch.where(done, torch.full_like(drawn, s.pad_id), drawn))
@@ -192,9 +194,9 @@ def _hf_generate(model: nn.Module, prompts: Tensor, prompt_lengths: Tensor | Non
         left[i, p - n:], mask[i, p - n:] = prompts[i, :n], 1
     room = tokens.shape[1] - p
     kwargs = dict(do_sample=s.temperature > 0, max_new_tokens=room, pad_token_id=model.pad_token_id,
-                  eos_token_id=s.eos_id, attention_mask=mask)
-    if s.temperature > 0:
-        kwargs.update(temperature=s.temperature, top_k=s.top_k or None, top_p=s.top_p)
+                  eos_token_id=s.eos_id, attention_mask=mask, bad_words_ids=[[model.pad_token_id]])
+    if s.temperature > 0:  # top_k 0 switches HF's top-k off (None would take its generation_config's 50)
+        kwargs.update(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
     devices = [prompts.device] if prompts.device.type == "cuda" else []
     with _eval(model), torch.random.fork_rng(devices=devices):
         torch.manual_seed(0 if seed is None else seed)
@@ -203,8 +205,10 @@ def _hf_generate(model: nn.Module, prompts: Tensor, prompt_lengths: Tensor | Non
     for i, n in enumerate(lengths.tolist()):
         cont = out[i]
         stop = len(cont)
+        pads = (cont == model.pad_token_id).nonzero()  # HF pads a row that ended on its own end token
+        stop = int(pads[0]) if len(pads) else stop
         if s.eos_id is not None:
-            hits = (cont == s.eos_id).nonzero()
+            hits = (cont[:stop] == s.eos_id).nonzero()
             stop = int(hits[0]) + 1 if len(hits) else stop
         stop = min(stop, tokens.shape[1] - n)
         tokens[i, n:n + stop] = cont[:stop]
