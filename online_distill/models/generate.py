@@ -138,9 +138,9 @@ def _decode(tokens: Tensor, lengths: Tensor, s: Sampling, logits_at, generator) 
     done = torch.zeros(b, dtype=torch.bool, device=tokens.device)
     ends = torch.full((b,), total, dtype=torch.long, device=tokens.device)
     new = torch.zeros(b, dtype=torch.long, device=tokens.device)
+    pad = torch.tensor([s.pad_id], device=tokens.device)
     for pos in range(start, total):
-        logits = logits_at(pos)
-        logits[:, s.pad_id] = float("-inf")  # padding is never a token a row writes
+        logits = logits_at(pos).index_fill(-1, pad, float("-inf"))  # padding is never a token a row writes
         drawn = next_token(logits, s, generator)
         in_prompt = pos < lengths
         generating = ~in_prompt & ~done
